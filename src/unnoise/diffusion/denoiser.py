@@ -1,0 +1,34 @@
+"""The one denoiser interface: a network F joined to a formulation gives D(x, sigma, cond) -> x0_hat."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .formulations import Formulation
+from .tensors import append_dims
+
+
+class Denoiser(torch.nn.Module):
+    """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise, cond) (Karras et al. 2022, eq. 7).
+
+    `network(x_in (B, ...), c_noise (B,), cond) -> F (B, ...)` never sees the formulation; samplers call
+    this module with x = x0 + sigma n (B, ...) and sigma (B,).
+    """
+
+    def __init__(self, network: torch.nn.Module, formulation: Formulation):
+        super().__init__()
+        self.network = network
+        self.formulation = formulation
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        c_skip, c_out, c_in, c_noise = self.formulation.scalings(sigma)
+        output = self.network(append_dims(c_in, x.ndim) * x, c_noise, cond)
+        return append_dims(c_skip, x.ndim) * x + append_dims(c_out, x.ndim) * output.to(x.dtype)
+
+    def loss(self, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, cond: Any = None):
+        """Per-sample lambda(sigma) ||D(x0 + sigma n; sigma) - x0||^2, averaged over pixels: (B,)."""
+        x = x0 + append_dims(sigma, x0.ndim) * noise
+        error = (self(x, sigma, cond) - x0) ** 2
+        return self.formulation.loss_weight(sigma) * error.flatten(1).mean(1)
