@@ -27,7 +27,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="unnoise", description="Text-to-image diffusion, trained and run on your machine.")
+    parser = argparse.ArgumentParser(
+        prog="unnoise", description="Text-to-image diffusion, trained and run on your machine."
+    )
     parser.add_argument("--version", action="version", version=f"unnoise {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -82,8 +82,10 @@ class GaussianMixture:
     def covariance(self) -> torch.Tensor:
         """Cov[x0] = sum_k w_k (s_k^2 I + mu_k mu_k^T) - mean mean^T, (d, d)."""
         eye = torch.eye(self.dim, dtype=self.means.dtype)
-        second = sum(w * (s**2 * eye + torch.outer(m, m)) for w, s, m in zip(
-            self.weights, self.stds, self.means, strict=True))
+        second = sum(
+            w * (s**2 * eye + torch.outer(m, m))
+            for w, s, m in zip(self.weights, self.stds, self.means, strict=True)
+        )
         return second - torch.outer(self.mean, self.mean)
 
 
@@ -94,14 +96,20 @@ class Gaussian(GaussianMixture):
         super().__init__(torch.as_tensor(mean, dtype=dtype)[None], [std], dtype=dtype)
 
     def ode_solution(self, x: torch.Tensor, sigma_from: float, sigma_to: float) -> torch.Tensor:
-        """Exact probability-flow ODE map: x - mu scales by sqrt(s^2 + sigma_to^2) / sqrt(s^2 + sigma_from^2)."""
+        """The exact probability-flow ODE map from sigma_from to sigma_to.
+
+        x - mu is scaled by sqrt((s^2 + sigma_to^2) / (s^2 + sigma_from^2)):
+
+        (Each coordinate of a Gaussian moves linearly, D being linear in x.)
+        """
         s2 = float(self.stds[0]) ** 2
         mu = self.means[0].reshape(1, *x.shape[1:]).to(x.dtype)
         return mu + (x - mu) * math.sqrt((s2 + sigma_to**2) / (s2 + sigma_from**2))
 
 
-def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, *, projections: int = 256,
-                       generator: torch.Generator | None = None) -> float:
+def sliced_wasserstein(
+    a: torch.Tensor, b: torch.Tensor, *, projections: int = 256, generator: torch.Generator | None = None
+) -> float:
     """Sliced 2-Wasserstein distance between equal-size sample sets a, b of shape (n, d)."""
     a, b = a.reshape(a.shape[0], -1).double(), b.reshape(b.shape[0], -1).double()
     if a.shape != b.shape:

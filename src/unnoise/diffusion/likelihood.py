@@ -90,12 +90,17 @@ def log_likelihood(
         with torch.enable_grad():
             x_u = x_u.detach().requires_grad_(True)
             denoised = D(x_u, math.exp(float(u)))
-            trace = _trace_exact(denoised, x_u) if divergence == "exact" else _trace_hutchinson(
-                denoised, x_u, rademacher)
+            trace = (
+                _trace_exact(denoised, x_u)
+                if divergence == "exact"
+                else _trace_hutchinson(denoised, x_u, rademacher)
+            )
         return (x_u - denoised).detach(), dims - trace.detach()
 
     u = torch.tensor([math.log(sigma_min), math.log(sigma_max)], dtype=torch.float64)
     state = (x, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device))
     x_end, delta = (s[-1] for s in odeint(dynamics, state, u, method="dopri5", rtol=rtol, atol=atol))
-    prior = -0.5 * (x_end.flatten(1) ** 2).sum(1) / sigma_max**2 - 0.5 * dims * math.log(2 * math.pi * sigma_max**2)
+    prior = -0.5 * (x_end.flatten(1) ** 2).sum(1) / sigma_max**2 - 0.5 * dims * math.log(
+        2 * math.pi * sigma_max**2
+    )
     return Likelihood(nll=-(prior + delta), dims=dims, evaluations=evaluations)

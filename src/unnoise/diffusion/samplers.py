@@ -48,7 +48,9 @@ def check_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
     """Validate a schedule: 1-D, finite, strictly decreasing, positive, ending in exactly 0."""
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
     if sigmas.ndim != 1 or len(sigmas) < 2:
-        raise UnnoiseError(f"sigmas must be a 1-D tensor of at least 2 values, got shape {tuple(sigmas.shape)}")
+        raise UnnoiseError(
+            f"sigmas must be a 1-D tensor of at least 2 values, got shape {tuple(sigmas.shape)}"
+        )
     if not torch.isfinite(sigmas).all():
         raise UnnoiseError("sigmas contain NaN or inf")
     if sigmas[-1] != 0:
@@ -118,8 +120,15 @@ def sample(
     """Draw samples: start from unit `noise` (B, ...) scaled to sigmas[0] and run `sampler` down to 0."""
     fn = get_sampler(sampler)
     sigmas = check_sigmas(sigmas)
-    return fn(denoiser, noise * float(sigmas[0]), sigmas, cond=cond, generator=generator, callback=callback,
-              **options)
+    return fn(
+        denoiser,
+        noise * float(sigmas[0]),
+        sigmas,
+        cond=cond,
+        generator=generator,
+        callback=callback,
+        **options,
+    )
 
 
 def _steps(sigmas: torch.Tensor):
@@ -166,8 +175,9 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[f
 
 
 @register("euler_ancestral", stochastic=True)
-def sample_euler_ancestral(denoiser, x, sigmas, *, cond=None, generator=None, callback=None, eta=1.0,
-                           s_noise=1.0):
+def sample_euler_ancestral(
+    denoiser, x, sigmas, *, cond=None, generator=None, callback=None, eta=1.0, s_noise=1.0
+):
     """Euler to sigma_down, then add noise of std sigma_up (ancestral sampling, as in k-diffusion)."""
     D = bind(denoiser, cond)
     for i, sigma, sigma_next in _steps(sigmas):
@@ -219,8 +229,19 @@ def sample_ddpm(denoiser, x, sigmas, *, cond=None, generator=None, callback=None
 
 
 @register("heun")
-def sample_heun(denoiser, x, sigmas, *, cond=None, generator=None, callback=None, s_churn=0.0, s_tmin=0.0,
-                s_tmax=float("inf"), s_noise=1.0):
+def sample_heun(
+    denoiser,
+    x,
+    sigmas,
+    *,
+    cond=None,
+    generator=None,
+    callback=None,
+    s_churn=0.0,
+    s_tmin=0.0,
+    s_tmax=float("inf"),
+    s_noise=1.0,
+):
     """Heun's 2nd-order method with EDM's stochastic churn (Karras et al. 2022, Alg. 2).
 
     With s_churn = 0 (the default) it is deterministic, Alg. 1; each step but the last costs 2 evaluations.
@@ -295,8 +316,9 @@ def _lambda_derivatives(history: list[tuple[float, torch.Tensor]]):
     return slope0 + (lam0 - lam1) * curvature, 2 * curvature
 
 
-def _dpmpp_multistep(denoiser, x, sigmas, *, cond, generator, callback, order: int, eta: float,
-                     s_noise: float = 1.0):
+def _dpmpp_multistep(
+    denoiser, x, sigmas, *, cond, generator, callback, order: int, eta: float, s_noise: float = 1.0
+):
     """Multistep DPM-Solver++ of `order` for the ODE (eta = 0) or the SDE family (eta > 0).
 
     x_next = (s_next/s) e^{-eta h} x + I0 D + I1 D' + I2/2 D'' + s_next sqrt(1 - e^{-2 eta h}) s_noise z,
@@ -327,24 +349,45 @@ def _dpmpp_multistep(denoiser, x, sigmas, *, cond, generator, callback, order: i
 @register("dpmpp_3m")
 def sample_dpmpp_3m(denoiser, x, sigmas, *, cond=None, generator=None, callback=None):
     """DPM-Solver++(3M): multistep 3rd order on the ODE (Lu et al. 2022b, Appendix; data prediction)."""
-    return _dpmpp_multistep(denoiser, x, sigmas, cond=cond, generator=generator, callback=callback,
-                            order=3, eta=0.0)
+    return _dpmpp_multistep(
+        denoiser, x, sigmas, cond=cond, generator=generator, callback=callback, order=3, eta=0.0
+    )
 
 
 @register("dpmpp_2m_sde", stochastic=True)
-def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, cond=None, generator=None, callback=None, eta=1.0,
-                        s_noise=1.0):
+def sample_dpmpp_2m_sde(
+    denoiser, x, sigmas, *, cond=None, generator=None, callback=None, eta=1.0, s_noise=1.0
+):
     """SDE-DPM-Solver++(2M) (Lu et al. 2022b, Sec. 5): eta = 1 is the reverse SDE, eta = 0 the ODE."""
-    return _dpmpp_multistep(denoiser, x, sigmas, cond=cond, generator=generator, callback=callback,
-                            order=2, eta=eta, s_noise=s_noise)
+    return _dpmpp_multistep(
+        denoiser,
+        x,
+        sigmas,
+        cond=cond,
+        generator=generator,
+        callback=callback,
+        order=2,
+        eta=eta,
+        s_noise=s_noise,
+    )
 
 
 @register("dpmpp_3m_sde", stochastic=True)
-def sample_dpmpp_3m_sde(denoiser, x, sigmas, *, cond=None, generator=None, callback=None, eta=1.0,
-                        s_noise=1.0):
+def sample_dpmpp_3m_sde(
+    denoiser, x, sigmas, *, cond=None, generator=None, callback=None, eta=1.0, s_noise=1.0
+):
     """SDE-DPM-Solver++ of 3rd order, multistep (the 3M analogue of dpmpp_2m_sde)."""
-    return _dpmpp_multistep(denoiser, x, sigmas, cond=cond, generator=generator, callback=callback,
-                            order=3, eta=eta, s_noise=s_noise)
+    return _dpmpp_multistep(
+        denoiser,
+        x,
+        sigmas,
+        cond=cond,
+        generator=generator,
+        callback=callback,
+        order=3,
+        eta=eta,
+        s_noise=s_noise,
+    )
 
 
 # --- UniPC ---------------------------------------------------------------------------------------------
@@ -384,8 +427,18 @@ def _unipc_update(x, sigma, sigma_next, history, *, variant: str, denoised_next=
 
 
 @register("unipc")
-def sample_unipc(denoiser, x, sigmas, *, cond=None, generator=None, callback=None, order=2,
-                 variant: Literal["bh1", "bh2"] = "bh2", corrector=True):
+def sample_unipc(
+    denoiser,
+    x,
+    sigmas,
+    *,
+    cond=None,
+    generator=None,
+    callback=None,
+    order=2,
+    variant: Literal["bh1", "bh2"] = "bh2",
+    corrector=True,
+):
     """UniPC: multistep UniP-`order` predictor and UniC corrector, data prediction (Zhao et al. 2023).
 
     The corrector reuses the evaluation at the new point that the next step needs anyway, so it raises the
@@ -400,7 +453,9 @@ def sample_unipc(denoiser, x, sigmas, *, cond=None, generator=None, callback=Non
         denoised = D(x, sigma)
         if corrector and last is not None:
             x_prev, sigma_prev, history_prev = last
-            x = _unipc_update(x_prev, sigma_prev, sigma, history_prev, variant=variant, denoised_next=denoised)
+            x = _unipc_update(
+                x_prev, sigma_prev, sigma, history_prev, variant=variant, denoised_next=denoised
+            )
         _report(callback, i, sigma, x, denoised)
         if sigma_next == 0:
             return denoised
@@ -418,19 +473,35 @@ def _per_sample_norm(v: torch.Tensor) -> torch.Tensor:
 
 
 @register("pc", stochastic=True)
-def sample_pc(denoiser, x, sigmas, *, cond=None, generator=None, callback=None, snr=0.16, n_corrector=1):
+def sample_pc(
+    denoiser,
+    x,
+    sigmas,
+    *,
+    cond=None,
+    generator=None,
+    callback=None,
+    snr=0.16,
+    n_corrector=1,
+    step_size: Literal["batch", "sample"] = "batch",
+):
     """Predictor-corrector (Song et al. 2021, Alg. 2 for VE): Langevin corrector, reverse-diffusion predictor.
 
-    Corrector: x += eps s + sqrt(2 eps) z with eps = 2 (snr ||z|| / ||s||)^2 per sample (Alg. 4, alpha = 1).
+    Corrector: x += eps s + sqrt(2 eps) z with eps = 2 (snr ||z|| / ||s||)^2 (Alg. 4, alpha = 1).
     Predictor: x += (sigma^2 - s_next^2) s + sqrt(sigma^2 - s_next^2) z, s the score (x0_hat - x)/sigma^2.
-    Each step costs n_corrector + 1 evaluations.
+    Each step costs n_corrector + 1 evaluations. step_size="batch" takes the norms' batch means, as the
+    authors' code does; "sample" uses each sample's own norms, which keeps a seed's result independent
+    of the batch but is unstable in low dimensions, where ||s|| of one sample can be near 0.
     """
+    if step_size not in ("batch", "sample"):
+        raise UnnoiseError(f"step_size must be 'batch' or 'sample', got {step_size!r}")
+    norm = _per_sample_norm if step_size == "sample" else lambda v: _per_sample_norm(v).mean()
     D = bind(denoiser, cond)
     for i, sigma, sigma_next in _steps(sigmas):
         for _ in range(n_corrector):
             score = (D(x, sigma) - x) / sigma**2
             z = randn_like(x, generator)
-            eps = 2 * (snr * _per_sample_norm(z) / _per_sample_norm(score).clamp_min(1e-20)) ** 2
+            eps = 2 * (snr * norm(z) / norm(score).clamp_min(1e-20)) ** 2
             x = x + eps * score + (2 * eps).sqrt() * z
         denoised = D(x, sigma)
         _report(callback, i, sigma, x, denoised)

@@ -71,7 +71,7 @@ def discrete(formulation: VPDiscrete, n: int, spacing: Spacing = "trailing", off
 
 
 def flow_shift(n: int, shift: float = 3.0, t_max: float = 0.999, t_min: float | None = None):
-    """Rectified-flow times uniform in t then shifted, t' = shift t / (1 + (shift - 1) t) (Esser et al. 2024)."""
+    """Rectified-flow times uniform in t, shifted: t' = shift t / (1 + (shift - 1) t) (Esser et al. 2024)."""
     _check_steps(n)
     t_min = t_min if t_min is not None else 1.0 / n / 10
     t = torch.linspace(t_max, t_min, n, dtype=torch.float64)

@@ -1,0 +1,67 @@
+"""The command line and the package's layering."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from unnoise.cli import main
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "unnoise"
+
+
+def test_samplers_command_lists_every_sampler(capsys):
+    from unnoise import SAMPLERS
+
+    assert main(["samplers"]) == 0
+    out = capsys.readouterr().out
+    assert all(line.split()[0] in SAMPLERS for line in out.splitlines())
+    assert len(out.splitlines()) == len(SAMPLERS)
+
+
+def test_demo_draws_every_sampler(tmp_path, capsys):
+    assert main(["demo", "--samples", "200", "--steps", "8", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "demo.png").stat().st_size > 1000
+    assert "dpmpp_2m" in capsys.readouterr().out
+
+
+def test_bad_input_gives_a_message_not_a_traceback(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "unnoise", "demo", "--steps", "0", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 2
+    assert "unnoise: error: the number of steps must be a positive integer" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_import_is_lazy():
+    run = subprocess.run(
+        [sys.executable, "-c", "import sys, unnoise; print('torch' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert run.stdout.strip() == "False"
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            names.add("." * node.level + (node.module or ""))
+    return names
+
+
+def test_the_math_knows_nothing_of_the_edges():
+    """diffusion/ (and later nn/, text/, data/) never import training, pipeline, CLI or server code."""
+    forbidden = ("train", "pipeline", "cli", "server", "demo", "eval")
+    for folder in ("diffusion", "nn", "text", "data"):
+        for path in (PACKAGE / folder).glob("*.py"):
+            for name in imported_modules(path):
+                parts = name.lstrip(".").split(".")
+                assert not any(p in forbidden for p in parts), f"{path.name} imports {name}"
