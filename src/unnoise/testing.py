@@ -98,9 +98,7 @@ class Gaussian(GaussianMixture):
     def ode_solution(self, x: torch.Tensor, sigma_from: float, sigma_to: float) -> torch.Tensor:
         """The exact probability-flow ODE map from sigma_from to sigma_to.
 
-        x - mu is scaled by sqrt((s^2 + sigma_to^2) / (s^2 + sigma_from^2)):
-
-        (Each coordinate of a Gaussian moves linearly, D being linear in x.)
+        D is linear in x for a Gaussian: x - mu is scaled by sqrt((s^2 + sigma_to^2) / (s^2 + sigma_from^2)).
         """
         s2 = float(self.stds[0]) ** 2
         mu = self.means[0].reshape(1, *x.shape[1:]).to(x.dtype)
