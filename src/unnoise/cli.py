@@ -24,6 +24,35 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train.config import TrainConfig
+    from .train.loop import train
+
+    names = TrainConfig.__dataclass_fields__
+    config = TrainConfig(**{name: getattr(args, name) for name in names})
+    train(config, resume=args.resume)
+    return 0
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_class) -> None:
+    """One --flag per dataclass field, typed from its default (Literal fields become choices)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(config_class)
+    for field in dataclasses.fields(config_class):
+        flag = "--" + field.name.replace("_", "-")
+        hint, default = hints[field.name], field.default
+        if typing.get_origin(hint) is typing.Literal:
+            parser.add_argument(flag, choices=typing.get_args(hint), default=default)
+        elif isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif default is None:
+            parser.add_argument(flag, type=int, default=None)
+        else:
+            parser.add_argument(flag, type=type(default), default=default)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -42,6 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out", help="folder for demo.png (default ./out)")
     p.set_defaults(run=_cmd_demo)
+
+    from .train.config import TrainConfig
+
+    p = sub.add_parser(
+        "train",
+        help="train a text-to-image model on the built-in shapes or a folder of captioned images",
+        description="Train a text-conditioned diffusion model. Works on a CPU; under"
+        " `torchrun --nproc_per_node N` it trains with DistributedDataParallel."
+        " Kill it at any time and rerun with --resume.",
+    )
+    add_config_arguments(p, TrainConfig)
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last good checkpoint"
+    )
+    p.set_defaults(run=_cmd_train)
     return parser
 
 

@@ -27,8 +27,28 @@ class Denoiser(torch.nn.Module):
         output = self.network(append_dims(c_in, x.ndim) * x, c_noise, cond)
         return append_dims(c_skip, x.ndim) * x + append_dims(c_out, x.ndim) * output.to(x.dtype)
 
-    def loss(self, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, cond: Any = None):
-        """Per-sample lambda(sigma) ||D(x0 + sigma n; sigma) - x0||^2, averaged over pixels: (B,)."""
+    def loss(
+        self,
+        x0: torch.Tensor,
+        sigma: torch.Tensor,
+        noise: torch.Tensor,
+        cond: Any = None,
+        *,
+        weight: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Per-sample lambda(sigma) ||D(x0 + sigma n; sigma) - x0||^2, averaged over pixels: (B,).
+
+        lambda is the formulation's own weight unless `weight` (B,) is given (e.g. `min_snr_weight`).
+        """
         x = x0 + append_dims(sigma, x0.ndim) * noise
-        error = (self(x, sigma, cond) - x0) ** 2
-        return self.formulation.loss_weight(sigma) * error.flatten(1).mean(1)
+        error = (self(x, sigma, cond) - x0) ** 2  # in x0.dtype: D casts the network output back
+        weight = self.formulation.loss_weight(sigma) if weight is None else weight
+        return weight * error.flatten(1).mean(1)
+
+
+def min_snr_weight(sigma: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
+    """Min-SNR-gamma weighting (Hang et al. 2023) on the x0 error: min(SNR, gamma) with SNR = 1 / sigma^2.
+
+    On the noise-prediction error this is the paper's min(SNR, gamma) / SNR.
+    """
+    return torch.clamp(sigma**-2, max=gamma)

@@ -1,0 +1,1 @@
+"""The denoising network: layers, the text-conditioned UNet and its presets."""

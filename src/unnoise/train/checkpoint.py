@@ -1,0 +1,124 @@
+"""Resumable training state, never unpickled (released weights live in `unnoise.release`).
+
+A training state is a folder `state-NNNNNNNN/` with the network, its EMA and the optimizer as safetensors
+and `state.json` (step, data position, config, checksums). It is written to a hidden temporary folder,
+flushed, and renamed into place, so a killed process leaves either the whole state or none; on resume a
+state whose checksums fail is reported and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..release import CorruptCheckpointError, fsync_dir, fsync_file, load_tensors, save_tensors, sha256
+
+STATE_PREFIX = "state-"
+
+
+# --- optimizer state without pickle -------------------------------------------------------------------
+
+
+def optimizer_to_safe(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state_dict into tensors (for safetensors) and JSON-able values."""
+    tensors, scalars = {}, {}
+    for index, entries in state_dict["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{key}"] = value
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_safe(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = value
+    for name, value in meta["scalars"].items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# --- training state ------------------------------------------------------------------------------------
+
+
+def save_training_state(
+    run_dir: Path,
+    step: int,
+    *,
+    model: torch.nn.Module,
+    ema: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    extra: dict,
+    keep: int = 3,
+) -> Path:
+    """Write state-<step>/ atomically, then delete all but the newest `keep` states."""
+    run_dir = Path(run_dir)
+    final = run_dir / f"{STATE_PREFIX}{step:08d}"
+    tmp = run_dir / f".tmp-{STATE_PREFIX}{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    optimizer_tensors, optimizer_meta = optimizer_to_safe(optimizer.state_dict())
+    files = {"model.safetensors": model.state_dict(), "ema.safetensors": ema.state_dict()}
+    files["optimizer.safetensors"] = optimizer_tensors
+    for name, tensors in files.items():
+        save_tensors(tensors, tmp / name)
+    meta = {"step": step, "optimizer": optimizer_meta, "extra": extra}
+    meta["sha256"] = {name: sha256(tmp / name) for name in files}
+    (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+    fsync_file(tmp / "state.json")
+    fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(run_dir)
+    for old in list_states(run_dir)[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_states(run_dir: Path) -> list[Path]:
+    """Finished state folders, newest first (half-written ones are hidden temporaries, never listed)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    states = [p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith(STATE_PREFIX)]
+    return sorted(states, key=lambda p: p.name, reverse=True)
+
+
+def load_training_state(state_dir: Path) -> dict:
+    """model, ema and optimizer state dicts, step and extra; CorruptCheckpointError if anything is off."""
+    state_dir = Path(state_dir)
+    try:
+        meta = json.loads((state_dir / "state.json").read_text())
+        checksums = meta["sha256"]
+    except (OSError, ValueError, KeyError) as error:
+        raise CorruptCheckpointError(
+            f"{state_dir / 'state.json'} is missing or unreadable ({error})"
+        ) from None
+    tensors = {name: load_tensors(state_dir / name, checksums.get(name)) for name in checksums}
+    return {
+        "step": meta["step"],
+        "model": tensors["model.safetensors"],
+        "ema": tensors["ema.safetensors"],
+        "optimizer": optimizer_from_safe(tensors["optimizer.safetensors"], meta["optimizer"]),
+        "extra": meta["extra"],
+    }
+
+
+def latest_good_state(run_dir: Path, report=print) -> dict | None:
+    """The newest training state that loads cleanly; damaged ones are reported and skipped."""
+    for state_dir in list_states(run_dir):
+        try:
+            return load_training_state(state_dir)
+        except CorruptCheckpointError as error:
+            report(f"skipping damaged checkpoint: {error}")
+    return None

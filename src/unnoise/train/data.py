@@ -1,0 +1,98 @@
+"""Training data by global sample position: the position alone decides which image, noise and dropout.
+
+Step s of a run with global batch G uses positions s*G ... s*G + G - 1, split over processes and
+micro-batches. A position picks its example (shapes: the position itself; a folder: a fresh permutation
+each epoch) and seeds its own generator for sigma, noise, caption dropout and flips. So a resumed run
+sees exactly the batches an uninterrupted one would, and N processes see what one process would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import ImageColor
+
+from ..errors import UnnoiseError
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # (B, 3, R, R) in [-1, 1]
+    captions: list[str]  # after dropout: "" for the dropped ones
+    sigma: torch.Tensor  # (B,)
+    noise: torch.Tensor  # (B, 3, R, R)
+
+
+class ShapesSource:
+    """The built-in procedural shapes: position p is example p."""
+
+    def __init__(self, resolution: int, seed: int):
+        from ..data.shapes import ShapesDataset
+
+        self.dataset = ShapesDataset(resolution=resolution, seed=seed)
+        self.captions: list[str] | None = None  # unbounded: captions are encoded as they come
+        self.description = f"built-in shapes at {resolution}x{resolution} (procedural, unbounded)"
+
+    def examples(self, positions: list[int]) -> tuple[torch.Tensor, list[str]]:
+        return self.dataset.batch(positions)
+
+
+class FolderSource:
+    """A folder of captioned images, reshuffled each epoch by a permutation seeded with (seed, epoch)."""
+
+    def __init__(self, root: str, resolution: int, seed: int, background: str):
+        from ..data.folder import ImageFolderDataset
+
+        try:
+            rgb = ImageColor.getrgb(background)[:3]
+        except ValueError:
+            raise UnnoiseError(
+                f"--background {background!r} is not a colour (try '#ffffff' or 'white')"
+            ) from None
+        self.dataset = ImageFolderDataset(root, resolution=resolution, background=rgb)
+        self.seed = seed
+        self.captions = self.dataset.captions
+        self.description = f"{root}: {self.dataset.report.summary()}"
+        self._permutations: dict[int, torch.Tensor] = {}
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._permutations:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._permutations = {epoch: torch.randperm(len(self.dataset), generator=generator)}
+        return self._permutations[epoch]
+
+    def examples(self, positions: list[int]) -> tuple[torch.Tensor, list[str]]:
+        n = len(self.dataset)
+        items = [self.dataset[int(self._permutation(p // n)[p % n])] for p in positions]
+        return torch.stack([image for image, _ in items]), [caption for _, caption in items]
+
+
+def open_source(data: str, resolution: int, seed: int, background: str):
+    if data == "shapes":
+        return ShapesSource(resolution, seed)
+    if not Path(data).exists():
+        raise UnnoiseError(f"--data {data!r}: no such folder (use 'shapes' for the built-in data set)")
+    return FolderSource(data, resolution, seed, background)
+
+
+def position_generator(seed: int, position: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed + 1) * 1_000_000_007 + position)
+
+
+def make_batch(
+    source, positions: list[int], *, formulation, seed: int, cond_dropout: float, flip: bool
+) -> Batch:
+    """The examples at `positions` with each one's own sigma, noise, dropout and flip."""
+    images, captions = source.examples(positions)
+    sigmas, noises = [], []
+    for k, position in enumerate(positions):
+        generator = position_generator(seed, position)
+        sigmas.append(formulation.sample_sigma(1, generator))
+        noises.append(torch.randn(images.shape[1:], generator=generator))
+        if torch.rand(1, generator=generator).item() < cond_dropout:
+            captions[k] = ""
+        if flip and torch.rand(1, generator=generator).item() < 0.5:
+            images[k] = images[k].flip(-1)
+    return Batch(images, captions, torch.cat(sigmas), torch.stack(noises))

@@ -1,0 +1,308 @@
+"""The training loop: one linear pass of forward, backward, EMA, log, sample and checkpoint per step."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..diffusion.denoiser import Denoiser, min_snr_weight
+from ..diffusion.formulations import FORMULATIONS
+from ..errors import UnnoiseError
+from ..nn.presets import PRESETS
+from ..nn.unet import UNet, count_parameters
+from ..release import save_release
+from ..text.encoders import CachedTextEncoder, load_text_encoder
+from .checkpoint import latest_good_state, save_training_state
+from .config import TrainConfig
+from .data import make_batch, open_source
+from .distributed import Distributed, barrier, init_distributed, mean_across, shutdown
+from .ema import EMA, ema_decay
+
+SAMPLE_PROMPTS = {
+    "shapes": [
+        "a red circle",
+        "a large blue square in the top left",
+        "a green triangle to the left of a yellow circle",
+        "three purple squares",
+        "a red square and a blue circle",
+        "a small orange triangle at the bottom",
+        "two green circles",
+        "a yellow square above a red triangle",
+    ]
+}
+
+
+def model_config(config: TrainConfig, unet_config, text_encoder) -> dict:
+    """What `unnoise.load` needs to rebuild the denoiser and its text encoder: the release's config.json."""
+    return {
+        "format": "unnoise-model/1",
+        "unnoise_version": __version__,
+        "unet": unet_config.to_dict(),
+        "formulation": config.formulation,
+        "text_encoder": {
+            "name": config.text_encoder,
+            "fingerprint": text_encoder.name,
+            "max_tokens": config.max_tokens,
+        },
+        "resolution": unet_config.resolution,
+    }
+
+
+class Run:
+    """Everything one training process holds: model, EMA, optimizer, data and text encoder."""
+
+    def __init__(self, config: TrainConfig, setup: Distributed, log):
+        self.config, self.setup, self.log = config, setup, log
+        if config.preset not in PRESETS:
+            raise UnnoiseError(f"unknown preset {config.preset!r}; choose from {', '.join(PRESETS)}")
+        if config.formulation not in FORMULATIONS:
+            raise UnnoiseError(
+                f"unknown formulation {config.formulation!r}; choose from {', '.join(FORMULATIONS)}"
+            )
+        per_process = config.batch_size / (setup.world_size * config.grad_accumulation)
+        if per_process != int(per_process):
+            raise UnnoiseError(
+                f"--batch-size {config.batch_size} does not split into {setup.world_size} processes x "
+                f"{config.grad_accumulation} accumulation steps"
+            )
+        self.micro_batch = int(per_process)
+        self.dir = Path(config.out)
+        unet_config = PRESETS[config.preset]
+        self.unet_config = replace(unet_config, resolution=config.resolution or unet_config.resolution)
+        self.formulation = FORMULATIONS[config.formulation]
+        torch.manual_seed(config.seed)
+        self.network = UNet(self.unet_config).to(setup.device)
+        if setup.device.type == "cpu":
+            self.network = self.network.to(memory_format=torch.channels_last)
+        self.ema = EMA(self.network)
+        self.optimizer = torch.optim.AdamW(
+            self.network.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay
+        )
+        self.text = CachedTextEncoder(load_text_encoder(config.text_encoder, max_tokens=config.max_tokens))
+        self.source = open_source(config.data, self.unet_config.resolution, config.seed, config.background)
+        if self.source.captions is not None:
+            self.text.precompute([*self.source.captions, ""], progress=setup.is_main)
+        model = self.network
+        if setup.world_size > 1:
+            device_ids = [setup.device.index] if setup.device.type == "cuda" else None
+            model = torch.nn.parallel.DistributedDataParallel(self.network, device_ids=device_ids)
+        self.model = torch.compile(model) if config.compile else model
+        self.denoiser = Denoiser(self.model, self.formulation)
+
+    def describe(self) -> str:
+        return (
+            f"{self.config.preset} UNet, {count_parameters(self.network) / 1e6:.2f}M parameters, "
+            f"{self.config.formulation} formulation, {self.setup.world_size} process(es) on "
+            f"{self.setup.device}, micro-batch {self.micro_batch}; data: {self.source.description}"
+        )
+
+    # --- state -----------------------------------------------------------------------------------------
+
+    def resume(self) -> int:
+        state = latest_good_state(self.dir, report=self.log)
+        if state is None:
+            self.log(f"no checkpoint in {self.dir}: starting from scratch")
+            return 0
+        self.network.load_state_dict(state["model"])
+        self.ema.module.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.log(f"resumed from step {state['step']}")
+        return int(state["step"])
+
+    def save(self, step: int) -> None:
+        if self.setup.is_main:
+            extra = {"images_seen": step * self.config.batch_size, "config": asdict(self.config)}
+            save_training_state(
+                self.dir,
+                step,
+                model=self.network,
+                ema=self.ema.module,
+                optimizer=self.optimizer,
+                extra=extra,
+                keep=self.config.keep_checkpoints,
+            )
+            release = model_config(self.config, self.unet_config, self.text)
+            release["training"] = {"steps": step, "images_seen": step * self.config.batch_size}
+            save_release(self.dir / "model", self.ema.module, release)
+        barrier(self.setup)
+
+    # --- one step --------------------------------------------------------------------------------------
+
+    def positions(self, step: int, micro: int) -> list[int]:
+        """Global sample positions of this process's share of micro-batch `micro` of `step`."""
+        first = (step * self.config.grad_accumulation + micro) * self.setup.world_size + self.setup.rank
+        return list(range(first * self.micro_batch, (first + 1) * self.micro_batch))
+
+    def micro_batch_loss(self, step: int, micro: int) -> torch.Tensor:
+        c = self.config
+        batch = make_batch(
+            self.source,
+            self.positions(step, micro),
+            formulation=self.formulation,
+            seed=c.seed,
+            cond_dropout=c.cond_dropout,
+            flip=c.flip,
+        )
+        device = self.setup.device
+        images = batch.images.to(device, memory_format=torch.channels_last if device.type == "cpu" else None)
+        sigma, noise = batch.sigma.to(device), batch.noise.to(device)
+        text = self.text.encode(batch.captions).to(device)
+        weight = min_snr_weight(sigma, c.min_snr_gamma) if c.loss_weighting == "min_snr" else None
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=c.precision == "bf16")
+        with autocast:
+            return self.denoiser.loss(images, sigma, noise, text, weight=weight).mean()
+
+    def backward(self, step: int) -> float:
+        """Gradients of the mean loss over the global batch; returns this process's mean loss."""
+        total = 0.0
+        for micro in range(self.config.grad_accumulation):
+            last = micro == self.config.grad_accumulation - 1
+            sync = contextlib.nullcontext() if last or self.setup.world_size == 1 else self.model.no_sync()
+            with sync:
+                loss = self.micro_batch_loss(step, micro) / self.config.grad_accumulation
+                loss.backward()
+            total += float(loss.detach())
+        return total
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Linear warm-up to config.lr, then constant."""
+    return config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
+
+
+def train(config: TrainConfig, *, resume: bool = False, log=print) -> Path:
+    """Train until config.steps; returns the folder of the released model (EMA weights)."""
+    config.validate()
+    setup = init_distributed(config.device)
+    log = log if setup.is_main else (lambda *_: None)
+    try:
+        return _train(config, setup, resume, log)
+    finally:
+        shutdown(setup)
+
+
+def _train(config: TrainConfig, setup: Distributed, resume: bool, log) -> Path:
+    run_dir = Path(config.out)
+    if setup.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume and any(run_dir.glob("state-*")):
+            raise UnnoiseError(
+                f"{run_dir} already holds a training run: pass --resume, or choose another --out"
+            )
+        (run_dir / "config.json").write_text(config.to_json())
+    barrier(setup)
+    run = Run(config, setup, log)
+    log(run.describe())
+    start = run.resume() if resume else 0
+    if start >= config.steps:
+        log(f"already trained for {start} steps (--steps {config.steps})")
+        return run_dir / "model"
+
+    logger = MetricsLog(run_dir / "log.csv", enabled=setup.is_main)
+    progress = progress_bar(start, config.steps, enabled=setup.is_main)
+    bad_in_a_row, window_start, window_loss, window_steps = 0, time.perf_counter(), 0.0, 0
+    for step in range(start, config.steps):
+        lr = learning_rate(config, step)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        loss = run.backward(step)
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.network.parameters(), config.grad_clip)
+        if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
+            run.optimizer.zero_grad(set_to_none=True)
+            bad_in_a_row += 1
+            log(f"step {step}: non-finite loss or gradient ({loss}); step skipped")
+            if bad_in_a_row >= config.max_bad_steps:
+                raise UnnoiseError(
+                    f"training diverged: {bad_in_a_row} non-finite losses in a row at step {step}. The last"
+                    f" good checkpoint is in {run_dir}; lower --lr or use --precision fp32, then --resume"
+                )
+            continue
+        bad_in_a_row = 0
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        images_seen = (step + 1) * config.batch_size
+        run.ema.update(
+            run.network, ema_decay(config.batch_size, images_seen, config.ema_half_life, config.ema_warmup)
+        )
+        window_loss, window_steps = window_loss + loss, window_steps + 1
+        done = step + 1
+
+        if done % config.log_every == 0 or done == config.steps:
+            mean_loss = float(mean_across(torch.tensor(window_loss / window_steps), setup))
+            rate = window_steps * config.batch_size / (time.perf_counter() - window_start)
+            logger.write(step=done, loss=mean_loss, lr=lr, grad_norm=float(grad_norm), images_per_s=rate)
+            progress.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.1f}")
+            window_start, window_loss, window_steps = time.perf_counter(), 0.0, 0
+        if done % config.checkpoint_every == 0 or done == config.steps:
+            run.save(done)
+        if (
+            setup.is_main
+            and config.sample_every
+            and (done % config.sample_every == 0 or done == config.steps)
+        ):
+            save_sample_grid(run, run_dir / "samples" / f"step-{done:08d}.png")
+        progress.update(1)
+    progress.close()
+    log(f"done: {config.steps} steps; model in {run_dir / 'model'}")
+    return run_dir / "model"
+
+
+class MetricsLog:
+    """log.csv: one row per logging step (appended across resumes)."""
+
+    FIELDS = ("step", "loss", "lr", "grad_norm", "images_per_s", "time")
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if enabled and not path.exists():
+            path.write_text(",".join(self.FIELDS) + "\n")
+
+    def write(self, **values) -> None:
+        if self.enabled:
+            values["time"] = round(time.time(), 1)
+            with open(self.path, "a", newline="") as f:
+                csv.writer(f).writerow([values[k] for k in self.FIELDS])
+
+
+def progress_bar(start: int, total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(initial=start, total=total, disable=not enabled, unit="step", dynamic_ncols=True)
+
+
+@torch.no_grad()
+def save_sample_grid(run: Run, path: Path, steps: int = 20, guidance: float = 3.0) -> None:
+    """The EMA model's images for fixed prompts and seeds, to watch training progress."""
+    from ..diffusion.guidance import cfg
+    from ..diffusion.samplers import sample
+    from ..diffusion.schedules import default_sigmas
+    from ..images import contact_sheet, to_pil
+
+    prompts = SAMPLE_PROMPTS.get(run.config.data) or list(dict.fromkeys(run.source.captions))[:8]
+    resolution = run.unet_config.resolution
+    device = run.setup.device
+    ema = Denoiser(run.ema.module, run.formulation)
+    text = run.text.encode(prompts).to(device)
+    uncond = run.text.encode([""] * len(prompts)).to(device)
+    noise = torch.stack(
+        [
+            torch.randn(3, resolution, resolution, generator=torch.Generator().manual_seed(i))
+            for i in range(len(prompts))
+        ]
+    ).to(device)
+    x = sample(
+        cfg(ema, guidance, uncond),
+        noise,
+        default_sigmas(run.formulation, steps),
+        sampler="dpmpp_2m",
+        cond=text,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    contact_sheet(to_pil(x), prompts, scale=max(1, 96 // resolution), columns=4).save(path)

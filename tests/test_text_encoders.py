@@ -1,0 +1,241 @@
+"""Text encoders: shapes, masks, batch independence, the frozen MiniLM, and the per-caption cache on disk."""
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from unnoise.errors import UnnoiseError
+from unnoise.text.encoders import (
+    CachedTextEncoder,
+    HFTextEncoder,
+    TextEmbedding,
+    TextEncoder,
+    load_text_encoder,
+)
+
+LONG = "a small red circle above a large blue square next to three green triangles on a white background"
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    """The packaged all-MiniLM-L6-v2, loaded once for this file.
+
+    The tests encode a few short prompts at a time, where one thread is many times faster than two
+    competing with other jobs, so this file runs single-threaded and restores the setting after.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield load_text_encoder()
+    torch.set_num_threads(threads)
+
+
+class CountingEncoder:
+    """Wraps an encoder and records the prompts of every call, to see what a cache asks for."""
+
+    def __init__(self, inner, name=None):
+        self.inner, self.calls = inner, []
+        self.dim, self.max_tokens, self.name = inner.dim, inner.max_tokens, name or inner.name
+
+    def encode(self, prompts):
+        self.calls.append(list(prompts))
+        return self.inner.encode(prompts)
+
+
+def token_lengths(encoder, prompts):
+    ids = encoder.tokenizer(prompts, truncation=True, max_length=encoder.max_tokens)["input_ids"]
+    return torch.tensor([len(row) for row in ids])
+
+
+def assert_same(a: TextEmbedding, b: TextEmbedding, atol=0.0):
+    assert torch.equal(a.mask, b.mask)
+    torch.testing.assert_close(a.tokens, b.tokens, atol=atol, rtol=0)
+    torch.testing.assert_close(a.pooled, b.pooled, atol=atol, rtol=0)
+
+
+# --- the encoder ------------------------------------------------------------------------------------------
+
+
+def test_shapes_and_dtypes(encoder):
+    out = encoder.encode(["a red circle", LONG])
+    B, T, D = out.tokens.shape
+    assert (B, D) == (2, 384) and encoder.dim == 384 and len(out) == 2
+    assert out.tokens.dtype == out.pooled.dtype == torch.float32 and out.mask.dtype == torch.bool
+    assert out.mask.shape == (2, T) and out.pooled.shape == (2, 384)
+    assert isinstance(encoder, TextEncoder) and "all-MiniLM-L6-v2" in encoder.name
+
+
+def test_mask_matches_tokenised_lengths_and_padding_is_masked_and_zero(encoder):
+    prompts = ["a red circle", LONG, "two stars"]
+    out = encoder.encode(prompts)
+    lengths = token_lengths(encoder, prompts)
+    assert torch.equal(out.mask.sum(1), lengths)
+    assert torch.equal(out.mask, torch.arange(out.mask.shape[1]) < lengths[:, None])  # right padding
+    assert out.tokens[~out.mask].abs().max() == 0
+
+
+def test_a_prompt_encodes_the_same_alone_or_beside_longer_ones(encoder):
+    alone = encoder.encode(["a red circle"])
+    batch = encoder.encode([LONG, "a red circle", "x"])
+    T = alone.tokens.shape[1]
+    assert not batch.mask[1, T:].any()
+    torch.testing.assert_close(batch.tokens[1, :T], alone.tokens[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(batch.pooled[1], alone.pooled[0], atol=1e-5, rtol=0)
+
+
+def test_pooled_is_unit_norm_and_closer_for_similar_prompts(encoder):
+    circle, ring, triangles = encoder.encode(["a red circle", "a red ring", "three blue triangles"]).pooled
+    torch.testing.assert_close(torch.stack([circle, ring, triangles]).norm(dim=1), torch.ones(3))
+    assert F.cosine_similarity(circle, ring, dim=0) > F.cosine_similarity(circle, triangles, dim=0)
+
+
+def test_the_empty_prompt_works(encoder):
+    out = encoder.encode(["", "a red circle"])
+    assert out.mask[0].sum() == 2  # [CLS] [SEP]
+    assert torch.isfinite(out.tokens).all() and out.pooled[0].norm().item() == pytest.approx(1.0)
+
+
+def test_truncation_at_max_tokens(encoder):
+    assert encoder.encode([LONG * 3]).tokens.shape[1] == encoder.max_tokens == 32
+    short = copy.copy(encoder)  # shares the frozen model
+    short.max_tokens = 8
+    out = short.encode([LONG, "a"])
+    assert out.tokens.shape[1] == 8 and out.mask[0].all() and out.mask[1].sum() == 3
+
+
+def test_encoding_in_small_batches_matches_one_batch(encoder):
+    prompts = ["a red circle", LONG, "", "two green stars", "a blue ring"]
+    small = copy.copy(encoder)
+    small.batch_size = 2
+    assert_same(small.encode(prompts), encoder.encode(prompts), atol=1e-5)
+
+
+def test_the_encoder_is_frozen(encoder):
+    assert not encoder.model.training
+    assert not any(p.requires_grad for p in encoder.model.parameters())
+    assert all(p.dtype == torch.float32 for p in encoder.model.parameters())
+    assert not encoder.encode(["a red circle"]).tokens.requires_grad
+
+
+def test_a_single_string_is_refused(encoder):
+    with pytest.raises(UnnoiseError, match="list"):
+        encoder.encode("a red circle")
+
+
+# --- bad folders ------------------------------------------------------------------------------------------
+
+
+def test_a_folder_that_is_not_a_model_names_the_path(tmp_path):
+    with pytest.raises(UnnoiseError, match=r"config\.json is missing") as error:
+        HFTextEncoder(tmp_path)
+    assert str(tmp_path) in str(error.value)
+    with pytest.raises(UnnoiseError, match="does not exist") as error:
+        load_text_encoder(str(tmp_path / "nowhere"))
+    assert str(tmp_path / "nowhere") in str(error.value)
+
+
+def test_pickled_weights_are_never_loaded(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(UnnoiseError, match="pickled"):
+        HFTextEncoder(tmp_path)
+
+
+def test_damaged_weights_give_an_unnoise_error(encoder, tmp_path):
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        (tmp_path / name).write_bytes((encoder.path / name).read_bytes())
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(UnnoiseError, match="could not load") as error:
+        HFTextEncoder(tmp_path)
+    assert str(tmp_path) in str(error.value)
+
+
+def test_importing_the_module_does_not_import_transformers():
+    code = "import sys, unnoise.text.encoders; print('transformers' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "False"
+
+
+# --- TextEmbedding ----------------------------------------------------------------------------------------
+
+
+def test_cat_pads_to_the_longest_and_select_picks_rows(encoder):
+    short, long = encoder.encode(["a"]), encoder.encode([LONG, "b"])
+    both = TextEmbedding.cat([short, long])
+    assert both.tokens.shape == (3, long.tokens.shape[1], 384)
+    assert both.mask[0].sum() == short.mask.sum() and both.tokens[0][~both.mask[0]].abs().max() == 0
+    assert_same(both.select([1, 2]), long)
+    assert_same(both[0].select(torch.tensor([0])).padded_to(0), short.padded_to(both.tokens.shape[1]))
+    assert len(both.select([0, 0, 0])) == 3 and len(both[1:]) == 2
+    assert both.to("cpu").device.type == "cpu"
+    with pytest.raises(UnnoiseError):
+        TextEmbedding.cat([])
+
+
+# --- the cache --------------------------------------------------------------------------------------------
+
+
+def test_the_cache_returns_what_the_encoder_returns_and_encodes_only_new_captions(encoder):
+    counting = CountingEncoder(encoder)
+    cached = CachedTextEncoder(counting)
+    first = ["a red circle", LONG, "a red circle", ""]
+    assert_same(cached.encode(first), encoder.encode(first))
+    assert counting.calls == [["a red circle", LONG, ""]]  # duplicates encoded once
+
+    second = ["two stars", "a red circle", "", "a blue ring"]
+    assert_same(cached.encode(second), encoder.encode(second), atol=1e-5)
+    assert counting.calls[1] == ["two stars", "a blue ring"]
+
+    assert_same(cached.encode(first[::-1]), encoder.encode(first[::-1]), atol=1e-5)
+    assert len(counting.calls) == 2 and len(cached) == 5
+
+
+def test_precompute_fills_the_cache_in_batches(encoder):
+    counting = CountingEncoder(encoder)
+    cached = CachedTextEncoder(counting)
+    captions = [f"{n} red circles" for n in range(5)]
+    assert cached.precompute(captions, batch_size=2) == 5
+    assert [len(c) for c in counting.calls] == [2, 2, 1]
+    assert cached.precompute(captions) == 0
+    cached.encode(captions[::2])
+    assert len(counting.calls) == 3
+
+
+def test_save_and_load_round_trip(encoder, tmp_path):
+    cached = CachedTextEncoder(encoder)
+    captions = ["a red circle", LONG, "", "two stars"]
+    before = cached.encode(captions)
+    path = cached.save(tmp_path / "captions.safetensors")
+    assert [p.name for p in tmp_path.iterdir()] == ["captions.safetensors"]  # no temp file left
+
+    counting = CountingEncoder(encoder)
+    restored = CachedTextEncoder(counting)
+    assert restored.load(path) == 4
+    assert_same(restored.encode(captions), before)
+    assert counting.calls == []
+
+
+def test_a_cache_from_another_encoder_is_refused(encoder, tmp_path):
+    path = CachedTextEncoder(encoder).save(tmp_path / "captions.safetensors")
+    other = CachedTextEncoder(CountingEncoder(encoder, name="another-encoder"))
+    with pytest.raises(UnnoiseError, match="another-encoder"):
+        other.load(path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip a byte"])
+def test_a_damaged_cache_file_raises_an_unnoise_error_naming_it(encoder, tmp_path, damage):
+    cached = CachedTextEncoder(encoder)
+    cached.encode(["a red circle", "two stars"])
+    path = cached.save(tmp_path / "captions.safetensors")
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[-5] ^= 0xFF  # inside the pooled vectors: the header still parses
+    path.write_bytes(bytes(data))
+    with pytest.raises(UnnoiseError) as error:
+        CachedTextEncoder(encoder).load(path)
+    assert str(path) in str(error.value)
