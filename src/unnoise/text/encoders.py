@@ -15,6 +15,7 @@ the batch the encoder would have returned. Nothing here downloads a model or unp
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -288,10 +289,20 @@ class HFTextEncoder:
 def load_text_encoder(
     name_or_path: str | Path | None = None, *, device: torch.device | str = "cpu", max_tokens: int = 32
 ) -> HFTextEncoder:
-    """None or "minilm": the packaged all-MiniLM-L6-v2 (D = 384); anything else: a local model folder."""
+    """None or "minilm": the packaged all-MiniLM-L6-v2 (D = 384); anything else: a local model folder.
+
+    Encoders are frozen, so one loaded encoder is shared by every caller asking for the same one.
+    """
     if name_or_path is None or str(name_or_path).lower() in ("minilm", MINILM.lower()):
-        return HFTextEncoder(None, device=device, max_tokens=max_tokens)
-    return HFTextEncoder(name_or_path, device=device, max_tokens=max_tokens)
+        name_or_path = None
+    else:
+        name_or_path = str(Path(name_or_path).resolve())
+    return _load_shared(name_or_path, str(device), max_tokens)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_shared(path: str | None, device: str, max_tokens: int) -> HFTextEncoder:
+    return HFTextEncoder(path, device=device, max_tokens=max_tokens)
 
 
 # --- caching per caption --------------------------------------------------------------------------------

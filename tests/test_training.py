@@ -1,0 +1,200 @@
+"""Training: a killed run resumes to the same weights, damaged checkpoints are skipped, NaN steps are
+skipped and then stop the run, and two DDP processes compute the single process's gradients."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from unnoise.errors import UnnoiseError
+from unnoise.release import load_release
+from unnoise.train.checkpoint import latest_good_state, list_states, load_training_state
+from unnoise.train.config import TrainConfig
+from unnoise.train.loop import Run, train
+
+TESTS = Path(__file__).resolve().parent
+TINY = [
+    "--preset",
+    "tiny",
+    "--batch-size",
+    "4",
+    "--log-every",
+    "1",
+    "--checkpoint-every",
+    "2",
+    "--sample-every",
+    "0",
+    "--warmup-steps",
+    "2",
+]
+
+
+def cli(*args, **kwargs):
+    return subprocess.Popen(
+        [sys.executable, "-m", "unnoise", "train", *TINY, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_training_state(list_states(run_dir)[0])["model"]
+
+
+def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert cli("--steps", "8", "--out", str(straight)).wait(timeout=300) == 0
+
+    process = cli("--steps", "8", "--out", str(killed))
+    deadline = time.time() + 240
+    while not (killed / "state-00000004").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert list_states(killed), "the run was killed before its first checkpoint"
+
+    resumed = cli("--steps", "8", "--out", str(killed), "--resume")
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+    assert "resumed from step" in output
+    expected, got = final_weights(straight), final_weights(killed)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    train(
+        TrainConfig(
+            preset="tiny", batch_size=4, steps=4, checkpoint_every=2, sample_every=0, out=str(tmp_path)
+        )
+    )
+    newest, previous = list_states(tmp_path)[:2]
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    messages = []
+    state = latest_good_state(tmp_path, report=messages.append)
+    assert state["step"] == 2 and previous.name.endswith("00000002")
+    assert "skipping damaged checkpoint" in messages[0] and "model.safetensors" in messages[0]
+
+
+def test_the_release_loads_without_training_code_and_detects_tampering(tmp_path):
+    train(
+        TrainConfig(
+            preset="tiny", batch_size=4, steps=2, checkpoint_every=2, sample_every=2, out=str(tmp_path)
+        )
+    )
+    _, config = load_release(tmp_path / "model")
+    assert config["unet"]["channels"] == 32 and config["formulation"] == "edm"
+    assert (tmp_path / "samples" / "step-00000002.png").exists()
+    assert (tmp_path / "config.json").exists() and (tmp_path / "log.csv").read_text().count("\n") == 2
+    assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("*.pkl"))
+    blob = bytearray((tmp_path / "model" / "model.safetensors").read_bytes())
+    blob[-10] ^= 0xFF
+    (tmp_path / "model" / "model.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(UnnoiseError, match="checksum"):
+        load_release(tmp_path / "model")
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    real = Run.micro_batch_loss
+
+    def nan_from_step_3(self, step, micro):
+        loss = real(self, step, micro)
+        return loss * float("nan") if step >= 3 else loss
+
+    monkeypatch.setattr(Run, "micro_batch_loss", nan_from_step_3)
+    messages = []
+    config = TrainConfig(
+        preset="tiny",
+        batch_size=4,
+        steps=20,
+        checkpoint_every=2,
+        sample_every=0,
+        max_bad_steps=4,
+        out=str(tmp_path),
+    )
+    with pytest.raises(UnnoiseError, match="training diverged: 4 non-finite losses in a row at step 6"):
+        train(config, log=messages.append)
+    assert sum("step skipped" in m for m in messages) == 4
+    assert latest_good_state(tmp_path)["step"] == 2
+
+
+def test_a_second_run_into_the_same_folder_is_refused(tmp_path):
+    config = TrainConfig(
+        preset="tiny", batch_size=4, steps=2, checkpoint_every=2, sample_every=0, out=str(tmp_path)
+    )
+    train(config)
+    with pytest.raises(UnnoiseError, match="--resume"):
+        train(config)
+
+
+def test_bad_options_are_named(tmp_path):
+    with pytest.raises(UnnoiseError, match="does not split"):
+        train(TrainConfig(preset="tiny", batch_size=6, grad_accumulation=4, out=str(tmp_path)))
+    with pytest.raises(UnnoiseError, match="unknown preset"):
+        train(TrainConfig(preset="huge", out=str(tmp_path / "b")))
+    with pytest.raises(UnnoiseError, match="no such folder"):
+        train(TrainConfig(preset="tiny", data=str(tmp_path / "missing"), out=str(tmp_path / "c")))
+
+
+def test_training_on_a_folder_of_captioned_images(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, colour in enumerate(["red", "blue", "green"]):
+        Image.new("RGBA", (40, 30), colour).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"a {colour} picture")
+    (data / "broken.png").write_bytes(b"not a png")
+    (data / "broken.txt").write_text("a broken file")
+    messages = []
+    train(
+        TrainConfig(
+            preset="tiny",
+            data=str(data),
+            batch_size=4,
+            steps=2,
+            checkpoint_every=2,
+            sample_every=2,
+            flip=True,
+            out=str(tmp_path / "run"),
+        ),
+        log=messages.append,
+    )
+    assert "3 usable" in messages[0] and "not an image" in messages[0]
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+
+
+def test_two_ddp_processes_compute_the_single_process_gradients(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single, double = tmp_path / "single.safetensors", tmp_path / "double.safetensors"
+    subprocess.run(
+        [sys.executable, str(TESTS / "ddp_gradients.py"), str(single)], check=True, env=env, timeout=300
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(TESTS / "ddp_gradients.py"),
+            str(double),
+        ],
+        check=True,
+        env=env,
+        timeout=300,
+    )
+    expected, got = load_file(str(single)), load_file(str(double))
+    assert expected.keys() == got.keys() and len(expected) > 50
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
