@@ -198,3 +198,43 @@ def test_two_ddp_processes_compute_the_single_process_gradients(tmp_path):
     assert expected.keys() == got.keys() and len(expected) > 50
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def gradients(config: TrainConfig) -> dict[str, torch.Tensor]:
+    from unnoise.train.distributed import init_distributed
+
+    run = Run(config, init_distributed("cpu"), log=lambda *_: None)
+    run.backward(step=1)
+    return {name: p.grad.clone() for name, p in run.network.named_parameters() if p.grad is not None}
+
+
+def test_gradient_accumulation_equals_the_whole_batch():
+    whole = gradients(TrainConfig(preset="tiny", batch_size=8, precision="fp32"))
+    accumulated = gradients(TrainConfig(preset="tiny", batch_size=8, grad_accumulation=4, precision="fp32"))
+    for name in whole:
+        torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_min_snr_weighting_caps_the_weight_of_low_noise():
+    from unnoise.diffusion.denoiser import min_snr_weight
+
+    sigma = torch.tensor([0.01, 0.1, 1.0, 10.0])
+    torch.testing.assert_close(min_snr_weight(sigma, gamma=5.0), torch.tensor([5.0, 5.0, 1.0, 0.01]))
+    config = TrainConfig(preset="tiny", batch_size=4, precision="fp32", loss_weighting="min_snr")
+    assert all(torch.isfinite(g).all() for g in gradients(config).values())
+
+
+@pytest.mark.slow
+def test_compiled_training_runs(tmp_path):
+    train(
+        TrainConfig(
+            preset="tiny",
+            batch_size=4,
+            steps=2,
+            checkpoint_every=2,
+            sample_every=0,
+            compile=True,
+            out=str(tmp_path),
+        )
+    )
+    assert (tmp_path / "model" / "model.safetensors").exists()
