@@ -238,3 +238,33 @@ def test_compiled_training_runs(tmp_path):
         )
     )
     assert (tmp_path / "model" / "model.safetensors").exists()
+
+
+def test_optimizer_state_is_restored_in_its_parameters_layout():
+    """Fused AdamW computes wrong updates if a moment is laid out unlike its (channels-last) parameter."""
+    from unnoise.train.checkpoint import load_optimizer_state, optimizer_from_safe, optimizer_to_safe
+
+    def fresh():
+        torch.manual_seed(0)
+        conv = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+        return conv, torch.optim.AdamW(conv.parameters(), lr=0.1, fused=True)
+
+    def step(conv, optimizer, seed):
+        x = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(seed))
+        conv(x).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    straight, straight_optimizer = fresh()
+    resumed, resumed_optimizer = fresh()
+    for seed in range(2):
+        step(straight, straight_optimizer, seed)
+        step(resumed, resumed_optimizer, seed)
+    tensors, meta = optimizer_to_safe(resumed_optimizer.state_dict())
+    resumed_optimizer = torch.optim.AdamW(resumed.parameters(), lr=0.1, fused=True)
+    load_optimizer_state(
+        resumed_optimizer, optimizer_from_safe({k: v.contiguous() for k, v in tensors.items()}, meta)
+    )
+    step(straight, straight_optimizer, 2)
+    step(resumed, resumed_optimizer, 2)
+    torch.testing.assert_close(resumed.weight, straight.weight, rtol=0, atol=0)

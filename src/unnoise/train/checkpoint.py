@@ -47,6 +47,25 @@ def optimizer_from_safe(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+    """Load optimizer state, then lay each state tensor out like its parameter (e.g. channels-last).
+
+    safetensors stores tensors contiguous, and fused AdamW on a CPU silently computes wrong updates when a
+    moment's memory layout differs from its parameter's (seen with torch 2.13).
+    """
+    optimizer.load_state_dict(state_dict)
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if (
+                    isinstance(value, torch.Tensor)
+                    and value.shape == param.shape
+                    and value.stride() != param.stride()
+                ):
+                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
 # --- training state ------------------------------------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ from ..nn.presets import PRESETS
 from ..nn.unet import UNet, count_parameters
 from ..release import save_release
 from ..text.encoders import CachedTextEncoder, load_text_encoder
-from .checkpoint import latest_good_state, save_training_state
+from .checkpoint import latest_good_state, load_optimizer_state, save_training_state
 from .config import TrainConfig
 from .data import make_batch, open_source
 from .distributed import Distributed, barrier, init_distributed, mean_across, shutdown
@@ -83,7 +83,11 @@ class Run:
             self.network = self.network.to(memory_format=torch.channels_last)
         self.ema = EMA(self.network)
         self.optimizer = torch.optim.AdamW(
-            self.network.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay
+            self.network.parameters(),
+            lr=config.lr,
+            betas=(0.9, 0.99),
+            weight_decay=config.weight_decay,
+            fused=True,
         )
         self.text = CachedTextEncoder(load_text_encoder(config.text_encoder, max_tokens=config.max_tokens))
         self.source = open_source(config.data, self.unet_config.resolution, config.seed, config.background)
@@ -112,7 +116,7 @@ class Run:
             return 0
         self.network.load_state_dict(state["model"])
         self.ema.module.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         self.log(f"resumed from step {state['step']}")
         return int(state["step"])
 
