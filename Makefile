@@ -26,6 +26,9 @@ test: lint
 
 bench: setup
 	$(BIN)/python benchmarks/samplers.py
+	$(BIN)/python benchmarks/attention.py
+	$(BIN)/pip install -q diffusers  # the peer measured against; not a dependency of unnoise
+	$(BIN)/python benchmarks/train_throughput.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

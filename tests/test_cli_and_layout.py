@@ -65,3 +65,20 @@ def test_the_math_knows_nothing_of_the_edges():
             for name in imported_modules(path):
                 parts = name.lstrip(".").split(".")
                 assert not any(p in forbidden for p in parts), f"{path.name} imports {name}"
+
+
+def test_train_reports_bad_input_without_a_traceback(tmp_path):
+    cases = [
+        (["--data", str(tmp_path / "nowhere")], "no such folder"),
+        (["--preset", "huge"], "unknown preset 'huge'"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--text-encoder", str(tmp_path)], str(tmp_path)),
+    ]
+    for args, message in cases:
+        run = subprocess.run(
+            [sys.executable, "-m", "unnoise", "train", "--out", str(tmp_path / "run"), *args],
+            capture_output=True,
+            text=True,
+        )
+        assert run.returncode == 2, (args, run.stderr)
+        assert message in run.stderr and "Traceback" not in run.stderr, (args, run.stderr)

@@ -98,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     except UnnoiseError as error:
         print(f"unnoise: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a folder we may not write, a full disk: the system's own words suffice
+        print(f"unnoise: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("unnoise: interrupted", file=sys.stderr)
         return 130

@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import typing
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -56,15 +57,7 @@ SkipReason = Literal[
     "missing file",
     "bad metadata line",
 ]
-SKIP_REASONS: tuple[SkipReason, ...] = (
-    "unreadable/corrupt",
-    "not an image",
-    "truncated",
-    "too large",
-    "missing caption",
-    "missing file",
-    "bad metadata line",
-)
+SKIP_REASONS: tuple[SkipReason, ...] = typing.get_args(SkipReason)
 # How each reason reads after a count in the summary line: (one, many).
 _REASON_WORDS: dict[SkipReason, tuple[str, str]] = {
     "unreadable/corrupt": ("unreadable/corrupt", "unreadable/corrupt"),
