@@ -268,3 +268,18 @@ def test_optimizer_state_is_restored_in_its_parameters_layout():
     step(straight, straight_optimizer, 2)
     step(resumed, resumed_optimizer, 2)
     torch.testing.assert_close(resumed.weight, straight.weight, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("formulation", ["edm", "vp", "ddpm", "ve", "flow"])
+def test_every_formulation_trains(formulation):
+    grads = gradients(TrainConfig(preset="tiny", batch_size=4, formulation=formulation, precision="fp32"))
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    assert sum(float(g.abs().sum()) for g in grads.values()) > 0
+
+
+def test_ema_half_life_is_counted_in_images():
+    from unnoise.train.ema import ema_decay
+
+    beta = ema_decay(batch_images=64, images_seen=10**9, half_life=6400, warmup=0.1)
+    assert beta**100 == pytest.approx(0.5)  # 100 steps of 64 images = one half-life
+    assert ema_decay(batch_images=64, images_seen=640, half_life=6400, warmup=0.1) == pytest.approx(0.5)
