@@ -283,3 +283,38 @@ def test_ema_half_life_is_counted_in_images():
     beta = ema_decay(batch_images=64, images_seen=10**9, half_life=6400, warmup=0.1)
     assert beta**100 == pytest.approx(0.5)  # 100 steps of 64 images = one half-life
     assert ema_decay(batch_images=64, images_seen=640, half_life=6400, warmup=0.1) == pytest.approx(0.5)
+
+
+def test_resume_keeps_the_runs_own_settings_and_refuses_a_different_model(tmp_path):
+    train(
+        TrainConfig(
+            preset="tiny", batch_size=4, steps=2, checkpoint_every=2, sample_every=0, out=str(tmp_path)
+        )
+    )
+    more = subprocess.run(
+        [sys.executable, "-m", "unnoise", "train", "--out", str(tmp_path), "--resume", "--steps", "4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert more.returncode == 0, more.stderr
+    assert (tmp_path / "state-00000004").is_dir() and "tiny UNet" in more.stdout
+    other = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "unnoise",
+            "train",
+            "--out",
+            str(tmp_path),
+            "--resume",
+            "--steps",
+            "6",
+            "--preset",
+            "large",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert other.returncode == 2 and "does not fit this model" in other.stderr, other.stderr

@@ -28,14 +28,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train.config import TrainConfig
     from .train.loop import train
 
-    names = TrainConfig.__dataclass_fields__
-    config = TrainConfig(**{name: getattr(args, name) for name in names})
+    given = {name: getattr(args, name) for name in TrainConfig.__dataclass_fields__ if hasattr(args, name)}
+    saved = Path(given.get("out", TrainConfig.out)) / "config.json"
+    if args.resume and saved.is_file():  # continue with the run's own settings, overridden by the flags given
+        config = TrainConfig.from_dict({**TrainConfig.load(saved).__dict__, **given})
+    else:
+        config = TrainConfig(**given)
     train(config, resume=args.resume)
     return 0
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_class) -> None:
-    """One --flag per dataclass field, typed from its default (Literal fields become choices)."""
+    """One --flag per dataclass field, typed from its default (Literal fields become choices).
+
+    Flags not given are absent from the parsed namespace, so a resumed run can keep its saved values.
+    """
     import dataclasses
     import typing
 
@@ -43,14 +50,15 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class) -> None:
     for field in dataclasses.fields(config_class):
         flag = "--" + field.name.replace("_", "-")
         hint, default = hints[field.name], field.default
+        shown = {"default": argparse.SUPPRESS, "help": f"(default: {default})"}
         if typing.get_origin(hint) is typing.Literal:
-            parser.add_argument(flag, choices=typing.get_args(hint), default=default)
+            parser.add_argument(flag, choices=typing.get_args(hint), **shown)
         elif isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **shown)
         elif default is None:
-            parser.add_argument(flag, type=int, default=None)
+            parser.add_argument(flag, type=int, **shown)
         else:
-            parser.add_argument(flag, type=type(default), default=default)
+            parser.add_argument(flag, type=type(default), **shown)
 
 
 def build_parser() -> argparse.ArgumentParser:

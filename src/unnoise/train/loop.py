@@ -114,9 +114,15 @@ class Run:
         if state is None:
             self.log(f"no checkpoint in {self.dir}: starting from scratch")
             return 0
-        self.network.load_state_dict(state["model"])
-        self.ema.module.load_state_dict(state["ema"])
-        load_optimizer_state(self.optimizer, state["optimizer"])
+        try:
+            self.network.load_state_dict(state["model"])
+            self.ema.module.load_state_dict(state["ema"])
+            load_optimizer_state(self.optimizer, state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise UnnoiseError(
+                f"the checkpoint in {self.dir} does not fit this model (a different --preset or"
+                f" --resolution?): {str(error).splitlines()[0]}"
+            ) from None
         self.log(f"resumed from step {state['step']}")
         return int(state["step"])
 
