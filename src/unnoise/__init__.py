@@ -24,6 +24,8 @@ _LAZY = {
     "formulations": "unnoise.diffusion.formulations",
     "testing": "unnoise.testing",
     "UnnoiseError": "unnoise.errors",
+    "load": "unnoise.pipeline",
+    "Pipeline": "unnoise.pipeline",
 }
 
 __all__ = sorted(_LAZY)
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
     from .diffusion.likelihood import bits_per_dim, log_likelihood
     from .diffusion.samplers import SAMPLERS, Step, get_sampler, sample
     from .errors import UnnoiseError
+    from .pipeline import Pipeline, load
 
 
 def __getattr__(name: str):

@@ -38,6 +38,42 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .errors import UnnoiseError
+    from .images import contact_sheet
+    from .pipeline import load, read_png_parameters, save_png
+
+    if args.from_png:
+        request = read_png_parameters(args.from_png)
+        args.prompt, args.negative, args.sampler = request.prompt, request.negative_prompt, request.sampler
+        args.steps, args.guidance, args.seed, args.n = request.steps, request.guidance, request.seed, 1
+        args.model = args.model or request.model
+    if args.prompt is None:
+        raise UnnoiseError("give a PROMPT, or --from-png FILE")
+    pipe = load(args.model or "shapes-32")
+    with tqdm(total=args.steps, unit="step", leave=False) as bar:
+        images = pipe.generate(
+            args.prompt,
+            negative_prompt=args.negative,
+            sampler=args.sampler,
+            steps=args.steps,
+            guidance=args.guidance,
+            seed=args.seed,
+            num_images=args.n,
+            callback=lambda step: bar.update(1) if step.index < args.steps else None,
+        )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for image in images:
+        seed = image.info["parameters"].rsplit("Seed: ", 1)[1].split(",")[0]
+        print(save_png(image, out / f"{seed}.png"))
+    if len(images) > 1:
+        print(save_png(contact_sheet(images, scale=max(1, 128 // images[0].width)), out / "sheet.png"))
+    return 0
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, config_class) -> None:
     """One --flag per dataclass field, typed from its default (Literal fields become choices).
 
@@ -79,6 +115,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out", help="folder for demo.png (default ./out)")
     p.set_defaults(run=_cmd_demo)
+
+    p = sub.add_parser("generate", help="generate images from a prompt with a released model")
+    p.add_argument("prompt", nargs="?", help="what to draw")
+    p.add_argument("-n", type=int, default=1, help="number of images; image i uses seed + i (default 1)")
+    p.add_argument("--seed", type=int, default=None, help="default: random")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--sampler", default="dpmpp_2m", help="see `unnoise samplers` (default dpmpp_2m)")
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale; 1 = none")
+    p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument("--model", default=None, help="a shipped model's name or a release folder")
+    p.add_argument("--out", default="out", help="folder for the PNGs (default ./out)")
+    p.add_argument("--from-png", default=None, help="re-create an image from the parameters in its PNG")
+    p.set_defaults(run=_cmd_generate)
 
     from .train.config import TrainConfig
 

@@ -1,0 +1,115 @@
+"""Generation from a released model: seeds per image, PNG parameters that re-create the image, guidance."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import unnoise
+from unnoise.diffusion.guidance import cfg
+from unnoise.errors import UnnoiseError
+from unnoise.pipeline import Request, read_png_parameters, save_png
+from unnoise.train.config import TrainConfig
+from unnoise.train.loop import train
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    return train(
+        TrainConfig(preset="tiny", batch_size=4, steps=2, checkpoint_every=2, sample_every=0, out=str(out))
+    )
+
+
+def pixels(image):
+    return np.asarray(image)
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler_ancestral"])
+def test_a_seed_gives_the_same_image_whatever_the_number_of_images(model, sampler):
+    pipe = unnoise.load(model)
+    four = pipe.generate("a red circle", seed=10, num_images=4, steps=6, sampler=sampler)
+    one = pipe.generate("a red circle", seed=12, num_images=1, steps=6, sampler=sampler)
+    assert len(four) == 4 and four[0].size == (16, 16)
+    np.testing.assert_array_equal(pixels(four[2]), pixels(one[0]))
+    assert not np.array_equal(pixels(four[0]), pixels(four[1]))
+
+
+def test_png_parameters_round_trip_and_recreate_the_image(model, tmp_path):
+    pipe = unnoise.load(model)
+    image = pipe.generate("a blue square", negative_prompt="red", seed=3, steps=5, guidance=2.5)[0]
+    path = save_png(image, tmp_path / "a.png")
+    request = read_png_parameters(path)
+    assert request == Request("a blue square", "red", "dpmpp_2m", 5, 2.5, 3, 16, 16, "model")
+    assert "Negative prompt: red" in image.info["parameters"]
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "unnoise",
+            "generate",
+            "--from-png",
+            str(path),
+            "--model",
+            str(model),
+            "--out",
+            str(tmp_path / "again"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    from PIL import Image
+
+    np.testing.assert_array_equal(pixels(Image.open(tmp_path / "again" / "3.png")), pixels(image))
+
+
+def test_cli_writes_images_and_a_contact_sheet(model, tmp_path):
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "unnoise",
+            "generate",
+            "two green circles",
+            "-n",
+            "3",
+            "--seed",
+            "7",
+            "--steps",
+            "4",
+            "--model",
+            str(model),
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["7.png", "8.png", "9.png", "sheet.png"]
+
+
+def test_bad_input_is_named(model, tmp_path):
+    pipe = unnoise.load(model)
+    with pytest.raises(UnnoiseError, match="unknown sampler"):
+        pipe.generate("x", sampler="nope")
+    with pytest.raises(UnnoiseError, match="steps must be"):
+        pipe.generate("x", steps=0)
+    with pytest.raises(UnnoiseError, match="no model 'missing'"):
+        unnoise.load("missing")
+    (tmp_path / "plain.png").write_bytes((model / "config.json").read_bytes())
+    with pytest.raises(UnnoiseError, match="cannot read"):
+        read_png_parameters(tmp_path / "plain.png")
+
+
+def test_guidance_scale_1_is_the_conditional_denoiser_and_0_the_unconditional():
+    def denoiser(x, sigma, cond):
+        return x * cond
+
+    x, sigma = torch.randn(2, 3), torch.ones(2)
+    torch.testing.assert_close(cfg(denoiser, 1.0, uncond=0.5)(x, sigma, 2.0), 2.0 * x)
+    torch.testing.assert_close(cfg(denoiser, 0.0, uncond=0.5)(x, sigma, 2.0), 0.5 * x)
+    torch.testing.assert_close(cfg(denoiser, 3.0, uncond=0.5)(x, sigma, 2.0), (0.5 + 3.0 * 1.5) * x)
