@@ -8,8 +8,9 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def test_python_examples_in_the_readme_run():
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert blocks
-    for block in blocks:
+    runnable = [b for b in blocks if not b.startswith("# needs a trained model")]
+    assert runnable
+    for block in runnable:
         namespace: dict = {}
         exec(compile(block, str(README), "exec"), namespace)
         assert namespace["nll"].shape == (10,)
