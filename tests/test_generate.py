@@ -113,3 +113,32 @@ def test_guidance_scale_1_is_the_conditional_denoiser_and_0_the_unconditional():
     torch.testing.assert_close(cfg(denoiser, 1.0, uncond=0.5)(x, sigma, 2.0), 2.0 * x)
     torch.testing.assert_close(cfg(denoiser, 0.0, uncond=0.5)(x, sigma, 2.0), 0.5 * x)
     torch.testing.assert_close(cfg(denoiser, 3.0, uncond=0.5)(x, sigma, 2.0), (0.5 + 3.0 * 1.5) * x)
+
+
+def test_eval_shapes_command_runs_on_a_model(model, tmp_path):
+    """Plumbing only: a 2-step model scores near 0; what ShapesEval measures is tested in test_shapes_eval."""
+    import json
+
+    report = tmp_path / "report.json"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "unnoise",
+            "eval",
+            "shapes",
+            "--model",
+            str(model),
+            "--samples",
+            "1",
+            "--steps",
+            "2",
+            "--report",
+            str(report),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "counting" in run.stdout
+    assert set(json.loads(report.read_text())) >= {"settings"}

@@ -74,6 +74,28 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_shapes(args: argparse.Namespace) -> int:
+    import json
+
+    from .eval.shapes_eval import run_shapes_eval
+
+    report = run_shapes_eval(
+        args.model,
+        samples_per_prompt=args.samples,
+        sampler=args.sampler,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+    )
+    print(report.table())
+    path = Path(args.report)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(report.to_dict(), indent=1))
+    tmp.replace(path)
+    print(f"wrote {path}")
+    return 0
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, config_class) -> None:
     """One --flag per dataclass field, typed from its default (Literal fields become choices).
 
@@ -128,6 +150,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out", help="folder for the PNGs (default ./out)")
     p.add_argument("--from-png", default=None, help="re-create an image from the parameters in its PNG")
     p.set_defaults(run=_cmd_generate)
+
+    p = sub.add_parser("eval", help="evaluate a model")
+    suites = p.add_subparsers(dest="suite", required=True)
+    p = suites.add_parser(
+        "shapes", help="ShapesEval: exact prompt alignment on the shapes grammar, no judge model"
+    )
+    p.add_argument("--model", default="shapes-32", help="a shipped model's name or a release folder")
+    p.add_argument("--samples", type=int, default=4, help="images per prompt (default 4)")
+    p.add_argument("--sampler", default="dpmpp_2m")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report", default="shapes_eval.json", help="where the JSON report goes")
+    p.set_defaults(run=_cmd_eval_shapes)
 
     from .train.config import TrainConfig
 

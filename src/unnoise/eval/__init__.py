@@ -1,0 +1,1 @@
+"""Evaluation: ShapesEval, an exact prompt-alignment benchmark on the built-in shapes grammar."""
