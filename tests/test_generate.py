@@ -142,3 +142,16 @@ def test_eval_shapes_command_runs_on_a_model(model, tmp_path):
     assert run.returncode == 0, run.stderr
     assert "counting" in run.stdout
     assert set(json.loads(report.read_text())) >= {"settings"}
+
+
+def test_guidance_in_one_batch_equals_two_calls(model):
+    """cfg stacks [uncond; cond] into one network call; prompts of different token lengths are padded."""
+    pipe = unnoise.load(model)
+    cond = pipe.text.encode(["a small red circle in the top left", "three blue squares"])
+    uncond = pipe.text.encode(["", "green"])
+    x, sigma = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([3.0, 0.5])
+    with torch.no_grad():
+        batched = cfg(pipe.denoiser, 2.5, uncond)(x, sigma, cond)
+        conditional, unconditional = pipe.denoiser(x, sigma, cond), pipe.denoiser(x, sigma, uncond)
+    expected = unconditional + 2.5 * (conditional - unconditional)
+    torch.testing.assert_close(batched, expected, atol=1e-5, rtol=0)

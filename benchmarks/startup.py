@@ -1,0 +1,198 @@
+"""Start-up cost of generation: import + load + one 20-step image, ours against diffusers, on a CPU.
+
+What a new user waits for between pressing Enter and seeing an image. Each measurement runs in a fresh
+Python process (so nothing is warm but the operating system's file cache), and each phase is timed
+inside it:
+
+    import   `import unnoise` and what `unnoise.load` imports      | `import diffusers, transformers`
+    load     `unnoise.load("shapes-32")`: UNet + MiniLM            | UNet2DConditionModel.from_pretrained
+                                                                   |   + MiniLM with transformers
+    image 1  20 steps of DPM-Solver++(2M), guidance 3, one image   | DPMSolverMultistepScheduler, same
+    image 2  the same again, now warm                              |
+
+The peer is the same job built from diffusers' parts: a UNet2DConditionModel of the same shape as ours
+(`diffusers_config` from benchmarks/train_throughput.py, random weights saved once with save_pretrained),
+the same MiniLM text encoder loaded with transformers, and diffusers' DPM-Solver++ 2M scheduler (its
+default algorithm and order) with classifier-free guidance as diffusers' pipelines do it (one batch of
+unconditional and conditional inputs). A diffusers pipeline class would add a VAE, which our pixel-space
+model does not have, so it would not be the same job. `process` is the wall time of the whole process as
+seen by its parent, interpreter start and exit included. `unnoise generate` is the CLI end to end.
+
+Run: .venv/bin/python benchmarks/startup.py [--repeats 5]   (needs `pip install diffusers`)
+Writes benchmarks/results/startup.md and startup.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+PROMPT = "a red circle above a blue square"
+STEPS, GUIDANCE = 20, 3.0
+PHASES = ("import", "load", "image 1", "image 2", "process")
+
+
+# --- workers: each runs in its own process and prints one JSON line of phase times ----------------------
+
+
+def worker_ours(model: str) -> dict[str, float]:
+    t0 = time.perf_counter()
+    import unnoise
+    import unnoise.pipeline  # what load() brings in: torch, the UNet, the samplers
+
+    t1 = time.perf_counter()
+    pipe = unnoise.load(model)
+    t2 = time.perf_counter()
+    pipe.generate(PROMPT, seed=1, steps=STEPS, guidance=GUIDANCE)
+    t3 = time.perf_counter()
+    pipe.generate(PROMPT, seed=2, steps=STEPS, guidance=GUIDANCE)
+    t4 = time.perf_counter()
+    return {"import": t1 - t0, "load": t2 - t1, "image 1": t3 - t2, "image 2": t4 - t3}
+
+
+def worker_diffusers(unet_folder: str) -> dict[str, float]:
+    t0 = time.perf_counter()
+    import diffusers
+    import torch
+    import transformers
+
+    t1 = time.perf_counter()
+    from unnoise.text.encoders import packaged_minilm_path
+
+    minilm = packaged_minilm_path()
+    unet = diffusers.UNet2DConditionModel.from_pretrained(unet_folder).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm)
+    encoder = transformers.AutoModel.from_pretrained(minilm).eval()
+    scheduler = diffusers.DPMSolverMultistepScheduler()
+    t2 = time.perf_counter()
+
+    @torch.no_grad()
+    def image(seed: int) -> torch.Tensor:
+        tokens = tokenizer(["", PROMPT], padding=True, return_tensors="pt")
+        states = encoder(**tokens).last_hidden_state  # (2, T, 384): unconditional, conditional
+        mask = tokens["attention_mask"].bool()
+        pooled = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # (2, 384)
+        size = unet.config.sample_size
+        x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
+        scheduler.set_timesteps(STEPS)
+        x = x * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            both = unet(
+                torch.cat([x, x]), t, encoder_hidden_states=states, class_labels=pooled,
+                encoder_attention_mask=mask,
+            ).sample  # fmt: skip
+            uncond, cond = both.chunk(2)
+            x = scheduler.step(uncond + GUIDANCE * (cond - uncond), t, x).prev_sample
+        return x
+
+    image(1)
+    t3 = time.perf_counter()
+    image(2)
+    t4 = time.perf_counter()
+    return {"import": t1 - t0, "load": t2 - t1, "image 1": t3 - t2, "image 2": t4 - t3}
+
+
+def save_diffusers_unet(folder: Path) -> None:
+    """A UNet2DConditionModel of our `small` shape (the shipped model's), random weights, safetensors."""
+    import diffusers
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    from train_throughput import diffusers_config
+
+    from unnoise.nn.presets import PRESETS
+
+    torch.manual_seed(0)
+    diffusers.UNet2DConditionModel(**diffusers_config(PRESETS["small"])).save_pretrained(folder)
+
+
+# --- the parent: fresh processes, medians, the table ----------------------------------------------------
+
+
+def run_process(argv: list[str]) -> tuple[float, str]:
+    start = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        sys.exit(f"benchmark process failed: {' '.join(argv)}\n{done.stderr[-3000:]}")
+    return wall, done.stdout
+
+
+def measure(kind: str, target: str, repeats: int) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {phase: [] for phase in PHASES}
+    for _ in range(repeats):
+        wall, out = run_process([sys.executable, __file__, "--worker", kind, "--target", target])
+        phases = json.loads(out.strip().splitlines()[-1])
+        for phase, seconds in {**phases, "process": wall}.items():
+            times[phase].append(seconds)
+    return times
+
+
+def measure_cli(model: str, repeats: int) -> list[float]:
+    unnoise = Path(sys.executable).with_name("unnoise")
+    with tempfile.TemporaryDirectory() as out:
+        argv = [str(unnoise), "generate", PROMPT, "--seed", "1", "--model", model, "--out", out]
+        return [run_process(argv)[0] for _ in range(repeats)]
+
+
+def table(ours: dict[str, list[float]], theirs: dict[str, list[float]], cli: list[float]) -> list[str]:
+    lines = ["| phase | unnoise (s) | diffusers parts (s) | diffusers / unnoise |", "|---|---:|---:|---:|"]
+    for phase in PHASES:
+        a, b = statistics.median(ours[phase]), statistics.median(theirs[phase])
+        lines.append(f"| {phase} | {a:.3f} | {b:.3f} | {b / a:.2f}x |")
+    lines.append(f"| `unnoise generate` CLI, end to end | {statistics.median(cli):.3f} | | |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="fresh processes per measurement (median)")
+    parser.add_argument("--model", default="shapes-32", help="our model: a shipped name or a folder")
+    parser.add_argument("--worker", choices=("ours", "diffusers"), help=argparse.SUPPRESS)
+    parser.add_argument("--target", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        work = worker_ours if args.worker == "ours" else worker_diffusers
+        print(json.dumps(work(args.target)))
+        return
+    try:
+        import diffusers
+    except ImportError:
+        sys.exit("benchmarks/startup.py compares against diffusers: run `.venv/bin/pip install diffusers`")
+
+    with tempfile.TemporaryDirectory() as folder:
+        save_diffusers_unet(Path(folder))
+        theirs = measure("diffusers", folder, args.repeats)
+    ours = measure("ours", args.model, args.repeats)
+    cli = measure_cli(args.model, args.repeats)
+
+    import torch
+
+    header = [
+        "# Start-up: import + load + one 20-step image",
+        "",
+        f"Median of {args.repeats} fresh processes; one 32x32 image, {STEPS} steps of DPM-Solver++(2M),"
+        f" guidance {GUIDANCE:g}; model `{args.model}` against diffusers {diffusers.__version__} parts"
+        f" of the same shape (see the script's docstring). torch {torch.__version__},"
+        f" {os.cpu_count()} CPUs. `.venv/bin/python benchmarks/startup.py --repeats {args.repeats}`",
+        "",
+    ]
+    markdown = "\n".join([*header, *table(ours, theirs, cli), ""])
+    print(markdown)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "startup.md").write_text(markdown)
+    record = {"repeats": args.repeats, "model": args.model, "ours": ours, "diffusers": theirs, "cli": cli}
+    (RESULTS / "startup.json").write_text(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()
