@@ -240,3 +240,16 @@ def test_run_shapes_eval_generates_through_the_pipeline(monkeypatch):
     assert set(seen) == {(3, 1, 7, "dpmpp_2m", 3.0)}
     assert report.overall >= 0.99
     assert report.to_dict()["settings"]["model"] == "some/model"
+
+
+def test_a_quick_look_takes_the_first_prompts_of_each_category(monkeypatch):
+    class FakePipeline:
+        def generate(self, prompt, *, seed, num_images, steps, sampler, guidance):
+            return rendering_generator(32)(prompt, seed, num_images)
+
+    monkeypatch.setattr("unnoise.pipeline.load", lambda path: FakePipeline())
+    report = shapes_eval.run_shapes_eval("some/model", samples_per_prompt=1, prompts_per_category=2)
+    chosen = [r.spec for r in report.results]
+    assert chosen == [s for c in CATEGORIES for s in [t for t in prompt_set() if t.category == c][:2]]
+    with pytest.raises(UnnoiseError, match="prompts per category"):
+        shapes_eval.run_shapes_eval("some/model", prompts_per_category=0)

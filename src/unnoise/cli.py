@@ -39,6 +39,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    import secrets
+
     from tqdm import tqdm
 
     from .errors import UnnoiseError
@@ -53,6 +55,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.prompt is None:
         raise UnnoiseError("give a PROMPT, or --from-png FILE")
     pipe = load(args.model or "shapes-32")
+    seed = secrets.randbelow(2**31) if args.seed is None else args.seed  # image i: seed + i
     with tqdm(total=args.steps, unit="step", leave=False) as bar:
         images = pipe.generate(
             args.prompt,
@@ -60,15 +63,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             sampler=args.sampler,
             steps=args.steps,
             guidance=args.guidance,
-            seed=args.seed,
+            seed=seed,
             num_images=args.n,
             callback=lambda step: bar.update(1) if step.index < args.steps else None,
         )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for image in images:
-        seed = image.info["parameters"].rsplit("Seed: ", 1)[1].split(",")[0]
-        print(save_png(image, out / f"{seed}.png"))
+    for i, image in enumerate(images):
+        print(save_png(image, out / f"{seed + i}.png"))
     if len(images) > 1:
         print(save_png(contact_sheet(images, scale=max(1, 128 // images[0].width)), out / "sheet.png"))
     return 0
@@ -86,6 +88,7 @@ def _cmd_eval_shapes(args: argparse.Namespace) -> int:
         steps=args.steps,
         guidance=args.guidance,
         seed=args.seed,
+        prompts_per_category=args.prompts_per_category,
     )
     print(report.table())
     path = Path(args.report)
@@ -162,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--prompts-per-category",
+        type=int,
+        default=24,
+        help="the first K prompts of each category, for a quick look (default: all 24)",
+    )
     p.add_argument("--report", default="shapes_eval.json", help="where the JSON report goes")
     p.set_defaults(run=_cmd_eval_shapes)
 

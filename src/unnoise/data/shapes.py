@@ -225,17 +225,17 @@ def _cells(rng: np.random.Generator, n: int, relation: Relation | None) -> list[
     """Distinct grid cells (0..8, row-major); for a relation, a pair whose grid offset already obeys it."""
     if relation is None:
         return [int(k) for k in rng.choice(9, n, replace=False)]
-    return list(_pick(rng, _cell_pairs(relation)))
+    return list(_pick(rng, cell_pairs(relation)))
 
 
 @functools.cache
-def _cell_pairs(relation: Relation) -> list[tuple[int, int]]:
+def cell_pairs(relation: Relation) -> list[tuple[int, int]]:
     """(subject, reference) cells whose grid offset obeys the relation, by a cell or more."""
     cells = itertools.permutations(range(9), 2)
     return [(a, b) for a, b in cells if relation_holds(relation, (a % 3, a // 3), (b % 3, b // 3), margin=1)]
 
 
-def _in_cell(shape: Shape, colour: str, size: Size, cell: int, offset: Sequence[float]) -> ShapeObject:
+def object_in_cell(shape: Shape, colour: str, size: Size, cell: int, offset: Sequence[float]) -> ShapeObject:
     """An object near the centre of `cell`, moved by `offset` and kept inside the image (unit coordinates)."""
     radius = SIZES[size] * SHAPE_SCALE[shape]
     left, top, right, bottom = _extent(shape, radius)
@@ -260,7 +260,7 @@ def _apart(a: ShapeObject, b: ShapeObject) -> bool:
     return bl - ar >= GAP or al - br >= GAP or bt - ab >= GAP or at - bb >= GAP
 
 
-def _valid(objects: Sequence[ShapeObject], relation: Relation | None) -> bool:
+def valid_layout(objects: Sequence[ShapeObject], relation: Relation | None) -> bool:
     """Every rule a caption relies on, checked on the final layout (unit coordinates)."""
     if not all(_well_inside_cell(o) for o in objects):
         return False
@@ -281,14 +281,15 @@ def _layout(
         offsets = rng.uniform(-JITTER, JITTER, size=(len(cells), 2))  # (n, 2)
         placements = zip(identities, sizes, cells, offsets, strict=True)
         objects = [
-            _in_cell(shape, colour, size, cell, off) for (shape, colour), size, cell, off in placements
+            object_in_cell(shape, colour, size, cell, off) for (shape, colour), size, cell, off in placements
         ]
-        if _valid(objects, relation):
+        if valid_layout(objects, relation):
             return objects
     objects = [
-        _in_cell(*ident, "small", cell, (0.0, 0.0)) for ident, cell in zip(identities, cells, strict=True)
+        object_in_cell(*ident, "small", cell, (0.0, 0.0))
+        for ident, cell in zip(identities, cells, strict=True)
     ]
-    if not _valid(objects, relation):
+    if not valid_layout(objects, relation):
         raise AssertionError("the fallback layout broke a rule: the layout constants disagree")
     return objects
 

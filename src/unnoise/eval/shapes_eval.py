@@ -54,11 +54,11 @@ from ..data.shapes import (
     SceneKind,
     Shape,
     Size,
-    _cell_pairs,
-    _in_cell,
-    _valid,
+    cell_pairs,
+    object_in_cell,
     position_name,
     relation_holds,
+    valid_layout,
 )
 from ..errors import UnnoiseError
 
@@ -186,7 +186,7 @@ def reference_scene(
     rng = np.random.default_rng([PROMPTS_SEED, seed])
     background = background or list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
     if spec.relation is not None:
-        pairs = _cell_pairs(spec.relation)
+        pairs = cell_pairs(spec.relation)
         cells = list(pairs[int(rng.integers(len(pairs)))])
     else:
         cells = [int(k) for k in rng.choice(9, len(spec.objects), replace=False)]
@@ -199,8 +199,8 @@ def reference_scene(
         for obj, cell in zip(spec.objects, cells, strict=True):
             size = obj.size or ("small" if attempt >= PLACEMENT_TRIES else SIZE_NAMES[int(rng.integers(2))])
             offset = (0.0, 0.0) if last else rng.uniform(-JITTER, JITTER, size=2)
-            objects.append(_in_cell(obj.shape, obj.colour, size, cell, offset))
-        if _valid(objects, spec.relation):
+            objects.append(object_in_cell(obj.shape, obj.colour, size, cell, offset))
+        if valid_layout(objects, spec.relation):
             break
     mentioned = tuple(k for k in ("size", "position") if getattr(spec.objects[0], k) is not None)
     in_pixels = tuple(o.scaled(resolution) for o in objects)
@@ -459,9 +459,16 @@ def run_shapes_eval(
     steps: int = 20,
     guidance: float = 3.0,
     seed: int = 0,
+    prompts_per_category: int = PROMPTS_PER_CATEGORY,
 ) -> Report:
-    """ShapesEval of a released model: every prompt, images seed, seed + 1, ... through `generate`."""
+    """ShapesEval of a released model: every prompt (or the first `prompts_per_category` of each category,
+    for a quick look), images seed, seed + 1, ... through `generate`."""
     from ..pipeline import load
+
+    if not 1 <= prompts_per_category <= PROMPTS_PER_CATEGORY:
+        raise UnnoiseError(
+            f"prompts per category must be in 1..{PROMPTS_PER_CATEGORY}, got {prompts_per_category}"
+        )
 
     pipe = load(model_path)
 
@@ -470,6 +477,14 @@ def run_shapes_eval(
             prompt, seed=image_seed, num_images=n, steps=steps, sampler=sampler, guidance=guidance
         )
 
-    report = evaluate(generate, prompt_set(), samples_per_prompt, seed=seed)
-    report.settings.update(model=str(model_path), sampler=sampler, steps=steps, guidance=guidance)
+    # prompt_set() lists each category's prompts in a run of PROMPTS_PER_CATEGORY
+    chosen = [s for k, s in enumerate(prompt_set()) if k % PROMPTS_PER_CATEGORY < prompts_per_category]
+    report = evaluate(generate, chosen, samples_per_prompt, seed=seed)
+    report.settings.update(
+        model=str(model_path),
+        sampler=sampler,
+        steps=steps,
+        guidance=guidance,
+        prompts_per_category=prompts_per_category,
+    )
     return report
