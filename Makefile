@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo demo-samplers test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -14,7 +14,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
+# The main job: images from the shipped model, `shapes-32` (out/*.png and out/sheet.png).
 demo: setup
+	$(BIN)/unnoise generate "a red circle above a blue square" -n 8 --seed 0 --out out
+
+# Every sampler on an exact 2-D Gaussian mixture, drawn next to exact samples (out/demo.png).
+demo-samplers: setup
 	$(BIN)/unnoise demo
 
 lint: setup
@@ -29,6 +34,7 @@ bench: setup
 	$(BIN)/python benchmarks/attention.py
 	$(BIN)/pip install -q diffusers  # the peer measured against; not a dependency of unnoise
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/startup.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

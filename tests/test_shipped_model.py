@@ -1,0 +1,77 @@
+"""The shipped model: it loads by name, its card's command is how it was trained, and it follows prompts."""
+
+import dataclasses
+import json
+import re
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import unnoise
+from unnoise.cli import build_parser
+from unnoise.eval.shapes_eval import evaluate, prompt_set
+from unnoise.pipeline import MODELS_DIR
+from unnoise.train.config import TrainConfig
+
+MODEL = MODELS_DIR / "shapes-32"
+FLOORS = {"single": 0.9, "two_objects": 0.6, "counting": 0.6, "binding": 0.6}  # issue 4, 20 steps
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return unnoise.load("shapes-32")
+
+
+def card_command() -> str:
+    card = (MODEL / "README.md").read_text()
+    commands = re.findall(r"^(unnoise train .*)$", card, flags=re.M)
+    assert len(commands) == 1, "the model card names exactly one training command"
+    return commands[0]
+
+
+def test_it_loads_by_name_and_draws_32_pixel_images_that_name_it(pipe):
+    image = pipe.generate("a red circle", seed=0, steps=6)[0]
+    assert image.size == (32, 32)
+    assert image.info["parameters"].endswith("Model: shapes-32")
+    assert np.asarray(image).std() > 5  # not a blank image
+
+
+def test_the_card_command_is_the_recorded_training_configuration():
+    args = build_parser().parse_args(shlex.split(card_command())[1:])
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    recorded = json.loads((MODEL / "training.json").read_text())
+    assert dataclasses.asdict(TrainConfig(**given)) == recorded
+    release = json.loads((MODEL / "config.json").read_text())
+    assert release["training"]["steps"] == recorded["steps"]
+
+
+def test_it_follows_single_object_prompts(pipe):
+    """A quick look at alignment, 8 prompts x 2 images: 8 of 16 right when the model was released, 0 for an
+    untrained or broken model. The whole ShapesEval is in the model card and the slow test below."""
+    specs = [s for s in prompt_set() if s.category == "single"][:8]
+    report = evaluate(lambda p, seed, n: pipe.generate(p, seed=seed, num_images=n), specs, 2)
+    assert report.categories()["single"]["correct"] >= 4, report.table()
+
+
+def test_generate_uses_the_shipped_model_by_default(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "unnoise", "generate", "a blue square", "--seed", "5", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "5.png").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 4's floors are not reached by this model (see its card); strict: a pass is news",
+)
+def test_shapes_eval_floors_at_20_steps(pipe):
+    report = evaluate(lambda p, seed, n: pipe.generate(p, seed=seed, num_images=n, steps=20), None, 4)
+    scores = {name: c["accuracy"] for name, c in report.categories().items()}
+    assert all(scores[name] >= floor for name, floor in FLOORS.items()), report.table()
