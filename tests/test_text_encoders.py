@@ -82,8 +82,9 @@ def test_a_prompt_encodes_the_same_alone_or_beside_longer_ones(encoder):
     batch = encoder.encode([LONG, "a red circle", "x"])
     T = alone.tokens.shape[1]
     assert not batch.mask[1, T:].any()
-    torch.testing.assert_close(batch.tokens[1, :T], alone.tokens[0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(batch.pooled[1], alone.pooled[0], atol=1e-5, rtol=0)
+    # bit for bit: a resumed training run re-encodes its captions in other company (tests/test_training.py)
+    assert torch.equal(batch.tokens[1, :T], alone.tokens[0])
+    assert torch.equal(batch.pooled[1], alone.pooled[0])
 
 
 def test_pooled_is_unit_norm_and_closer_for_similar_prompts(encoder):

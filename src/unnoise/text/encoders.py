@@ -215,7 +215,7 @@ class HFTextEncoder:
 
     tokens = the last hidden state (zeroed at padding), pooled = the masked mean of the token states,
     L2-normalised (the sentence-transformers recipe for all-MiniLM-L6-v2). Prompts are truncated to
-    `max_tokens` tokens, special tokens included, and encoded `batch_size` at a time.
+    `max_tokens` tokens, special tokens included, and encoded one at a time (see `encode`).
     """
 
     def __init__(
@@ -264,11 +264,13 @@ class HFTextEncoder:
         return int(max_tokens)
 
     def encode(self, prompts: list[str]) -> TextEmbedding:
+        """Each prompt is encoded on its own: in a padded batch its states would change in the last bits
+        with the other prompts of the batch, and a resumed training run (whose cache starts empty and fills
+        in other batches) would then not reach the weights of an uninterrupted one."""
         prompts = check_prompts(prompts)
         if not prompts:
             return TextEmbedding.empty(self.dim, self.device)
-        batches = [self.encode_batch(chunk) for chunk in chunks(prompts, self.batch_size)]
-        return batches[0] if len(batches) == 1 else TextEmbedding.cat(batches)
+        return TextEmbedding.cat([self.encode_batch([prompt]) for prompt in prompts])
 
     @torch.no_grad()
     def encode_batch(self, prompts: list[str]) -> TextEmbedding:
