@@ -107,13 +107,6 @@ def test_truncation_at_max_tokens(encoder):
     assert out.tokens.shape[1] == 8 and out.mask[0].all() and out.mask[1].sum() == 3
 
 
-def test_encoding_in_small_batches_matches_one_batch(encoder):
-    prompts = ["a red circle", LONG, "", "two green stars", "a blue ring"]
-    small = copy.copy(encoder)
-    small.batch_size = 2
-    assert_same(small.encode(prompts), encoder.encode(prompts), atol=1e-5)
-
-
 def test_the_encoder_is_frozen(encoder):
     assert not encoder.model.training
     assert not any(p.requires_grad for p in encoder.model.parameters())

@@ -224,7 +224,6 @@ class HFTextEncoder:
         *,
         device: torch.device | str = "cpu",
         max_tokens: int = 32,
-        batch_size: int = 256,
         label: str | None = None,
     ):
         folder = Path(path).expanduser() if path is not None else packaged_minilm_path()
@@ -235,7 +234,6 @@ class HFTextEncoder:
         self.device = torch.device(device)
         self.dim = int(self.model.config.hidden_size)
         self.max_tokens = self.check_max_tokens(max_tokens)
-        self.batch_size = max(1, int(batch_size))
         self.name = f"{label}-{folder_fingerprint(self.path)}-t{self.max_tokens}"
 
     @staticmethod
@@ -356,7 +354,7 @@ class CachedTextEncoder:
         return self.assemble(prompts)
 
     def precompute(self, captions: Sequence[str], *, batch_size: int = 256, progress: bool = False) -> int:
-        """Encode every caption not yet cached, `batch_size` per call; returns how many were new."""
+        """Encode every caption not yet cached, `batch_size` per progress update; returns how many were new."""
         from tqdm.auto import tqdm
 
         missing = [c for c in dict.fromkeys(check_prompts(captions)) if c not in self.entries]
