@@ -354,7 +354,7 @@ class CachedTextEncoder:
         return self.assemble(prompts)
 
     def precompute(self, captions: Sequence[str], *, batch_size: int = 256, progress: bool = False) -> int:
-        """Encode every caption not yet cached, `batch_size` per progress update; returns how many were new."""
+        """Encode every caption not yet cached, `batch_size` per progress step; returns the number new."""
         from tqdm.auto import tqdm
 
         missing = [c for c in dict.fromkeys(check_prompts(captions)) if c not in self.entries]
