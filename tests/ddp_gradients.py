@@ -18,7 +18,7 @@ from unnoise.train.loop import Run
 config = TrainConfig(preset="tiny", batch_size=8, precision="fp32", out="/nonexistent", cond_dropout=0.25)
 setup = init_distributed("cpu")
 run = Run(config, setup, log=lambda *_: None)
-run.backward(step=3)
+run.backward(run.micro_batches(3))
 if setup.is_main:
     grads = {name: p.grad for name, p in run.network.named_parameters() if p.grad is not None}
     save_file({k: v.contiguous() for k, v in grads.items()}, sys.argv[1])

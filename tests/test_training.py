@@ -106,11 +106,12 @@ def test_the_release_loads_without_training_code_and_detects_tampering(tmp_path)
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
-    real = Run.micro_batch_loss
+    real, calls = Run.micro_batch_loss, []
 
-    def nan_from_step_3(self, step, micro):
-        loss = real(self, step, micro)
-        return loss * float("nan") if step >= 3 else loss
+    def nan_from_step_3(self, batch):
+        calls.append(batch)  # one micro-batch a step: call k is step k
+        loss = real(self, batch)
+        return loss * float("nan") if len(calls) > 3 else loss
 
     monkeypatch.setattr(Run, "micro_batch_loss", nan_from_step_3)
     messages = []
@@ -204,7 +205,7 @@ def gradients(config: TrainConfig) -> dict[str, torch.Tensor]:
     from unnoise.train.distributed import init_distributed
 
     run = Run(config, init_distributed("cpu"), log=lambda *_: None)
-    run.backward(step=1)
+    run.backward(run.micro_batches(1))
     return {name: p.grad.clone() for name, p in run.network.named_parameters() if p.grad is not None}
 
 
@@ -318,3 +319,18 @@ def test_resume_keeps_the_runs_own_settings_and_refuses_a_different_model(tmp_pa
         timeout=300,
     )
     assert other.returncode == 2 and "does not fit this model" in other.stderr, other.stderr
+
+
+def test_data_workers_make_the_same_batches_as_the_training_process():
+    config = TrainConfig(preset="tiny", batch_size=4, grad_accumulation=2, steps=5, precision="fp32")
+    from unnoise.train.distributed import init_distributed
+
+    run = Run(config, init_distributed("cpu"), log=lambda *_: None)
+    inline = list(run.micro_batches(2))
+    run.config = TrainConfig(**{**config.__dict__, "data_workers": 2})
+    ahead = list(run.micro_batches(2))
+    assert len(inline) == len(ahead) == 6  # steps 2, 3, 4 x 2 micro-batches
+    for a, b in zip(inline, ahead, strict=True):
+        assert a.captions == b.captions
+        for name in ("images", "sigma", "noise"):
+            torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=0, atol=0)

@@ -38,42 +38,124 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
+def _settings(args: argparse.Namespace) -> dict:
+    """The sampling options every image command shares, as Pipeline keyword arguments."""
     import secrets
 
+    seed = secrets.randbelow(2**31) if args.seed is None else args.seed  # image i: seed + i
+    return dict(
+        negative_prompt=args.negative,
+        sampler=args.sampler,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=seed,
+        num_images=args.n,
+    )
+
+
+def _with_progress(total: int, make):
+    """Run make(callback) under a progress bar of `total` steps."""
     from tqdm import tqdm
 
-    from .errors import UnnoiseError
+    with tqdm(total=total, unit="step", leave=False) as bar:
+        return make(lambda step: bar.update(1))
+
+
+def _save(images, out: str, names: list[str]) -> int:
     from .images import contact_sheet
-    from .pipeline import load, read_png_parameters, save_png
+    from .pipeline import save_png
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    for image, name in zip(images, names, strict=True):
+        print(save_png(image, folder / f"{name}.png"))
+    if len(images) > 1:
+        scale = max(1, 128 // images[0].width)
+        print(save_png(contact_sheet(images, scale=scale, columns=min(8, len(images))), folder / "sheet.png"))
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .errors import UnnoiseError
+    from .pipeline import load, read_png_parameters
 
     if args.from_png:
         request = read_png_parameters(args.from_png)
         args.prompt, args.negative, args.sampler = request.prompt, request.negative_prompt, request.sampler
         args.steps, args.guidance, args.seed, args.n = request.steps, request.guidance, request.seed, 1
+        args.variation_seed, args.variation_strength = request.variation_seed, request.variation_strength
+        args.mix_prompt, args.prompt_mix = request.mix_prompt, request.prompt_mix
         args.model = args.model or request.model
     if args.prompt is None:
         raise UnnoiseError("give a PROMPT, or --from-png FILE")
     pipe = load(args.model or "shapes-32")
-    seed = secrets.randbelow(2**31) if args.seed is None else args.seed  # image i: seed + i
-    with tqdm(total=args.steps, unit="step", leave=False) as bar:
-        images = pipe.generate(
+    settings = _settings(args)
+    images = _with_progress(
+        args.steps,
+        lambda callback: pipe.generate(
             args.prompt,
-            negative_prompt=args.negative,
-            sampler=args.sampler,
-            steps=args.steps,
-            guidance=args.guidance,
-            seed=seed,
-            num_images=args.n,
-            callback=lambda step: bar.update(1) if step.index < args.steps else None,
-        )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(images):
-        print(save_png(image, out / f"{seed + i}.png"))
-    if len(images) > 1:
-        print(save_png(contact_sheet(images, scale=max(1, 128 // images[0].width)), out / "sheet.png"))
-    return 0
+            variation_seed=args.variation_seed,
+            variation_strength=args.variation_strength,
+            mix_prompt=args.mix_prompt,
+            prompt_mix=args.prompt_mix,
+            callback=callback,
+            **settings,
+        ),
+    )
+    return _save(images, args.out, [str(settings["seed"] + i) for i in range(len(images))])
+
+
+def _cmd_edit(args: argparse.Namespace) -> int:
+    from .pipeline import load
+
+    pipe = load(args.model or "shapes-32")
+    settings = _settings(args)
+    images = _with_progress(
+        round(args.steps * args.strength),
+        lambda callback: pipe.edit(
+            args.image,
+            args.prompt,
+            strength=args.strength,
+            resize_back=not args.model_size,
+            callback=callback,
+            **settings,
+        ),
+    )
+    return _save(images, args.out, [f"edit-{settings['seed'] + i}" for i in range(len(images))])
+
+
+def _cmd_inpaint(args: argparse.Namespace) -> int:
+    from .pipeline import load
+
+    pipe = load(args.model or "shapes-32")
+    settings = _settings(args)
+    images = _with_progress(
+        round(args.steps * args.strength) * args.resample,
+        lambda callback: pipe.inpaint(
+            args.image,
+            args.mask,
+            args.prompt,
+            strength=args.strength,
+            feather=args.feather,
+            jump=args.jump,
+            resample=args.resample,
+            callback=callback,
+            **settings,
+        ),
+    )
+    return _save(images, args.out, [f"inpaint-{settings['seed'] + i}" for i in range(len(images))])
+
+
+def _cmd_interpolate(args: argparse.Namespace) -> int:
+    from .pipeline import load
+
+    pipe = load(args.model or "shapes-32")
+    settings = _settings(args)
+    del settings["num_images"]
+    frames = pipe.interpolate(
+        args.prompt, to_prompt=args.to_prompt, to_seed=args.to_seed, frames=args.frames, **settings
+    )
+    return _save(frames, args.out, [f"frame-{k:02d}" for k in range(len(frames))])
 
 
 def _cmd_eval_shapes(args: argparse.Namespace) -> int:
@@ -122,6 +204,19 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class) -> None:
             parser.add_argument(flag, type=type(default), **shown)
 
 
+def add_sampling_arguments(p: argparse.ArgumentParser, *, count: bool = True) -> None:
+    if count:
+        p.add_argument("-n", type=int, default=1, help="number of images; image i uses seed + i (default 1)")
+    p.add_argument("--seed", type=int, default=None, help="default: random")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--sampler", default="dpmpp_2m", help="see `unnoise samplers` (default dpmpp_2m)")
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale; 1 = none")
+    p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument("--model", default=None, help="a shipped model's name or a release folder")
+    p.add_argument("--out", default="out", help="folder for the PNGs (default ./out)")
+    p.set_defaults(n=1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -143,16 +238,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate images from a prompt with a released model")
     p.add_argument("prompt", nargs="?", help="what to draw")
-    p.add_argument("-n", type=int, default=1, help="number of images; image i uses seed + i (default 1)")
-    p.add_argument("--seed", type=int, default=None, help="default: random")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--sampler", default="dpmpp_2m", help="see `unnoise samplers` (default dpmpp_2m)")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale; 1 = none")
-    p.add_argument("--negative", default="", help="negative prompt")
-    p.add_argument("--model", default=None, help="a shipped model's name or a release folder")
-    p.add_argument("--out", default="out", help="folder for the PNGs (default ./out)")
+    add_sampling_arguments(p)
+    p.add_argument("--variation-seed", type=int, default=None, help="move each image towards this seed's")
+    p.add_argument("--variation-strength", type=float, default=0.0, help="how far, 0..1 (default 0)")
+    p.add_argument("--mix-prompt", default="", help="move the text condition towards this prompt's")
+    p.add_argument("--prompt-mix", type=float, default=0.0, help="how far, 0..1 (default 0)")
     p.add_argument("--from-png", default=None, help="re-create an image from the parameters in its PNG")
     p.set_defaults(run=_cmd_generate)
+
+    p = sub.add_parser("edit", help="img2img: redraw an image towards a prompt (SDEdit)")
+    p.add_argument("image", help="the input image (any size and mode; resized to the model's size)")
+    p.add_argument("prompt", help="what the result should show")
+    p.add_argument(
+        "--strength", type=float, default=0.6, help="0 keeps the image, 1 ignores it (default 0.6)"
+    )
+    p.add_argument("--model-size", action="store_true", help="keep the result at the model's size")
+    add_sampling_arguments(p)
+    p.set_defaults(run=_cmd_edit)
+
+    p = sub.add_parser(
+        "inpaint", help="regenerate the white part of a mask; every other pixel is kept exactly"
+    )
+    p.add_argument("image", help="the input image (any size and mode)")
+    p.add_argument("mask", help="a mask of the same size: white = regenerate, black = keep")
+    p.add_argument("prompt", help="what the regenerated part should show")
+    p.add_argument("--strength", type=float, default=1.0, help="1 regenerates from noise (default 1)")
+    p.add_argument("--feather", type=int, default=0, help="blur the mask's edge by this many pixels")
+    p.add_argument("--jump", type=int, default=1, help="RePaint: steps per resampled block (default 1)")
+    p.add_argument("--resample", type=int, default=1, help="RePaint: runs of each block (default 1: off)")
+    add_sampling_arguments(p)
+    p.set_defaults(run=_cmd_inpaint)
+
+    p = sub.add_parser("interpolate", help="a strip of images between two seeds and/or two prompts")
+    p.add_argument("prompt", help="the first frame's prompt")
+    p.add_argument("--to-prompt", default=None, help="the last frame's prompt (default: the same)")
+    p.add_argument("--to-seed", type=int, default=None, help="the last frame's seed (default: the same)")
+    p.add_argument("--frames", type=int, default=8, help="number of frames (default 8)")
+    add_sampling_arguments(p, count=False)
+    p.set_defaults(run=_cmd_interpolate)
 
     p = sub.add_parser("eval", help="evaluate a model")
     suites = p.add_subparsers(dest="suite", required=True)

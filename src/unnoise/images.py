@@ -15,6 +15,14 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(p.permute(1, 2, 0).numpy()) for p in pixels]  # (H, W, 3) each
 
 
+def from_pil(images: Sequence[Image.Image]) -> torch.Tensor:
+    """B RGB images of one size -> (B, 3, H, W) in [-1, 1]; `to_pil` gives the same pixels back."""
+    import numpy as np
+
+    pixels = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images]))  # (B, H, W, 3)
+    return pixels.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
 def contact_sheet(
     images: Sequence[Image.Image],
     captions: Sequence[str] | None = None,

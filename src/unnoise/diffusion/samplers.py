@@ -44,8 +44,9 @@ STOCHASTIC: set[str] = set()  # samplers that draw fresh noise with their defaul
 # --- checks shared by every sampler -----------------------------------------------------------------
 
 
-def check_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
-    """Validate a schedule: 1-D, finite, strictly decreasing, positive, ending in exactly 0."""
+def check_sigmas(sigmas: torch.Tensor, *, to_zero: bool = True) -> torch.Tensor:
+    """Validate a schedule: 1-D, finite, strictly decreasing, positive, ending in exactly 0 (unless
+    `to_zero` is False: a block of a schedule, as RePaint runs, may end at a positive level)."""
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
     if sigmas.ndim != 1 or len(sigmas) < 2:
         raise UnnoiseError(
@@ -53,9 +54,9 @@ def check_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
         )
     if not torch.isfinite(sigmas).all():
         raise UnnoiseError("sigmas contain NaN or inf")
-    if sigmas[-1] != 0:
+    if to_zero and sigmas[-1] != 0:
         raise UnnoiseError(f"sigmas must end in 0 (the clean image), got last value {float(sigmas[-1]):.4g}")
-    if (sigmas[:-1] <= 0).any():
+    if (sigmas[:-1] <= 0).any() or sigmas[-1] < 0:
         raise UnnoiseError("sigmas before the last must be positive")
     if (sigmas[1:] >= sigmas[:-1]).any():
         i = int(torch.nonzero(sigmas[1:] >= sigmas[:-1])[0])
@@ -86,8 +87,8 @@ def register(name: str, *, stochastic: bool = False):
 
     def wrap(fn):
         @functools.wraps(fn)
-        def checked(denoiser, x, sigmas, **kwargs):
-            return fn(denoiser, x, check_sigmas(sigmas), **kwargs)
+        def checked(denoiser, x, sigmas, *, to_zero: bool = True, **kwargs):
+            return fn(denoiser, x, check_sigmas(sigmas, to_zero=to_zero), **kwargs)
 
         SAMPLERS[name] = checked
         if stochastic:
@@ -520,8 +521,8 @@ def sample_rk45(denoiser, x, sigmas, *, cond=None, generator=None, callback=None
     """Probability-flow ODE (Song et al. 2021, eq. 13) solved adaptively by Dormand-Prince RK45 (torchdiffeq).
 
     Integrates dx/du = x - D(x; e^u) in u = log sigma from sigmas[0] to sigmas[-2], then returns x0_hat
-    there; intermediate sigmas are ignored. The batch shares step sizes (results depend on the batch
-    only to within rtol/atol).
+    there (a block ending at sigmas[-1] > 0 is integrated to sigmas[-1]); intermediate sigmas are ignored.
+    The batch shares step sizes (results depend on the batch only to within rtol/atol).
     """
     from torchdiffeq import odeint
 
@@ -536,6 +537,9 @@ def sample_rk45(denoiser, x, sigmas, *, cond=None, generator=None, callback=None
         evaluations += 1
         return x - denoised
 
+    if sigmas[-1] > 0:  # a block of a schedule: integrate to its end and stay noisy
+        u = torch.tensor([math.log(sigmas[0]), math.log(sigmas[-1])], dtype=torch.float64)
+        return odeint(velocity, x, u, method="dopri5", rtol=rtol, atol=atol)[-1]
     u = torch.tensor([math.log(sigmas[0]), math.log(sigmas[-2])], dtype=torch.float64)
     if len(sigmas) > 2:
         x = odeint(velocity, x, u, method="dopri5", rtol=rtol, atol=atol)[-1]

@@ -38,6 +38,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "bf16"
     compile: bool = False
     device: str = "auto"
+    data_workers: int = 0  # processes that make batches ahead of the model (0: the training process)
     seed: int = 0
 
     # what to write
@@ -55,6 +56,8 @@ class TrainConfig:
                 raise UnnoiseError(
                     f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
                 )
+        if self.data_workers < 0:
+            raise UnnoiseError(f"--data-workers must be 0 or more, got {self.data_workers}")
         if not 0 <= self.cond_dropout < 1:
             raise UnnoiseError(f"--cond-dropout must be in [0, 1), got {self.cond_dropout}")
         if self.lr <= 0:

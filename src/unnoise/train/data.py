@@ -24,6 +24,12 @@ class Batch:
     sigma: torch.Tensor  # (B,)
     noise: torch.Tensor  # (B, 3, R, R)
 
+    def pin_memory(self) -> Batch:
+        """Page-locked copies, so the copies to the GPU can overlap compute (DataLoader's pin_memory)."""
+        return Batch(
+            self.images.pin_memory(), self.captions, self.sigma.pin_memory(), self.noise.pin_memory()
+        )
+
 
 class ShapesSource:
     """The built-in procedural shapes: position p is example p."""

@@ -6,6 +6,7 @@ import contextlib
 import csv
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from ..release import save_release
 from ..text.encoders import CachedTextEncoder, load_text_encoder
 from .checkpoint import latest_good_state, load_optimizer_state, save_training_state
 from .config import TrainConfig
-from .data import make_batch, open_source
+from .data import Batch, make_batch, open_source
 from .distributed import Distributed, barrier, init_distributed, mean_across, shutdown
 from .ema import EMA, ema_decay
 
@@ -150,16 +151,27 @@ class Run:
         first = (step * self.config.grad_accumulation + micro) * self.setup.world_size + self.setup.rank
         return list(range(first * self.micro_batch, (first + 1) * self.micro_batch))
 
-    def micro_batch_loss(self, step: int, micro: int) -> torch.Tensor:
+    def micro_batches(self, start_step: int) -> Iterator[Batch]:
+        """This process's micro-batches from `start_step` on, made ahead by `config.data_workers` processes.
+
+        Batch k is micro-batch k % accumulation of step k // accumulation; a batch depends only on its
+        positions, so workers change when it is made, never what it holds.
+        """
         c = self.config
-        batch = make_batch(
-            self.source,
-            self.positions(step, micro),
-            formulation=self.formulation,
-            seed=c.seed,
-            cond_dropout=c.cond_dropout,
-            flip=c.flip,
+        plan = MicroBatchPlan(self, c.grad_accumulation)
+        loader = torch.utils.data.DataLoader(
+            plan,
+            batch_size=None,  # the plan's items are whole micro-batches
+            sampler=range(start_step * c.grad_accumulation, c.steps * c.grad_accumulation),
+            num_workers=c.data_workers,
+            prefetch_factor=4 if c.data_workers else None,
+            worker_init_fn=_one_thread_per_worker,
+            pin_memory=self.setup.device.type == "cuda",
         )
+        return iter(loader)
+
+    def micro_batch_loss(self, batch: Batch) -> torch.Tensor:
+        c = self.config
         device = self.setup.device
         images = batch.images.to(device, memory_format=torch.channels_last if device.type == "cpu" else None)
         sigma, noise = batch.sigma.to(device), batch.noise.to(device)
@@ -169,17 +181,37 @@ class Run:
         with autocast:
             return self.denoiser.loss(images, sigma, noise, text, weight=weight).mean()
 
-    def backward(self, step: int) -> float:
-        """Gradients of the mean loss over the global batch; returns this process's mean loss."""
+    def backward(self, batches: Iterator[Batch]) -> float:
+        """Gradients of the mean loss over the global batch, whose micro-batches `batches` yields next;
+        returns this process's mean loss."""
         total = 0.0
         for micro in range(self.config.grad_accumulation):
             last = micro == self.config.grad_accumulation - 1
             sync = contextlib.nullcontext() if last or self.setup.world_size == 1 else self.model.no_sync()
             with sync:
-                loss = self.micro_batch_loss(step, micro) / self.config.grad_accumulation
+                loss = self.micro_batch_loss(next(batches)) / self.config.grad_accumulation
                 loss.backward()
             total += float(loss.detach())
         return total
+
+
+class MicroBatchPlan(torch.utils.data.Dataset):
+    """Item k: this process's micro-batch k % accumulation of step k // accumulation (see train/data.py)."""
+
+    def __init__(self, run: Run, accumulation: int):
+        c = run.config
+        self.positions, self.accumulation, self.source = run.positions, accumulation, run.source
+        self.options = dict(
+            formulation=run.formulation, seed=c.seed, cond_dropout=c.cond_dropout, flip=c.flip
+        )
+
+    def __getitem__(self, k: int) -> Batch:
+        step, micro = divmod(k, self.accumulation)
+        return make_batch(self.source, self.positions(step, micro), **self.options)
+
+
+def _one_thread_per_worker(_worker_id: int) -> None:
+    torch.set_num_threads(1)  # the workers are processes already: threads would only contend
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -217,12 +249,13 @@ def _train(config: TrainConfig, setup: Distributed, resume: bool, log) -> Path:
 
     logger = MetricsLog(run_dir / "log.csv", enabled=setup.is_main)
     progress = progress_bar(start, config.steps, enabled=setup.is_main)
+    batches = run.micro_batches(start)
     bad_in_a_row, window_start, window_loss, window_steps = 0, time.perf_counter(), 0.0, 0
     for step in range(start, config.steps):
         lr = learning_rate(config, step)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
-        loss = run.backward(step)
+        loss = run.backward(batches)
         grad_norm = torch.nn.utils.clip_grad_norm_(run.network.parameters(), config.grad_clip)
         if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
             run.optimizer.zero_grad(set_to_none=True)

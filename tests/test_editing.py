@@ -1,0 +1,279 @@
+"""Editing: img2img, inpainting, variations and interpolation, against exact answers where they exist.
+
+On Gaussian data the probability-flow ODE from sigma to 0 is the affine map x0 = mu + a (x - mu) with
+a = s / sqrt(s^2 + sigma^2), and the posterior p(x0 | x_sigma) is N(mu + g (x - mu), g sigma^2) with
+g = s^2 / (s^2 + sigma^2); so SDEdit from a fixed input has a known output distribution for both kinds of
+sampler.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+import unnoise
+from unnoise.diffusion.editing import img2img, img2img_start, inpaint, repaint_plan, slerp
+from unnoise.diffusion.samplers import sample
+from unnoise.diffusion.schedules import karras
+from unnoise.errors import UnnoiseError
+from unnoise.pipeline import Request
+from unnoise.testing import GaussianMixture
+
+MU, S = torch.tensor([1.0, -2.0], dtype=torch.float64), 0.7
+GAUSSIAN = GaussianMixture(MU[None], S)
+INPUT = torch.tensor([2.5, 0.5], dtype=torch.float64)  # the image being edited, far from the mean
+N = 20_000
+
+
+def edited(sampler: str, steps: int, strength: float, **options) -> tuple[torch.Tensor, float]:
+    """N SDEdit outputs for INPUT, and the noise level sigma_k they started from."""
+    generator = torch.Generator().manual_seed(0)
+    sigmas = karras(steps, 0.002, 80.0)
+    noise = torch.randn(N, 2, generator=generator, dtype=torch.float64)
+    x = img2img(
+        GAUSSIAN,
+        INPUT.expand(N, 2),
+        noise,
+        sigmas,
+        strength=strength,
+        sampler=sampler,
+        generator=generator,
+        **options,
+    )
+    return x, float(sigmas[img2img_start(steps, strength)])
+
+
+def test_strength_zero_returns_the_input_and_runs_no_step():
+    calls = []
+
+    def denoiser(x, sigma, cond=None):
+        calls.append(sigma)
+        return x
+
+    init = torch.randn(3, 2)
+    assert img2img(denoiser, init, torch.randn(3, 2), karras(10), strength=0.0) is init
+    assert calls == []
+
+
+def test_strength_one_starts_from_noise_alone_as_generation_does():
+    sigmas, noise = karras(12, 0.002, 80.0), torch.randn(5, 2, dtype=torch.float64)
+    generated = sample(GAUSSIAN, noise, sigmas, sampler="dpmpp_2m")
+    edited_ = img2img(GAUSSIAN, INPUT.expand(5, 2), noise, sigmas, strength=1.0, sampler="dpmpp_2m")
+    torch.testing.assert_close(edited_, generated, rtol=0, atol=0)
+
+
+def test_the_strength_picks_how_many_of_the_last_steps_run():
+    assert [img2img_start(20, s) for s in (0.0, 0.25, 0.5, 0.75, 1.0)] == [20, 15, 10, 5, 0]
+
+
+@pytest.mark.parametrize("strength", [0.3, 0.6])
+def test_ode_img2img_gives_the_exact_pushforward_of_the_noised_input(strength):
+    x, sigma = edited("heun", 30, strength)
+    a = S / math.sqrt(S**2 + sigma**2)
+    mean, std = MU + a * (INPUT - MU), a * sigma  # per coordinate
+    standard_error = std / math.sqrt(N)
+    assert torch.all((x.mean(0) - mean).abs() < 4 * standard_error + 1e-3), (x.mean(0), mean)
+    assert torch.all((x.std(0) / std - 1).abs() < 0.03), (x.std(0), std)
+
+
+def test_sde_img2img_samples_the_posterior_of_the_noised_input():
+    x, sigma = edited("dpmpp_2m_sde", 100, 0.5)  # euler_ancestral is 5% off at 100 steps, 0.5% at 800
+    g = S**2 / (S**2 + sigma**2)
+    mean, std = MU + g * (INPUT - MU), math.sqrt(g**2 * sigma**2 + g * sigma**2)
+    standard_error = std / math.sqrt(N)
+    assert torch.all((x.mean(0) - mean).abs() < 4 * standard_error + 5e-3), (x.mean(0), mean)
+    assert torch.all((x.std(0) / std - 1).abs() < 0.03), (x.std(0), std)
+
+
+def test_ode_and_sde_img2img_differ_where_the_math_says():  # the two answers above are not the same one
+    _, sigma = edited("heun", 30, 0.6)
+    a, g = S / math.sqrt(S**2 + sigma**2), S**2 / (S**2 + sigma**2)
+    assert abs(a - g) > 0.05
+
+
+# --- inpainting ---------------------------------------------------------------------------------------
+
+
+def inpainted(mixture, known_value, *, sampler, steps=50, jump=1, resample=1, n=N) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    known = torch.tensor([[known_value, 0.0]], dtype=torch.float64).expand(n, 2)
+    mask = torch.tensor([[0.0, 1.0]], dtype=torch.float64)  # regenerate coordinate 2
+    noise = torch.randn(n, 2, generator=generator, dtype=torch.float64)
+    return inpaint(
+        mixture,
+        known,
+        mask,
+        noise,
+        karras(steps, 0.002, 80.0),
+        sampler=sampler,
+        generator=generator,
+        jump=jump,
+        resample=resample,
+    )
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler_ancestral", "heun"])
+def test_inpainting_keeps_the_known_part_bit_for_bit(sampler):
+    x = inpainted(GAUSSIAN, 0.123456789, sampler=sampler, steps=8, n=64, resample=2, jump=3)
+    assert torch.equal(x[:, 0], torch.full((64,), 0.123456789, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "dpmpp_2m_sde"])
+def test_inpainting_independent_coordinates_gives_their_exact_conditional(sampler):
+    # for an isotropic Gaussian the unknown coordinate is independent of the known one: N(mu_2, s^2)
+    x2 = inpainted(GAUSSIAN, 3.0, sampler=sampler, steps=60)[:, 1]
+    assert abs(float(x2.mean()) - float(MU[1])) < 4 * S / math.sqrt(N) + 5e-3
+    assert abs(float(x2.std()) / S - 1) < 0.03
+
+
+def test_repaint_resampling_moves_a_mixture_towards_its_true_conditional():
+    """Two components at +-(1.5, 1.5): knowing x1 = 0.3 makes the upper one likelier, E[x2 | x1] = 0.633.
+
+    Replacing the known part alone is biased towards the prior (its samples barely learn which component
+    x1 points to); RePaint's resampling cuts that bias. It does not remove it: measured on 20,000 samples,
+    E[x2] is 0.15 without resampling and 0.41 with jump 10, resample 10 (see the README)."""
+    mixture = GaussianMixture([[-1.5, -1.5], [1.5, 1.5]], 1.0)
+    w_up = 1 / (1 + math.exp(-((0.3 + 1.5) ** 2 - (0.3 - 1.5) ** 2) / 2))
+    truth = w_up * 1.5 - (1 - w_up) * 1.5
+    plain = inpainted(mixture, 0.3, sampler="euler_ancestral", n=4000)[:, 1].mean()
+    repaint = inpainted(mixture, 0.3, sampler="euler_ancestral", jump=10, resample=10, n=4000)[:, 1].mean()
+    assert abs(truth - 0.6328) < 1e-3
+    assert abs(float(repaint) - truth) < 0.6 * abs(float(plain) - truth), (
+        float(plain),
+        float(repaint),
+        truth,
+    )
+
+
+def test_repaint_plan_repeats_each_block():
+    assert repaint_plan(6, jump=2, resample=3) == [(0, 2)] * 3 + [(2, 4)] * 3 + [(4, 6)] * 3
+    assert repaint_plan(5, jump=2, resample=2) == [(0, 2), (0, 2), (2, 4), (2, 4), (4, 5), (4, 5)]
+    assert repaint_plan(5, jump=2) == [(0, 5)]  # no resampling: one run of the sampler
+    with pytest.raises(UnnoiseError, match="at least 1"):
+        repaint_plan(5, jump=0)
+
+
+# --- variations ---------------------------------------------------------------------------------------
+
+
+def test_slerp_ends_are_exact_and_the_middle_keeps_the_norm():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 3, 8, 8, generator=g)
+    assert torch.equal(slerp(a, b, 0.0), a) and torch.equal(slerp(a, b, 1.0), b)
+    middle = slerp(a, b, 0.5)
+    norms = middle.flatten(1).norm(dim=1) / (0.5 * (a.flatten(1).norm(dim=1) + b.flatten(1).norm(dim=1)))
+    assert torch.all((norms - 1).abs() < 0.02)  # a linear mix would shrink it to about 0.71
+    torch.testing.assert_close(slerp(a, a, 0.3), a)  # parallel: no division by sin(0)
+
+
+# --- the pipeline and its edges -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return unnoise.load("shapes-32")
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))
+
+
+def test_pipeline_edit_at_strength_zero_is_the_input_and_one_is_generation(pipe):
+    image = pipe.generate("a red circle", seed=3, steps=8)[0]
+    assert np.array_equal(pixels(pipe.edit(image, "a blue square", strength=0.0, steps=8)[0]), pixels(image))
+    edited_ = pipe.edit(image, "a blue square", strength=1.0, seed=5, steps=8)[0]
+    assert np.array_equal(pixels(edited_), pixels(pipe.generate("a blue square", seed=5, steps=8)[0]))
+    assert "Denoising strength: 1" in edited_.info["parameters"]
+
+
+def test_pipeline_edit_takes_any_size_and_mode_and_answers_in_its_size(pipe):
+    rgba = Image.new("RGBA", (90, 50), (40, 90, 230, 128))
+    out = pipe.edit(rgba, "a blue square", strength=0.5, steps=4, seed=0, num_images=2)
+    assert [im.size for im in out] == [(90, 50)] * 2 and out[0].mode == "RGB"
+    assert pipe.edit(rgba, "a blue square", strength=0.5, steps=4, resize_back=False)[0].size == (32, 32)
+
+
+def test_pipeline_inpaint_keeps_every_pixel_outside_the_mask(pipe):
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (45, 70, 3), dtype=np.uint8))  # an odd size: resized twice
+    mask = Image.new("1", (70, 45), 0)
+    mask.paste(1, (10, 5, 40, 30))
+    for feather in (0, 3):
+        out = pipe.inpaint(image, mask, "a green triangle", steps=6, seed=1, num_images=2, feather=feather)
+        weight = mask.convert("L")
+        keep = np.asarray(weight.filter(ImageFilter.GaussianBlur(feather)) if feather else weight) == 0
+        for im in out:
+            assert im.size == (70, 45)
+            assert np.array_equal(pixels(im)[keep], pixels(image)[keep])
+            assert not np.array_equal(pixels(im)[~keep], pixels(image)[~keep])
+
+
+def test_variation_strength_one_is_the_other_seed_and_interpolation_ends_are_the_prompts(pipe):
+    settings = dict(steps=6)
+    other = pipe.generate("a red circle", seed=9, **settings)[0]
+    varied = pipe.generate("a red circle", seed=1, variation_seed=9, variation_strength=1.0, **settings)[0]
+    assert np.array_equal(pixels(varied), pixels(other))
+    frames = pipe.interpolate(
+        "a red circle", to_prompt="a blue square", seed=1, to_seed=9, frames=3, **settings
+    )
+    first = pipe.generate("a red circle", seed=1, **settings)[0]
+    assert np.abs(pixels(frames[0]).astype(int) - pixels(first)).max() <= 1
+    last = pipe.generate("a blue square", seed=9, **settings)[0]
+    # the frames go through the network as one batch: float rounding may move a pixel by one level
+    assert np.abs(pixels(frames[-1]).astype(int) - pixels(last)).max() <= 1
+    middle = Request.from_parameters(frames[1].info["parameters"])
+    assert (middle.variation_seed, middle.variation_strength, middle.prompt_mix) == (9, 0.5, 0.5)
+    assert middle.mix_prompt == "a blue square"
+    again = pipe.generate(
+        middle.prompt,
+        seed=middle.seed,
+        variation_seed=9,
+        variation_strength=0.5,
+        mix_prompt=middle.mix_prompt,
+        prompt_mix=0.5,
+        **settings,
+    )[0]
+    assert np.abs(pixels(again).astype(int) - pixels(frames[1])).max() <= 1
+
+
+def test_editing_parameters_round_trip_through_the_png_text():
+    request = Request(
+        "a cat",
+        "blurry",
+        "heun",
+        12,
+        2.5,
+        7,
+        32,
+        32,
+        "m",
+        variation_seed=3,
+        variation_strength=1 / 3,
+        mix_prompt="a dog",
+        prompt_mix=0.25,
+        denoising_strength=0.6,
+        mask_blur=4,
+    )
+    assert Request.from_parameters(request.parameters()) == request
+    assert "Denoising strength" not in Request("a cat").parameters()
+
+
+def test_bad_editing_input_gets_a_clear_error(pipe, tmp_path):
+    image = Image.new("RGB", (32, 32), "white")
+    with pytest.raises(UnnoiseError, match=r"mask is 16x16 but the image is 32x32"):
+        pipe.inpaint(image, Image.new("L", (16, 16)), "x")
+    with pytest.raises(UnnoiseError, match=r"strength must be a number in \[0, 1\], got 1.5"):
+        pipe.edit(image, "x", strength=1.5)
+    with pytest.raises(UnnoiseError, match=r"strength must be a number in \[0, 1\], got -0.1"):
+        pipe.inpaint(image, image, "x", strength=-0.1)
+    with pytest.raises(UnnoiseError, match="variation_strength must be"):
+        pipe.generate("x", variation_seed=1, variation_strength=2.0)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(UnnoiseError, match=r"cannot read the image .*broken\.png"):
+        pipe.edit(tmp_path / "broken.png", "x")
+    with pytest.raises(UnnoiseError, match=r"cannot read the mask .*missing\.png"):
+        pipe.inpaint(image, tmp_path / "missing.png", "x")
+    with pytest.raises(UnnoiseError, match="needs to_prompt, to_seed or both"):
+        pipe.interpolate("x")
