@@ -18,7 +18,7 @@ from unnoise.diffusion.editing import img2img, img2img_start, inpaint, repaint_p
 from unnoise.diffusion.samplers import sample
 from unnoise.diffusion.schedules import karras
 from unnoise.errors import UnnoiseError
-from unnoise.pipeline import Request
+from unnoise.pipeline import Request, masked_area
 from unnoise.testing import GaussianMixture
 
 MU, S = torch.tensor([1.0, -2.0], dtype=torch.float64), 0.7
@@ -210,6 +210,29 @@ def test_pipeline_inpaint_keeps_every_pixel_outside_the_mask(pipe):
             assert not np.array_equal(pixels(im)[~keep], pixels(image)[~keep])
 
 
+def test_masked_area_inpainting_also_keeps_every_pixel_outside_the_mask(pipe):
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 256, (64, 48, 3), dtype=np.uint8))
+    mask = Image.new("L", (48, 64), 0)
+    mask.paste(255, (30, 40, 44, 50))
+    out = pipe.inpaint(image, mask, "a red circle", area="masked", padding=3, steps=4, seed=0)[0]
+    keep = np.asarray(mask) == 0
+    assert out.size == (48, 64)
+    assert np.array_equal(pixels(out)[keep], pixels(image)[keep])
+    assert not np.array_equal(pixels(out)[~keep], pixels(image)[~keep])
+    assert "Inpaint area: Only masked, Masked area padding: 3" in out.info["parameters"]
+
+
+def test_the_masked_area_is_a_square_around_the_mask_inside_the_image():
+    mask = Image.new("L", (48, 64), 0)
+    mask.paste(255, (30, 40, 44, 50))  # 14 x 10 pixels
+    assert masked_area(mask, 3) == (27, 35, 47, 55)  # 20 x 20, centred on the mask
+    mask.paste(255, (40, 0, 48, 4))  # now reaching the top right corner
+    left, top, right, bottom = masked_area(mask, 3)
+    assert (right, top) == (48, 0) and right - left == 48 and bottom - top == 56
+    assert masked_area(Image.new("L", (8, 8)), 3) is None
+
+
 def test_variation_strength_one_is_the_other_seed_and_interpolation_ends_are_the_prompts(pipe):
     settings = dict(steps=6)
     other = pipe.generate("a red circle", seed=9, **settings)[0]
@@ -255,6 +278,8 @@ def test_editing_parameters_round_trip_through_the_png_text():
         prompt_mix=0.25,
         denoising_strength=0.6,
         mask_blur=4,
+        inpaint_area="masked",
+        masked_padding=6,
     )
     assert Request.from_parameters(request.parameters()) == request
     assert "Denoising strength" not in Request("a cat").parameters()
@@ -275,5 +300,7 @@ def test_bad_editing_input_gets_a_clear_error(pipe, tmp_path):
         pipe.edit(tmp_path / "broken.png", "x")
     with pytest.raises(UnnoiseError, match=r"cannot read the mask .*missing\.png"):
         pipe.inpaint(image, tmp_path / "missing.png", "x")
+    with pytest.raises(UnnoiseError, match="area must be 'whole' or 'masked', got 'all'"):
+        pipe.inpaint(image, image, "x", area="all")
     with pytest.raises(UnnoiseError, match="needs to_prompt, to_seed or both"):
         pipe.interpolate("x")

@@ -15,6 +15,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -54,6 +55,8 @@ class Request:
     prompt_mix: float = 0.0
     denoising_strength: float | None = None  # img2img and inpainting only
     mask_blur: int | None = None  # inpainting only: the feathering radius in input pixels
+    inpaint_area: str | None = None  # inpainting only: "masked" when the model saw only the mask's area
+    masked_padding: int | None = None  # ... with this many pixels of context around it
 
     def parameters(self) -> str:
         """AUTOMATIC1111's `parameters` text: prompt, negative prompt line, then key: value pairs."""
@@ -81,6 +84,8 @@ class Request:
             pairs.append(f"Denoising strength: {_number(self.denoising_strength)}")
         if self.mask_blur is not None:
             pairs.append(f"Mask blur: {self.mask_blur}")
+        if self.inpaint_area == "masked":
+            pairs += ["Inpaint area: Only masked", f"Masked area padding: {self.masked_padding}"]
         lines.append(", ".join(pairs))
         return "\n".join(lines)
 
@@ -121,6 +126,8 @@ class Request:
                 prompt_mix=float(values.get("Prompt mix", 0.0)),
                 denoising_strength=optional("Denoising strength", float),
                 mask_blur=optional("Mask blur", int),
+                inpaint_area="masked" if values.get("Inpaint area", "").strip() == "Only masked" else None,
+                masked_padding=optional("Masked area padding", int),
             )
         except (KeyError, ValueError) as error:
             raise UnnoiseError(f"the PNG's parameters are incomplete or malformed ({error})") from None
@@ -234,6 +241,8 @@ class Pipeline:
         *,
         strength: float = 1.0,
         feather: int = 0,
+        area: Literal["whole", "masked"] = "whole",
+        padding: int = 4,
         jump: int = 1,
         resample: int = 1,
         callback: Callable[[Step], None] | None = None,
@@ -241,24 +250,41 @@ class Pipeline:
     ) -> list[Image.Image]:
         """Regenerate the white part of `mask` (same size as the image) to fit the prompt; every pixel where
         the mask is black stays exactly as in the input, which keeps its size. `feather` blurs the mask's
-        edge by that many input pixels; `jump`/`resample` turn on RePaint resampling."""
+        edge by that many input pixels; `jump`/`resample` turn on RePaint resampling.
+
+        area="whole" shows the model the whole picture; area="masked" (AUTOMATIC1111's "only masked") only a
+        square around the mask with `padding` pixels of context, enlarged to the model's size, so the prompt
+        describes what goes in the mask and the model draws it at its full resolution."""
         strength = check_strength(strength)
         source, weight = open_image(image), open_mask(mask)
         if weight.size != source.size:
             raise UnnoiseError(
                 f"the mask is {weight.width}x{weight.height} but the image is {source.width}x{source.height}"
             )
-        if feather < 0:
-            raise UnnoiseError(f"feather must be 0 or more pixels, got {feather}")
+        if feather < 0 or padding < 0:
+            raise UnnoiseError(f"feather and padding must be 0 or more pixels, got {feather} and {padding}")
+        if area not in ("whole", "masked"):
+            raise UnnoiseError(f"area must be 'whole' or 'masked', got {area!r}")
+        extra = dict(denoising_strength=strength, mask_blur=feather)
+        if area == "masked":
+            extra.update(inpaint_area="masked", masked_padding=padding)
+        box = (masked_area(weight, padding) if area == "masked" else None) or (0, 0, *source.size)
+        crop, weight = source.crop(box), weight.crop(box)
         r = self.resolution
-        requests = self.requests(prompt, denoising_strength=strength, mask_blur=feather, **settings)
-        init = from_pil([fit(source, r)]).to(self.device)  # (1, 3, R, R)
+        requests = self.requests(prompt, **extra, **settings)
+        init = from_pil([fit(crop, r)]).to(self.device)  # (1, 3, R, R)
         cover = torch.from_numpy(np.array(weight.resize((r, r), Image.BOX))) > 0  # (R, R): any coverage
         inpainting = dict(known=init, mask=cover[None, None].to(self.device), jump=jump, resample=resample)
         images = self.run(requests, callback=callback, init=init, inpainting=inpainting)
         if feather:
             weight = weight.filter(ImageFilter.GaussianBlur(feather))
-        return [paste_where(fit(im, source.size), source, weight, im.info) for im in images]
+        results = []
+        for image_ in images:
+            result = source.copy()  # the crop pasted back is the input wherever the weight is 0
+            result.paste(paste_where(fit(image_, crop.size), crop, weight, {}), box[:2])
+            result.info.update(image_.info)
+            results.append(result)
+        return results
 
     def interpolate(
         self,
@@ -382,7 +408,9 @@ class Pipeline:
         cond = self.text.encode([q.prompt for q in requests])
         if any(q.prompt_mix for q in requests):
             other = self.text.encode([q.mix_prompt if q.prompt_mix else q.prompt for q in requests])
-            cond = mix_embeddings(cond, other, torch.tensor([q.prompt_mix for q in requests]))
+            cond = mix_embeddings(
+                cond, other, torch.tensor([q.prompt_mix for q in requests], device=cond.device)
+            )
         return cond.to(self.device)
 
 
@@ -439,6 +467,23 @@ def fit(image: Image.Image, size: int | tuple[int, int]) -> Image.Image:
     resized = image.resize(size, Image.LANCZOS)
     resized.info.update(image.info)
     return resized
+
+
+def masked_area(mask: Image.Image, padding: int) -> tuple[int, int, int, int] | None:
+    """A square (left, top, right, bottom) around the mask's white pixels with `padding` pixels beside
+    them, moved inside the image (and cut to it when the image is smaller); None for an empty mask."""
+    bbox = mask.getbbox()
+    if bbox is None:
+        return None
+    left, top, right, bottom = bbox
+    side = max(right - left, bottom - top) + 2 * padding
+    box = []
+    for low, high, size in ((left, right, mask.width), (top, bottom, mask.height)):
+        length = min(side, size)
+        start = min(max(0, (low + high - length) // 2), size - length)
+        box.append((start, start + length))
+    (x0, x1), (y0, y1) = box
+    return x0, y0, x1, y1
 
 
 def paste_where(result: Image.Image, source: Image.Image, weight: Image.Image, info: dict) -> Image.Image:
