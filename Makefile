@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: setup demo demo-samplers test lint bench clean
+.PHONY: setup demo demo-samplers test lint browser serve bench clean
 
 setup: $(VENV)/.installed
 
@@ -26,8 +26,18 @@ lint: setup
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
-test: lint
+# Debian's chromium for the web page's browser tests (they skip, saying why, where it cannot be installed).
+browser:
+	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || apt-get install -y -q chromium >/dev/null 2>&1 \
+		|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) \
+		|| echo "chromium could not be installed: the browser tests will be skipped"
+
+test: lint browser
 	$(BIN)/pytest
+
+# The web page and the HTTP APIs on http://127.0.0.1:7860/ (see the README's "Serve" section).
+serve: setup
+	$(BIN)/unnoise serve
 
 bench: setup
 	$(BIN)/python benchmarks/samplers.py
@@ -35,6 +45,7 @@ bench: setup
 	$(BIN)/pip install -q diffusers  # the peer measured against; not a dependency of unnoise
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/startup.py
+	$(BIN)/python benchmarks/serve_load.py --json benchmarks/results/serve_load.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -207,6 +207,13 @@ def _cmd_eval_inpaint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .server.app import serve
+
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, queue_size=args.queue_size)
+    return 0
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, config_class) -> None:
     """One --flag per dataclass field, typed from its default (Literal fields become choices).
 
@@ -294,8 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--area", choices=("whole", "masked"), default="whole", help="what the model sees (default whole)"
     )
     p.add_argument("--padding", type=int, default=4, help="context pixels around the mask for --area masked")
-    p.add_argument("--jump", type=int, default=1, help="RePaint: steps per resampled block (default 1)")
-    p.add_argument("--resample", type=int, default=1, help="RePaint: runs of each block (default 1: off)")
+    p.add_argument("--jump", type=int, default=2, help="RePaint: steps per resampled block (default 2)")
+    p.add_argument("--resample", type=int, default=5, help="RePaint: runs of each block (default 5; 1 = off)")
     add_sampling_arguments(p)
     p.set_defaults(run=_cmd_inpaint)
 
@@ -334,11 +341,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default="dpmpp_2m")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=3.0)
-    p.add_argument("--jump", type=int, default=1, help="RePaint: steps per resampled block (default 1)")
-    p.add_argument("--resample", type=int, default=1, help="RePaint: runs of each block (default 1: off)")
+    p.add_argument("--jump", type=int, default=2, help="RePaint: steps per resampled block (default 2)")
+    p.add_argument("--resample", type=int, default=5, help="RePaint: runs of each block (default 5; 1 = off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report", default="inpaint_eval.json", help="where the JSON report goes")
     p.set_defaults(run=_cmd_eval_inpaint)
+
+    p = sub.add_parser(
+        "serve", help="serve a model over HTTP: a web page, AUTOMATIC1111 and OpenAI APIs, jobs"
+    )
+    p.add_argument("--model", default="shapes-32", help="a shipped model's name or a release folder")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument(
+        "--api-key", default=None, help="require 'Authorization: Bearer KEY' (needed off loopback)"
+    )
+    p.add_argument("--queue-size", type=int, default=16, help="requests that may wait; more get HTTP 429")
+    p.set_defaults(run=_cmd_serve)
 
     from .train.config import TrainConfig
 

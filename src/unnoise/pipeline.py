@@ -139,18 +139,31 @@ def _number(value: float) -> str:
     return short if float(short) == value else repr(float(value))
 
 
-def save_png(image: Image.Image, path: str | Path) -> Path:
-    """Save with the image's `parameters` text chunk, written to a temporary name and renamed."""
+def _png_text(image: Image.Image):
     from PIL.PngImagePlugin import PngInfo
 
-    path = Path(path)
     info = PngInfo()
     if "parameters" in image.info:
         info.add_text("parameters", image.info["parameters"])
+    return info
+
+
+def save_png(image: Image.Image, path: str | Path) -> Path:
+    """Save with the image's `parameters` text chunk, written to a temporary name and renamed."""
+    path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}")
-    image.save(tmp, format="PNG", pnginfo=info)
+    image.save(tmp, format="PNG", pnginfo=_png_text(image))
     tmp.replace(path)
     return path
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """The PNG file of an image, its `parameters` text chunk included."""
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=_png_text(image))
+    return buffer.getvalue()
 
 
 def read_png_parameters(path: str | Path) -> Request:
@@ -231,7 +244,11 @@ class Pipeline:
         requests = self.requests(prompt, denoising_strength=strength, **settings)
         init = from_pil([fit(source, self.resolution)]).to(self.device)  # (1, 3, R, R)
         images = self.run(requests, callback=callback, init=init)
-        return [fit(im, source.size) for im in images] if resize_back else images
+        if not resize_back:
+            return images
+        if strength == 0:  # no step ran: the input itself, not a copy resized there and back
+            return [_with_info(source.copy(), im.info) for im in images]
+        return [fit(im, source.size) for im in images]
 
     def inpaint(
         self,
@@ -243,14 +260,16 @@ class Pipeline:
         feather: int = 0,
         area: Literal["whole", "masked"] = "whole",
         padding: int = 4,
-        jump: int = 1,
-        resample: int = 1,
+        jump: int = 2,
+        resample: int = 5,
         callback: Callable[[Step], None] | None = None,
         **settings,
     ) -> list[Image.Image]:
         """Regenerate the white part of `mask` (same size as the image) to fit the prompt; every pixel where
         the mask is black stays exactly as in the input, which keeps its size. `feather` blurs the mask's
-        edge by that many input pixels; `jump`/`resample` turn on RePaint resampling.
+        edge by that many input pixels. RePaint resampling runs each block of `jump` steps `resample` times:
+        on by default (2, 5), since it took InpaintEval from 77% to 92% on shapes-32 (README, "Edit");
+        resample=1 turns it off, five times faster.
 
         area="whole" shows the model the whole picture; area="masked" (AUTOMATIC1111's "only masked") only a
         square around the mask with `padding` pixels of context, enlarged to the model's size, so the prompt
@@ -484,6 +503,11 @@ def masked_area(mask: Image.Image, padding: int) -> tuple[int, int, int, int] | 
         box.append((start, start + length))
     (x0, x1), (y0, y1) = box
     return x0, y0, x1, y1
+
+
+def _with_info(image: Image.Image, info: dict) -> Image.Image:
+    image.info.update(info)
+    return image
 
 
 def paste_where(result: Image.Image, source: Image.Image, weight: Image.Image, info: dict) -> Image.Image:

@@ -120,8 +120,8 @@ def run_inpaint_eval(
     sampler: str = "dpmpp_2m",
     steps: int = 20,
     guidance: float = 3.0,
-    jump: int = 1,
-    resample: int = 1,
+    jump: int = 2,
+    resample: int = 5,
     seed: int = 0,
 ) -> dict[str, Any]:
     from ..pipeline import load

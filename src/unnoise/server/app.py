@@ -1,0 +1,430 @@
+"""The HTTP API: AUTOMATIC1111's /sdapi/v1, OpenAI's /v1/images/generations, /jobs with live previews, and
+the web page at /. A thin adapter: every request becomes one Pipeline call run by the worker (jobs.py).
+
+Every input is bounded (steps, images, sizes, prompt length, image bytes and pixels, body size) and
+refused with a 4xx error that says why; errors never carry a traceback. Requests whose Host or Origin is
+not this server are refused (no drive-by generation from other pages, no DNS rebinding); there is no CORS.
+No endpoint reads or writes a path a client names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import io
+import json
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from ..diffusion.samplers import SAMPLERS
+from ..errors import UnnoiseError
+from ..pipeline import Pipeline
+from .jobs import FINISHED, Job, QueueFullError, Worker
+from .security import Guard
+
+STATIC = Path(__file__).resolve().parent / "static"
+
+MAX_STEPS = 200
+MAX_IMAGES = 8  # per request: batch_size x n_iter, or n
+MAX_PROMPT = 2000  # characters
+MAX_IMAGE_BYTES = 8 * 1024 * 1024  # one decoded input image
+MAX_PIXELS = 2048 * 2048  # one input image, checked before it is decoded
+MAX_BODY = 24 * 1024 * 1024  # a whole request
+
+# AUTOMATIC1111's sampler names (its " Karras" variants too: our default schedule is Karras') -> ours
+A1111_SAMPLERS = {
+    "Euler": "euler",
+    "Euler a": "euler_ancestral",
+    "Heun": "heun",
+    "DDIM": "ddim",
+    "DDPM": "ddpm",
+    "DPM++ 2M": "dpmpp_2m",
+    "DPM++ 3M": "dpmpp_3m",
+    "DPM++ 2M SDE": "dpmpp_2m_sde",
+    "DPM++ 3M SDE": "dpmpp_3m_sde",
+    "UniPC": "unipc",
+}
+
+
+def our_sampler(name: str | None) -> str:
+    if name is None or name == "":
+        return "dpmpp_2m"
+    base = name.removesuffix(" Karras")
+    if base in A1111_SAMPLERS:
+        return A1111_SAMPLERS[base]
+    if name in SAMPLERS:
+        return name
+    known = sorted({*A1111_SAMPLERS, *SAMPLERS})
+    raise HTTPException(422, f"unknown sampler {name!r}; known: {', '.join(known)}")
+
+
+# --- request bodies -----------------------------------------------------------------------------------
+
+
+class Txt2Img(BaseModel):
+    """AUTOMATIC1111's txt2img fields that mean something here; other fields are accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field("", max_length=MAX_PROMPT)
+    negative_prompt: str = Field("", max_length=MAX_PROMPT)
+    steps: int = Field(20, ge=1, le=MAX_STEPS)
+    cfg_scale: float = Field(3.0, ge=0.0, le=30.0)
+    seed: int = Field(-1, ge=-1, le=2**31 - 1)
+    subseed: int = Field(-1, ge=-1, le=2**31 - 1)  # AUTOMATIC1111's variation seed
+    subseed_strength: float = Field(0.0, ge=0.0, le=1.0)
+    width: int | None = Field(None, ge=1, le=4096)
+    height: int | None = Field(None, ge=1, le=4096)
+    sampler_name: str | None = Field(None, max_length=64)
+    batch_size: int = Field(1, ge=1, le=MAX_IMAGES)
+    n_iter: int = Field(1, ge=1, le=MAX_IMAGES)
+
+
+class Img2Img(Txt2Img):
+    init_images: list[str] = Field(..., min_length=1, max_length=1)  # one base64 image (a data URL is fine)
+    denoising_strength: float = Field(0.75, ge=0.0, le=1.0)
+    mask: str | None = None  # base64: white = regenerate
+    mask_blur: int = Field(0, ge=0, le=64)
+    inpaint_full_res: bool = False  # AUTOMATIC1111's "only masked"
+    inpaint_full_res_padding: int = Field(4, ge=0, le=256)
+
+
+class JobRequest(Txt2Img):
+    """POST /jobs: txt2img fields, plus init_images (img2img) and mask (inpainting) when given."""
+
+    init_images: list[str] | None = Field(None, min_length=1, max_length=1)
+    denoising_strength: float = Field(0.75, ge=0.0, le=1.0)
+    mask: str | None = None
+    mask_blur: int = Field(0, ge=0, le=64)
+    inpaint_full_res: bool = False
+    inpaint_full_res_padding: int = Field(4, ge=0, le=256)
+
+
+class OpenAIImages(BaseModel):
+    """OpenAI's POST /v1/images/generations."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(..., max_length=MAX_PROMPT)
+    n: int = Field(1, ge=1, le=MAX_IMAGES)
+    size: str | None = Field(None, max_length=16)
+    response_format: str | None = Field("b64_json", max_length=16)
+    model: str | None = Field(None, max_length=128)
+
+
+# --- turning a request into a job ----------------------------------------------------------------------
+
+
+def decode_image(data: str, what: str) -> Image.Image:
+    """A base64 image (optionally a data: URL), bounded in bytes and pixels before it is decoded."""
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    if len(data) * 3 // 4 > MAX_IMAGE_BYTES:
+        raise HTTPException(413, f"the {what} is larger than {MAX_IMAGE_BYTES // 2**20} MB")
+    try:
+        raw = base64.b64decode(data, validate=True)
+        image = Image.open(io.BytesIO(raw))
+        width, height = image.size
+        if width * height > MAX_PIXELS:
+            raise HTTPException(413, f"the {what} has {width}x{height} pixels; at most {MAX_PIXELS} allowed")
+        image.load()
+    except Image.DecompressionBombError as error:  # Pillow's own guard, for sizes far beyond ours
+        raise HTTPException(413, f"the {what} has too many pixels ({error})") from None
+    except (binascii.Error, ValueError):
+        raise HTTPException(422, f"the {what} is not valid base64") from None
+    except (OSError, SyntaxError):
+        raise HTTPException(422, f"the {what} is not a readable image") from None
+    return image
+
+
+def _seed(value: int) -> int:
+    return secrets.randbelow(2**31) if value == -1 else value
+
+
+def job_for(body: Txt2Img, pipe: Pipeline) -> Job:
+    """The Pipeline call a request asks for, checked before it waits in the queue."""
+    count = body.batch_size * body.n_iter
+    if count > MAX_IMAGES:
+        raise HTTPException(422, f"batch_size x n_iter is {count}; at most {MAX_IMAGES} images per request")
+    settings: dict[str, Any] = dict(
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        sampler=our_sampler(body.sampler_name),
+        steps=body.steps,
+        guidance=body.cfg_scale,
+        seed=_seed(body.seed),
+        num_images=count,
+    )
+    init = getattr(body, "init_images", None)
+    if not init:
+        r = pipe.resolution
+        if (body.width or r, body.height or r) != (r, r):
+            raise HTTPException(
+                422, f"this model makes {r}x{r} images; got width {body.width}, height {body.height}"
+            )
+        if body.subseed_strength > 0:
+            settings.update(variation_seed=_seed(body.subseed), variation_strength=body.subseed_strength)
+        return Job("generate", settings, total_steps=body.steps)
+    image = decode_image(init[0], "init image")
+    strength = body.denoising_strength
+    steps = max(1, round(body.steps * strength))
+    if body.mask is None:
+        return Job("edit", {**settings, "image": image, "strength": strength}, total_steps=steps)
+    mask = decode_image(body.mask, "mask")
+    if mask.size != image.size:
+        raise HTTPException(
+            422, f"the mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}"
+        )
+    area = "masked" if body.inpaint_full_res else "whole"
+    arguments = dict(
+        settings, image=image, mask=mask, strength=strength, feather=body.mask_blur, area=area,
+        padding=body.inpaint_full_res_padding,
+    )  # fmt: skip
+    return Job("inpaint", arguments, total_steps=steps * 5)  # Pipeline.inpaint's RePaint runs blocks 5 times
+
+
+def b64(png: bytes) -> str:
+    return base64.b64encode(png).decode("ascii")
+
+
+def parameters_of(png: bytes) -> str:
+    return Image.open(io.BytesIO(png)).info.get("parameters", "")
+
+
+# --- the application ------------------------------------------------------------------------------------
+
+
+def create_app(
+    model: Pipeline | Callable[[], Pipeline],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    api_key: str | None = None,
+    queue_size: int = 16,
+) -> FastAPI:
+    """The application for a loaded Pipeline, or for a function that loads one (`serve` passes one, so the
+    model is loaded on the worker's thread, see jobs.Worker)."""
+    worker = Worker(model, queue_size=queue_size)
+    pipe = worker.wait_ready()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        worker.close()  # stopping: no job keeps the model busy after the server is gone
+
+    app = FastAPI(
+        title="unnoise",
+        description="Text-to-image diffusion: AUTOMATIC1111- and OpenAI-compatible endpoints and jobs.",
+        version="1",
+        lifespan=lifespan,
+    )
+    app.state.worker = worker
+    app.add_middleware(Guard, host=host, port=port, api_key=api_key, max_body=MAX_BODY)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException):
+        headers = getattr(error, "headers", None)
+        if request.url.path.startswith("/v1/"):  # OpenAI's error shape, which its client reads
+            body = {"error": {"message": error.detail, "type": "invalid_request_error", "code": None}}
+            return JSONResponse(body, status_code=error.status_code, headers=headers)
+        return JSONResponse({"error": error.detail}, status_code=error.status_code, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError):
+        problems = [f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in error.errors()]
+        message = "; ".join(problems)
+        if request.url.path.startswith("/v1/"):
+            body = {"error": {"message": message, "type": "invalid_request_error", "code": None}}
+            return JSONResponse(body, status_code=422)
+        return JSONResponse({"error": message}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception):  # never a traceback to the client
+        return JSONResponse({"error": "internal error"}, status_code=500)
+
+    def submit(job: Job) -> Job:
+        try:
+            return worker.submit(job)
+        except QueueFullError as full:
+            raise HTTPException(429, str(full), headers={"Retry-After": str(full.retry_after)}) from None
+
+    async def finished(job: Job) -> Job:
+        while not job.ended.is_set():  # wakes at the end only, not at every step as watchers do
+            await run_in_threadpool(job.ended.wait, 1.0)
+        return job
+
+    def checked_result(job: Job) -> list[bytes]:
+        if job.state == "failed":
+            raise HTTPException(422, job.error or "the job failed")
+        if job.state == "cancelled":
+            raise HTTPException(409, "the job was interrupted")
+        return job.images
+
+    # --- AUTOMATIC1111 --------------------------------------------------------------------------------
+
+    async def a1111(body: Txt2Img) -> dict[str, Any]:
+        job = await finished(submit(job_for(body, pipe)))
+        pngs = checked_result(job)
+        infotexts = [parameters_of(png) for png in pngs]
+        seed = job.arguments["seed"]
+        info = {"infotexts": infotexts, "seed": seed, "all_seeds": [seed + i for i in range(len(pngs))]}
+        return {
+            "images": [b64(png) for png in pngs],
+            "parameters": body.model_dump(exclude={"init_images", "mask"}),
+            "info": json.dumps(info),
+        }
+
+    @app.post("/sdapi/v1/txt2img")
+    async def txt2img(body: Txt2Img) -> dict[str, Any]:
+        return await a1111(body)
+
+    @app.post("/sdapi/v1/img2img")
+    async def img2img(body: Img2Img) -> dict[str, Any]:
+        return await a1111(body)
+
+    @app.get("/sdapi/v1/progress")
+    async def progress() -> dict[str, Any]:
+        job = worker.current
+        if job is None:
+            return {"progress": 0.0, "eta_relative": 0.0, "current_image": None, "textinfo": None,
+                    "state": {"job_count": worker.queue_length(), "sampling_step": 0, "sampling_steps": 0,
+                              "interrupted": False}}  # fmt: skip
+        return {
+            "progress": job.progress,
+            "eta_relative": job.eta() or 0.0,
+            "current_image": b64(job.preview) if job.preview else None,
+            "textinfo": None,
+            "state": {
+                "job_count": worker.queue_length() + 1,
+                "sampling_step": job.step,
+                "sampling_steps": job.total_steps,
+                "interrupted": job.cancel_requested.is_set(),
+                "job": job.id,
+            },
+        }
+
+    @app.post("/sdapi/v1/interrupt")
+    async def interrupt() -> dict[str, Any]:
+        job = worker.current
+        if job is not None:
+            worker.cancel(job)
+        return {}
+
+    @app.get("/sdapi/v1/samplers")
+    async def samplers() -> list[dict[str, Any]]:
+        named = {ours: a1111_name for a1111_name, ours in A1111_SAMPLERS.items()}
+        return [{"name": named.get(s, s), "aliases": [s], "options": {}} for s in sorted(SAMPLERS)]
+
+    @app.get("/sdapi/v1/sd-models")
+    async def sd_models() -> list[dict[str, Any]]:
+        return [{"title": pipe.name, "model_name": pipe.name, "hash": None, "sha256": None,
+                 "filename": pipe.name, "config": None}]  # fmt: skip
+
+    # --- OpenAI ---------------------------------------------------------------------------------------
+
+    @app.post("/v1/images/generations")
+    async def openai_images(body: OpenAIImages) -> dict[str, Any]:
+        if body.response_format not in (None, "b64_json"):
+            raise HTTPException(400, "only response_format b64_json is supported: this server keeps no files")
+        r = pipe.resolution
+        if body.size not in (None, "auto", f"{r}x{r}"):
+            raise HTTPException(400, f"size {body.size!r} is not supported: this model makes {r}x{r} images")
+        job = await finished(submit(job_for(Txt2Img(prompt=body.prompt, batch_size=body.n), pipe)))
+        return {"created": int(time.time()), "data": [{"b64_json": b64(png)} for png in checked_result(job)]}
+
+    # --- jobs -------------------------------------------------------------------------------------------
+
+    def job_or_404(job_id: str) -> Job:
+        job = worker.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id!r}")
+        return job
+
+    def job_view(job: Job) -> dict[str, Any]:
+        view = job.summary()
+        view["images"] = [b64(png) for png in job.images]
+        view["parameters"] = [parameters_of(png) for png in job.images]
+        return view
+
+    @app.post("/jobs", status_code=202)
+    async def create_job(body: JobRequest) -> dict[str, Any]:
+        job = submit(job_for(body, pipe))
+        return {**job.summary(), "events": f"/jobs/{job.id}/events"}
+
+    @app.get("/jobs/{job_id}")
+    async def get_job(job_id: str) -> dict[str, Any]:
+        return job_view(job_or_404(job_id))
+
+    @app.delete("/jobs/{job_id}")
+    async def cancel_job(job_id: str) -> dict[str, Any]:
+        job = job_or_404(job_id)
+        if job.state not in FINISHED:
+            worker.cancel(job)
+        return job.summary()
+
+    @app.get("/jobs/{job_id}/events")
+    async def job_events(job_id: str, request: Request) -> StreamingResponse:
+        """Server-sent events: `progress` at every step with a preview of x0_hat, then `done`, `failed` or
+        `cancelled` with the results. Any number of clients may watch one job."""
+        job = job_or_404(job_id)
+
+        async def stream():
+            version = -1
+            while True:
+                if await request.is_disconnected():
+                    return
+                version = await run_in_threadpool(job.wait_for_change, version, 10.0)
+                if job.state in FINISHED:
+                    yield f"event: {job.state}\ndata: {json.dumps(job_view(job))}\n\n"
+                    return
+                event = {**job.summary(), "preview": b64(job.preview) if job.preview else None}
+                yield f"event: progress\ndata: {json.dumps(event)}\n\n"
+                await asyncio.sleep(0)
+
+        headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": pipe.name, "queued": worker.queue_length(),
+                "busy": worker.current is not None, "worker_alive": worker.thread.is_alive()}  # fmt: skip
+
+    # --- the web page -----------------------------------------------------------------------------------
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
+
+    @app.get("/config", include_in_schema=False)
+    async def config() -> dict[str, Any]:
+        limits = {"max_steps": MAX_STEPS, "max_images": MAX_IMAGES, "needs_key": api_key is not None}
+        return {"model": pipe.name, "resolution": pipe.resolution, "samplers": sorted(SAMPLERS), **limits}
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def serve(model: str, *, host: str, port: int, api_key: str | None, queue_size: int) -> None:
+    """`unnoise serve`: load the model and run uvicorn until interrupted."""
+    import uvicorn
+
+    from ..pipeline import load
+
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        raise UnnoiseError(f"binding {host} exposes the server beyond this machine: pass --api-key too")
+    app = create_app(lambda: load(model), host=host, port=port, api_key=api_key, queue_size=queue_size)
+    print(f"unnoise: serving {app.state.worker.pipe.name} on http://{host}:{port}/ (API docs at /docs)")
+    uvicorn.run(app, host=host, port=port, log_level="warning", limit_concurrency=256)

@@ -1,0 +1,205 @@
+"""Jobs: one worker thread runs the model; requests wait in a bounded queue; anyone may watch a job.
+
+A job is one call of the pipeline (generate, edit or inpaint). The worker reports each sampler step to
+the job (step, total, a PNG preview of the current x0_hat), checks for cancellation at every step, and
+keeps the finished images as PNG bytes with their parameters. Watchers wait on the job's version number,
+which grows with every change, so several clients can follow one job without missing its end.
+"""
+
+from __future__ import annotations
+
+import queue
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from PIL import Image
+
+from ..errors import UnnoiseError
+from ..images import to_pil
+from ..pipeline import Pipeline, png_bytes
+
+State = Literal["queued", "running", "done", "failed", "cancelled"]
+FINISHED: tuple[State, ...] = ("done", "failed", "cancelled")
+
+
+class CancelledError(Exception):
+    """Raised inside the sampler's callback to stop a job at the next step."""
+
+
+class QueueFullError(Exception):
+    def __init__(self, retry_after: int):
+        super().__init__(f"the queue is full; retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+@dataclass
+class Job:
+    kind: Literal["generate", "edit", "inpaint"]
+    arguments: dict[str, Any]  # keyword arguments of the Pipeline method
+    total_steps: int  # sampler steps expected (for progress; the sampler may report a few more)
+    id: str = field(default_factory=lambda: secrets.token_hex(8))
+    state: State = "queued"
+    step: int = 0
+    preview: bytes | None = None  # PNG of the current x0_hat of the first image
+    images: list[bytes] = field(default_factory=list)
+    error: str | None = None
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    version: int = 0
+    cancel_requested: threading.Event = field(default_factory=threading.Event)
+    ended: threading.Event = field(default_factory=threading.Event)  # set once the job is finished
+    changed: threading.Condition = field(default_factory=threading.Condition)
+
+    @property
+    def progress(self) -> float:
+        if self.state == "done":
+            return 1.0
+        return min(0.99, self.step / max(1, self.total_steps))
+
+    def eta(self) -> float | None:
+        """Seconds left, from the pace so far (None before the first step)."""
+        if self.state != "running" or not self.step or self.started is None:
+            return None
+        elapsed = time.time() - self.started
+        return max(0.0, elapsed / self.step * (self.total_steps - self.step))
+
+    def update(self, **values) -> None:
+        with self.changed:
+            for name, value in values.items():
+                setattr(self, name, value)
+            self.version += 1
+            self.changed.notify_all()
+        if self.state in FINISHED:
+            self.ended.set()
+
+    def wait_for_change(self, version: int, timeout: float) -> int:
+        """Block until the job's version passes `version` (or `timeout` seconds); returns the version."""
+        with self.changed:
+            self.changed.wait_for(lambda: self.version != version, timeout=timeout)
+            return self.version
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "state": self.state,
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "progress": round(self.progress, 4),
+            "eta_seconds": self.eta(),
+            "error": self.error,
+            "created": self.created,
+            "started": self.started,
+            "finished": self.finished,
+            "images": len(self.images),
+        }
+
+
+class Worker:
+    """Runs jobs one at a time on a thread; at most `queue_size` wait; the last `keep` jobs are kept."""
+
+    def __init__(self, model: Pipeline | Callable[[], Pipeline], *, queue_size: int = 16, keep: int = 256):
+        """`model` is a loaded Pipeline, or a function that loads one, which then runs on the worker's
+        thread: PyTorch's CPU kernels run about 2x slower in a thread when another thread has run them
+        too (two OpenMP thread pools on the cores), so the server keeps every tensor op on this thread."""
+        self.pipe: Pipeline | None = model if isinstance(model, Pipeline) else None
+        self.load = None if self.pipe is not None else model
+        self.ready = threading.Event()
+        self.load_error: str | None = None
+        self.waiting: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
+        self.jobs: OrderedDict[str, Job] = OrderedDict()
+        self.keep = keep
+        self.current: Job | None = None
+        self.lock = threading.Lock()
+        self.seconds_per_job = 1.0  # running mean, for Retry-After
+        self.thread = threading.Thread(target=self._loop, name="unnoise-worker", daemon=True)
+        self.thread.start()
+
+    def wait_ready(self) -> Pipeline:
+        """The pipeline, once the worker has loaded it; the loading error, raised here, if it failed."""
+        self.ready.wait()
+        if self.pipe is None:
+            raise UnnoiseError(self.load_error or "the model could not be loaded")
+        return self.pipe
+
+    def submit(self, job: Job) -> Job:
+        with self.lock:
+            try:
+                self.waiting.put_nowait(job)
+            except queue.Full:
+                raise QueueFullError(max(1, round(self.seconds_per_job * self.waiting.qsize()))) from None
+            self.jobs[job.id] = job
+            while len(self.jobs) > self.keep:
+                oldest = next(iter(self.jobs.values()))
+                if oldest.state not in FINISHED:
+                    break
+                self.jobs.popitem(last=False)
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        return self.jobs.get(job_id)
+
+    def cancel(self, job: Job) -> None:
+        """A queued job is cancelled at once; a running one at its next step."""
+        job.cancel_requested.set()
+        if job.state == "queued":
+            job.update(state="cancelled", finished=time.time())
+
+    def close(self) -> None:
+        """Cancel every job not yet finished (the server is stopping)."""
+        for job in list(self.jobs.values()):
+            if job.state not in FINISHED:
+                self.cancel(job)
+
+    def queue_length(self) -> int:
+        return self.waiting.qsize()
+
+    def _loop(self) -> None:
+        try:
+            if self.load is not None:
+                self.pipe = self.load()
+        except Exception as error:  # reported by wait_ready on the caller's thread
+            self.load_error = str(error)
+            return
+        finally:
+            self.ready.set()
+        while True:
+            job = self.waiting.get()
+            if job.state == "cancelled":
+                continue
+            self.current = job
+            try:
+                self._run(job)
+            finally:
+                self.current = None
+
+    def _run(self, job: Job) -> None:
+        job.update(state="running", started=time.time())
+        try:
+            method: Callable[..., list[Image.Image]] = getattr(self.pipe, job.kind)
+            images = method(**job.arguments, callback=self._reporter(job))
+        except CancelledError:
+            job.update(state="cancelled", finished=time.time())
+            return
+        except Exception as error:  # a job's failure must not stop the worker; the client gets the message
+            job.update(state="failed", error=str(error) or type(error).__name__, finished=time.time())
+            return
+        job.update(state="done", images=[png_bytes(im) for im in images], finished=time.time())
+        took = job.finished - job.started
+        self.seconds_per_job = 0.8 * self.seconds_per_job + 0.2 * took
+
+    @staticmethod
+    def _reporter(job: Job):
+        def report(step) -> None:
+            if job.cancel_requested.is_set():
+                raise CancelledError
+            preview = png_bytes(to_pil(step.denoised[:1])[0])  # (1, 3, R, R) -> the first image's x0_hat
+            job.update(step=job.step + 1, preview=preview)
+
+        return report

@@ -1,0 +1,89 @@
+"""The server's gate, as ASGI middleware: Host and Origin checks, the API key, and the body-size limit.
+
+- Host: the request must name this server (a loopback name, or the host it was bound to). A web page on
+  another site that rebinds its DNS name to 127.0.0.1 still sends its own name, and is refused.
+- Origin: a browser sends it with cross-site requests; anything but this server's own origin is refused,
+  so no other page can make a visitor's browser generate. There are no CORS headers at all.
+- API key: when set, every request but the page and its static files needs `Authorization: Bearer KEY`.
+- Body: at most `max_body` bytes, whether or not a Content-Length was sent.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from urllib.parse import urlsplit
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+OPEN_PATHS = ("/", "/static/", "/config", "/health")  # the page loads without the key, then asks for it
+
+
+class BodyTooLargeError(Exception):
+    pass
+
+
+class Guard:
+    def __init__(self, app, *, host: str, port: int, api_key: str | None, max_body: int):
+        self.app, self.port, self.api_key, self.max_body = app, port, api_key, max_body
+        self.hosts = LOOPBACK | {host}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        refusal = self.refusal(scope, headers)
+        if refusal is not None:
+            return await _reply(send, *refusal)
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            return await _reply(send, 413, f"the request body is larger than {self.max_body} bytes")
+        received = 0
+
+        async def bounded_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise BodyTooLargeError
+            return message
+
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, bounded_receive, tracking_send)
+        except BodyTooLargeError:
+            if not started:
+                await _reply(send, 413, f"the request body is larger than {self.max_body} bytes")
+
+    def refusal(self, scope, headers: dict[str, str]) -> tuple[int, str] | None:
+        host = urlsplit(f"//{headers.get('host', '')}").hostname or ""
+        if host not in self.hosts and f"[{host}]" not in self.hosts:
+            return 403, f"host {headers.get('host', '')!r} is not this server"
+        origin = headers.get("origin")
+        if origin is not None:
+            parts = urlsplit(origin)
+            port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+            if parts.hostname not in self.hosts or port != self.port:
+                return 403, f"requests from {origin} are not allowed"
+        path = scope["path"]
+        open_path = path == "/" or any(path.startswith(p) for p in OPEN_PATHS[1:])
+        if self.api_key and not open_path:
+            given = headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                return 401, "a valid API key is needed: Authorization: Bearer KEY"
+        return None
+
+
+async def _reply(send, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

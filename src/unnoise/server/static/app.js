@@ -1,0 +1,141 @@
+// The web page: one form over the job API (POST /jobs, then server-sent events for the live preview).
+"use strict";
+const $ = (id) => document.getElementById(id);
+let config = null, job = null, picture = null;
+const apiKey = () => localStorage.getItem("unnoise-key") || "";
+
+async function api(path, options = {}) {
+  const headers = { "Content-Type": "application/json", ...(options.headers || {}) };
+  if (apiKey()) headers.Authorization = "Bearer " + apiKey();
+  const response = await fetch(path, { ...options, headers });
+  if (response.status === 401) {
+    const key = prompt("This server needs its API key:");
+    if (key) { localStorage.setItem("unnoise-key", key); return api(path, options); }
+  }
+  const body = await response.json();
+  if (!response.ok) throw new Error(body.error || response.statusText);
+  return body;
+}
+
+function mode() { return document.querySelector("input[name=mode]:checked").value; }
+
+function showMode() {
+  $("edit").hidden = mode() === "txt2img";
+  $("paint").hidden = mode() !== "inpaint";
+}
+
+function setStatus(text, error = false) { $("status").textContent = text; $("status").className = error ? "error" : ""; }
+
+async function start() {
+  config = await (await fetch("/config")).json();
+  $("model").textContent = `${config.model}, ${config.resolution}x${config.resolution}`;
+  for (const name of config.samplers) $("sampler").add(new Option(name, name, name === "dpmpp_2m", name === "dpmpp_2m"));
+  document.querySelectorAll("input[name=mode]").forEach((r) => r.addEventListener("change", showMode));
+  $("file").addEventListener("change", loadPicture);
+  $("clear").addEventListener("click", clearMask);
+  $("form").addEventListener("submit", (e) => { e.preventDefault(); generate(); });
+  $("cancel").addEventListener("click", () => job && api(`/jobs/${job}`, { method: "DELETE" }));
+  paintable($("mask"));
+  showMode();
+}
+
+function loadPicture() {
+  const file = $("file").files[0];
+  if (!file) return;
+  const image = new Image();
+  image.onload = () => {
+    for (const canvas of [$("picture"), $("mask")]) { canvas.width = image.width; canvas.height = image.height; }
+    $("picture").getContext("2d").drawImage(image, 0, 0);
+    clearMask();
+    picture = $("picture").toDataURL("image/png");
+  };
+  image.src = URL.createObjectURL(file);
+}
+
+function clearMask() {
+  const c = $("mask"), g = c.getContext("2d");
+  g.fillStyle = "black"; g.fillRect(0, 0, c.width, c.height);
+}
+
+function paintable(canvas) {
+  let down = false;
+  const paint = (e) => {
+    if (!down) return;
+    const box = canvas.getBoundingClientRect(), g = canvas.getContext("2d");
+    const x = (e.clientX - box.left) * canvas.width / box.width, y = (e.clientY - box.top) * canvas.height / box.height;
+    const r = $("brush").value * canvas.width / 256;
+    g.fillStyle = "white"; g.beginPath(); g.arc(x, y, r, 0, 2 * Math.PI); g.fill();
+  };
+  canvas.addEventListener("pointerdown", (e) => { down = true; paint(e); });
+  canvas.addEventListener("pointermove", paint);
+  window.addEventListener("pointerup", () => { down = false; });
+}
+
+function request() {
+  const body = {
+    prompt: $("prompt").value, negative_prompt: $("negative").value, sampler_name: $("sampler").value,
+    steps: +$("steps").value, cfg_scale: +$("guidance").value, batch_size: +$("count").value,
+    seed: $("random").checked ? -1 : +$("seed").value,
+  };
+  if (mode() !== "txt2img") {
+    if (!picture) throw new Error("choose an image first");
+    body.init_images = [picture];
+    body.denoising_strength = +$("strength").value;
+  }
+  if (mode() === "inpaint") body.mask = $("mask").toDataURL("image/png");
+  return body;
+}
+
+async function generate() {
+  let created;
+  try { created = await api("/jobs", { method: "POST", body: JSON.stringify(request()) }); }
+  catch (error) { setStatus(error.message, true); return; }
+  job = created.id;
+  $("generate").disabled = true; $("cancel").disabled = false;
+  setStatus("queued");
+  watch(job);
+}
+
+// Server-sent events read through fetch, so the API key can go in a header (EventSource cannot send one).
+async function watch(id) {
+  const headers = apiKey() ? { Authorization: "Bearer " + apiKey() } : {};
+  const response = await fetch(`/jobs/${id}/events`, { headers });
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value;
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end); buffer = buffer.slice(end + 2);
+      const event = (block.match(/^event: (.*)$/m) || [])[1], data = (block.match(/^data: (.*)$/m) || [])[1];
+      if (!data) continue;
+      const s = JSON.parse(data);
+      if (event === "progress") {
+        if (s.preview) $("preview").src = "data:image/png;base64," + s.preview;
+        $("progress").value = s.progress;
+        setStatus(`${s.state}: step ${s.step} of ${s.total_steps}`);
+      } else { finish(event, s); return; }
+    }
+  }
+}
+
+function finish(state, result) {
+  $("generate").disabled = false; $("cancel").disabled = true;
+  $("progress").value = state === "done" ? 1 : 0;
+  if (state !== "done") { setStatus(result.error || state, state === "failed"); return; }
+  setStatus(`done: ${result.images.length} image(s)`);
+  result.images.forEach((data, i) => {
+    const figure = document.createElement("figure"), img = new Image(), link = document.createElement("a");
+    img.src = "data:image/png;base64," + data; img.alt = result.parameters[i];
+    link.href = img.src; link.download = `unnoise-${result.id}-${i}.png`; link.textContent = "download";
+    link.appendChild(img);
+    const caption = document.createElement("figcaption"); caption.textContent = result.parameters[i];
+    figure.append(link, caption);
+    $("gallery").prepend(figure);
+  });
+  $("preview").src = "data:image/png;base64," + result.images[0];
+}
+
+start();

@@ -1,0 +1,351 @@
+"""The HTTP server, run for real (uvicorn on a loopback port) and spoken to by real clients: httpx, the
+official `openai` package, and server-sent events read off the wire."""
+
+import base64
+import io
+import json
+import socket
+import struct
+import threading
+import time
+import zlib
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from PIL import Image
+
+import unnoise
+from unnoise.errors import UnnoiseError
+from unnoise.server.app import create_app, serve
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A real uvicorn server on a thread, for one app."""
+
+    def __init__(self, app, port: int):
+        self.port = port
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return unnoise.load("shapes-32")
+
+
+@pytest.fixture(scope="module")
+def server(pipe):
+    port = free_port()
+    running = Server(create_app(pipe, port=port, queue_size=4), port)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+
+
+def png_of(data: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(data)))
+
+
+def b64_png(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def wait_until(predicate, timeout=60.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+# --- AUTOMATIC1111 ---------------------------------------------------------------------------------------
+
+
+def test_txt2img_answers_like_automatic1111_with_the_library_s_images(client, pipe):
+    body = {"prompt": "a red circle", "steps": 5, "seed": 11, "batch_size": 2, "sampler_name": "DPM++ 2M"}
+    reply = client.post("/sdapi/v1/txt2img", json=body)
+    assert reply.status_code == 200, reply.text
+    data = reply.json()
+    images = [png_of(x) for x in data["images"]]
+    assert len(images) == 2 and images[0].size == (32, 32)
+    assert json.loads(data["info"])["all_seeds"] == [11, 12]
+    assert images[1].info["parameters"].startswith("a red circle\nSteps: 5, Sampler: dpmpp_2m")
+    direct = pipe.generate("a red circle", steps=5, seed=11, num_images=2)
+    assert all(
+        np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b))
+        for a, b in zip(images, direct, strict=True)
+    )
+
+
+def test_img2img_with_a_mask_inpaints_and_keeps_the_rest(client):
+    rng = np.random.default_rng(0)
+    source = Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    mask = Image.new("L", (48, 40), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    body = {"prompt": "a blue square", "steps": 4, "seed": 1, "init_images": [b64_png(source)],
+            "mask": "data:image/png;base64," + b64_png(mask), "denoising_strength": 1.0}  # fmt: skip
+    reply = client.post("/sdapi/v1/img2img", json=body)
+    assert reply.status_code == 200, reply.text
+    out = np.asarray(png_of(reply.json()["images"][0]).convert("RGB"))
+    keep = np.asarray(mask) == 0
+    assert out.shape == (40, 48, 3) and np.array_equal(out[keep], np.asarray(source)[keep])
+    plain = client.post("/sdapi/v1/img2img", json={**body, "mask": None, "denoising_strength": 0.0})
+    assert np.array_equal(np.asarray(png_of(plain.json()["images"][0]).convert("RGB")), np.asarray(source))
+
+
+def test_samplers_and_models_are_listed(client):
+    samplers = client.get("/sdapi/v1/samplers").json()
+    names = {s["name"] for s in samplers}
+    assert {"Euler a", "DPM++ 2M", "UniPC"} <= names
+    assert client.get("/sdapi/v1/sd-models").json()[0]["model_name"] == "shapes-32"
+    assert client.get("/sdapi/v1/progress").json()["state"]["sampling_steps"] >= 0
+
+
+# --- OpenAI ----------------------------------------------------------------------------------------------
+
+
+def test_the_official_openai_client_gets_images(server):
+    import openai
+
+    api = openai.OpenAI(base_url=f"{server.url}/v1", api_key="not-needed-on-loopback", max_retries=0)
+    result = api.images.generate(prompt="a green triangle", n=2, size="32x32", response_format="b64_json")
+    assert len(result.data) == 2 and png_of(result.data[0].b64_json).size == (32, 32)
+    with pytest.raises(openai.BadRequestError, match="this model makes 32x32 images"):
+        api.images.generate(prompt="x", size="1024x1024")
+
+
+# --- jobs ------------------------------------------------------------------------------------------------
+
+
+def read_events(response) -> list[tuple[str, dict]]:
+    events, name = [], None
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            name = line.removeprefix("event: ")
+        elif line.startswith("data: "):
+            events.append((name, json.loads(line.removeprefix("data: "))))
+            if name in ("done", "failed", "cancelled"):
+                break
+    return events
+
+
+def test_a_job_streams_previews_to_several_watchers_then_its_images(client, server):
+    job = client.post("/jobs", json={"prompt": "two green circles", "steps": 12, "seed": 3})
+    assert job.status_code == 202
+    job_id = job.json()["id"]
+    streams = [[], []]
+
+    def watch(k):
+        with httpx.stream("GET", f"{server.url}/jobs/{job_id}/events", timeout=60) as r:
+            streams[k] = read_events(r)
+
+    watchers = [threading.Thread(target=watch, args=(k,)) for k in range(2)]
+    for w in watchers:
+        w.start()
+    for w in watchers:
+        w.join(timeout=60)
+    for events in streams:
+        assert events[-1][0] == "done" and len(events[-1][1]["images"]) == 1
+    progress = [e for name, e in streams[0] if name == "progress"]
+    assert progress and any(e["preview"] for e in progress)
+    assert png_of(next(e["preview"] for e in progress if e["preview"])).size == (32, 32)
+    final = client.get(f"/jobs/{job_id}").json()
+    assert final["state"] == "done" and final["progress"] == 1.0
+    assert final["parameters"][0].startswith("two green circles")
+
+
+def test_cancel_and_disconnect_mid_job_leave_the_worker_ready(client, server):
+    job_id = client.post("/jobs", json={"prompt": "a red circle", "steps": 200}).json()["id"]
+    with httpx.stream("GET", f"{server.url}/jobs/{job_id}/events", timeout=60) as r:
+        next(r.iter_lines())  # a watcher that goes away mid-job
+    assert wait_until(lambda: client.get(f"/jobs/{job_id}").json()["step"] > 0)
+    assert client.delete(f"/jobs/{job_id}").status_code == 200
+    assert wait_until(lambda: client.get(f"/jobs/{job_id}").json()["state"] == "cancelled")
+    after = client.post("/sdapi/v1/txt2img", json={"prompt": "a blue square", "steps": 3})
+    assert after.status_code == 200 and len(after.json()["images"]) == 1
+    health = client.get("/health").json()
+    assert health["worker_alive"] and not health["busy"]
+
+
+def test_interrupt_stops_the_running_request(client, server):
+    result = {}
+
+    def slow():
+        result["reply"] = httpx.post(
+            f"{server.url}/sdapi/v1/txt2img", json={"prompt": "x", "steps": 200}, timeout=60
+        )
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    assert wait_until(lambda: client.get("/sdapi/v1/progress").json()["state"]["sampling_step"] > 0)
+    assert client.get("/sdapi/v1/progress").json()["current_image"]  # the preview of x0_hat
+    client.post("/sdapi/v1/interrupt")
+    thread.join(timeout=60)
+    assert result["reply"].status_code == 409
+
+
+def test_a_full_queue_answers_429_with_retry_after(pipe):
+    port = free_port()
+    running = Server(create_app(pipe, port=port, queue_size=1), port)
+    try:
+        with httpx.Client(base_url=running.url, timeout=30) as c:
+            first = c.post("/jobs", json={"prompt": "x", "steps": 200}).json()["id"]
+            assert wait_until(lambda: c.get(f"/jobs/{first}").json()["state"] == "running")
+            second = c.post("/jobs", json={"prompt": "x", "steps": 200})
+            third = c.post("/jobs", json={"prompt": "x", "steps": 200})
+            assert second.status_code == 202 and third.status_code == 429
+            assert int(third.headers["retry-after"]) >= 1 and "queue is full" in third.json()["error"]
+            for job_id in (first, second.json()["id"]):
+                c.delete(f"/jobs/{job_id}")
+            assert wait_until(lambda: not c.get("/health").json()["busy"])
+    finally:
+        running.stop()
+
+
+# --- limits and safety ------------------------------------------------------------------------------------
+
+
+def bomb_png(width: int, height: int) -> str:
+    """A PNG header claiming width x height pixels, with almost no data: refused before decoding."""
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    raw = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
+    return base64.b64encode(raw).decode()
+
+
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        ({"prompt": "x", "steps": 500}, 422, "steps"),
+        ({"prompt": "x", "width": 512, "height": 512}, 422, "this model makes 32x32 images"),
+        ({"prompt": "x", "sampler_name": "Euler b"}, 422, "unknown sampler 'Euler b'"),
+        ({"prompt": "x", "batch_size": 8, "n_iter": 2}, 422, "at most 8 images per request"),
+        ({"prompt": "x" * 3000}, 422, "prompt"),
+        ({"prompt": "x", "init_images": ["not base64!"]}, 422, "init image is not valid base64"),
+        ({"prompt": "x", "init_images": [base64.b64encode(b"hello").decode()]}, 422, "not a readable image"),
+        ({"prompt": "x", "init_images": [bomb_png(5000, 5000)]}, 413, "5000x5000 pixels"),
+        ({"prompt": "x", "init_images": [bomb_png(30000, 30000)]}, 413, "too many pixels"),
+        ({"prompt": "x", "seed": "abc"}, 422, "seed"),
+    ],
+)
+def test_bad_requests_get_a_4xx_that_says_why(client, body, status, message):
+    reply = client.post("/jobs", json=body)
+    assert reply.status_code == status, reply.text
+    assert message in reply.json()["error"]
+    assert "Traceback" not in reply.text
+
+
+def test_mask_size_body_size_and_unknown_jobs(client):
+    image = b64_png(Image.new("RGB", (32, 32)))
+    reply = client.post(
+        "/jobs", json={"prompt": "x", "init_images": [image], "mask": b64_png(Image.new("L", (8, 8)))}
+    )
+    assert reply.status_code == 422 and "the mask is 8x8 but the image is 32x32" in reply.json()["error"]
+    huge = client.post(
+        "/jobs", content=b"{" + b" " * (25 * 2**20) + b"}", headers={"content-type": "application/json"}
+    )
+    assert huge.status_code == 413
+    assert client.get("/jobs/nope").status_code == 404
+    assert (
+        client.post(
+            "/sdapi/v1/txt2img", content=b"{oops", headers={"content-type": "application/json"}
+        ).status_code
+        == 422
+    )
+
+
+def test_other_sites_and_other_host_names_are_refused(client):
+    evil = client.post("/jobs", json={"prompt": "x"}, headers={"Origin": "http://evil.example"})
+    assert evil.status_code == 403 and "not allowed" in evil.json()["error"]
+    rebound = client.get("/health", headers={"Host": "evil.example"})
+    assert rebound.status_code == 403
+    same = client.get(
+        "/health", headers={"Origin": client.base_url.scheme + "://" + client.base_url.netloc.decode()}
+    )
+    assert same.status_code == 200
+    assert "access-control-allow-origin" not in {k.lower() for k in same.headers}
+
+
+def test_an_api_key_guards_everything_but_the_page(pipe):
+    port = free_port()
+    running = Server(create_app(pipe, port=port, api_key="s3cret"), port)
+    try:
+        with httpx.Client(base_url=running.url, timeout=30) as c:
+            assert c.get("/").status_code == 200
+            assert c.get("/sdapi/v1/samplers").status_code == 401
+            assert c.get("/sdapi/v1/samplers", headers={"Authorization": "Bearer wrong"}).status_code == 401
+            assert c.get("/sdapi/v1/samplers", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    finally:
+        running.stop()
+
+
+def test_serving_beyond_loopback_needs_an_api_key():
+    with pytest.raises(UnnoiseError, match="pass --api-key"):
+        serve("shapes-32", host="0.0.0.0", port=free_port(), api_key=None, queue_size=4)
+
+
+def test_the_openapi_schema_lists_the_endpoints(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/v1/images/generations", "/jobs"} <= set(paths)
+
+
+def test_forty_clients_at_once_are_all_answered_200_or_429_and_the_server_stays_healthy(pipe):
+    """A bounded load test (the benchmark, benchmarks/serve_load.py, runs it longer and reports latency)."""
+    import asyncio
+
+    port = free_port()
+    running = Server(create_app(pipe, port=port, queue_size=4), port)
+    statuses = []
+
+    async def one_client(k):
+        async with httpx.AsyncClient(base_url=running.url, timeout=60) as http:
+            for n in range(3):
+                reply = await http.post(
+                    "/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "seed": k * 10 + n}
+                )
+                statuses.append(reply.status_code)
+
+    async def everyone():
+        await asyncio.gather(*(one_client(k) for k in range(40)))
+
+    try:
+        asyncio.run(everyone())
+        assert len(statuses) == 120 and set(statuses) <= {200, 429}
+        assert statuses.count(200) >= 5 and statuses.count(429) >= 1  # some served, the rest told to wait
+        health = httpx.get(f"{running.url}/health", timeout=10).json()
+        assert health["worker_alive"] and health["queued"] == 0
+    finally:
+        running.stop()

@@ -1,0 +1,106 @@
+"""The web page in a real browser: Debian's chromium driven by Playwright against a real server.
+
+Skipped, with the reason, where chromium or Playwright is missing (`make browser` installs chromium with
+apt where that is allowed). Screenshots go to test-output/.
+"""
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import unnoise
+from unnoise.server.app import create_app
+
+from .test_server import Server, free_port
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+playwright_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="no chromium on this machine (make browser installs it)"
+)
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = free_port()
+    running = Server(create_app(unnoise.load("shapes-32"), port=port), port)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1100, "height": 800})
+        page.goto(server.url + "/")
+        yield page
+        browser.close()
+
+
+def test_typing_a_prompt_and_pressing_generate_shows_the_images(page):
+    page.fill("#prompt", "a red circle above a blue square")
+    page.fill("#count", "2")
+    page.fill("#steps", "12")
+    page.click("#generate")
+    page.wait_for_selector("#gallery figure img", timeout=60_000)
+    page.wait_for_function("document.querySelectorAll('#gallery figure').length === 2", timeout=60_000)
+    assert page.inner_text("#status").startswith("done: 2 image(s)")
+    caption = page.inner_text("#gallery figcaption")
+    assert caption.startswith("a red circle above a blue square") and "Steps: 12" in caption
+    assert page.get_attribute("#preview", "src").startswith("data:image/png;base64,")
+    OUTPUT.mkdir(exist_ok=True)
+    page.screenshot(path=str(OUTPUT / "web-page-generate.png"), full_page=True)
+
+
+def test_the_download_is_the_png_with_its_parameters(page):
+    with page.expect_download() as download:
+        page.click("#gallery figure a")
+    data = Path(download.value.path()).read_bytes()
+    image = Image.open(io.BytesIO(data))
+    assert image.size == (32, 32) and image.info["parameters"].startswith("a red circle above a blue square")
+
+
+def test_inpainting_a_painted_mask_keeps_the_rest_of_the_picture(page, tmp_path):
+    rng = np.random.default_rng(0)
+    source = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    source.save(tmp_path / "in.png")
+    page.check("input[name=mode][value=inpaint]")
+    page.set_input_files("#file", str(tmp_path / "in.png"))
+    page.wait_for_function("document.getElementById('mask').width === 32")
+    box = page.locator("#mask").bounding_box()
+    page.mouse.move(box["x"] + 40, box["y"] + 40)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 90, box["y"] + 90, steps=5)
+    page.mouse.up()
+    page.fill("#prompt", "a green triangle")
+    page.fill("#count", "1")
+    before = page.locator("#gallery figure").count()
+    page.click("#generate")
+    page.wait_for_function(
+        f"document.querySelectorAll('#gallery figure').length === {before + 1}", timeout=60_000
+    )
+    src = page.get_attribute("#gallery figure img", "src")
+    import base64
+
+    result = np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB"))
+    changed = (result != np.asarray(source)).any(-1)
+    assert 0 < changed.sum() < 32 * 32 / 2  # only the painted corner changed
+    assert not changed[20:, :].any() and not changed[:, 20:].any()
+    page.screenshot(path=str(OUTPUT / "web-page-inpaint.png"), full_page=True)
