@@ -299,6 +299,27 @@ def test_other_sites_and_other_host_names_are_refused(client):
     assert "access-control-allow-origin" not in {k.lower() for k in same.headers}
 
 
+def test_bound_to_every_interface_it_answers_to_ip_addresses_and_allowed_names_only(pipe):
+    port = free_port()
+    app = create_app(pipe, host="0.0.0.0", port=port, api_key="k", allowed_hosts=("gpu-box.lan",))
+    running = Server(app, port)
+    key = {"Authorization": "Bearer k"}
+    try:
+        with httpx.Client(base_url=running.url, timeout=30) as c:
+            for host in (f"192.168.1.5:{port}", f"gpu-box.lan:{port}", f"[fe80::1]:{port}"):
+                assert c.get("/sdapi/v1/samplers", headers={**key, "Host": host}).status_code == 200, host
+            assert (
+                c.get("/sdapi/v1/samplers", headers={**key, "Host": f"evil.example:{port}"}).status_code
+                == 403
+            )
+            same = {**key, "Host": f"192.168.1.5:{port}", "Origin": f"http://192.168.1.5:{port}"}
+            assert c.get("/health", headers=same).status_code == 200
+            other = {**same, "Origin": f"http://192.168.1.6:{port}"}
+            assert c.get("/health", headers=other).status_code == 403
+    finally:
+        running.stop()
+
+
 def test_an_api_key_guards_everything_but_the_page(pipe):
     port = free_port()
     running = Server(create_app(pipe, port=port, api_key="s3cret"), port)

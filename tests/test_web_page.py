@@ -104,3 +104,12 @@ def test_inpainting_a_painted_mask_keeps_the_rest_of_the_picture(page, tmp_path)
     assert 0 < changed.sum() < 32 * 32 / 2  # only the painted corner changed
     assert not changed[20:, :].any() and not changed[:, 20:].any()
     page.screenshot(path=str(OUTPUT / "web-page-inpaint.png"), full_page=True)
+
+
+def test_the_api_page_lists_the_endpoints_offline(page, server):
+    page.goto(server.url + "/docs")
+    page.wait_for_selector("h2", timeout=30_000)
+    headings = page.locator("h2").all_inner_texts()
+    assert "POST /sdapi/v1/txt2img" in headings and "POST /v1/images/generations" in headings
+    assert "cfg_scale" in page.inner_text("#api")
+    page.screenshot(path=str(OUTPUT / "web-page-docs.png"), full_page=True)

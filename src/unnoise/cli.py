@@ -210,7 +210,14 @@ def _cmd_eval_inpaint(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .server.app import serve
 
-    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, queue_size=args.queue_size)
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        queue_size=args.queue_size,
+        allowed_hosts=tuple(args.allow_host),
+    )
     return 0
 
 
@@ -359,6 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key", default=None, help="require 'Authorization: Bearer KEY' (needed off loopback)"
     )
     p.add_argument("--queue-size", type=int, default=16, help="requests that may wait; more get HTTP 429")
+    p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        help="a DNS name clients may call this server by (repeatable)",
+    )
     p.set_defaults(run=_cmd_serve)
 
     from .train.config import TrainConfig

@@ -214,6 +214,7 @@ def create_app(
     port: int = 7860,
     api_key: str | None = None,
     queue_size: int = 16,
+    allowed_hosts: tuple[str, ...] = (),
 ) -> FastAPI:
     """The application for a loaded Pipeline, or for a function that loads one (`serve` passes one, so the
     model is loaded on the worker's thread, see jobs.Worker)."""
@@ -230,9 +231,12 @@ def create_app(
         description="Text-to-image diffusion: AUTOMATIC1111- and OpenAI-compatible endpoints and jobs.",
         version="1",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's own pages load their scripts from a CDN: /docs is ours, offline
+        redoc_url=None,
     )
     app.state.worker = worker
-    app.add_middleware(Guard, host=host, port=port, api_key=api_key, max_body=MAX_BODY)
+    guard = dict(host=host, port=port, api_key=api_key, max_body=MAX_BODY, allowed_hosts=allowed_hosts)
+    app.add_middleware(Guard, **guard)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException):
@@ -408,6 +412,10 @@ def create_app(
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
 
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> FileResponse:
+        return FileResponse(STATIC / "docs.html")
+
     @app.get("/config", include_in_schema=False)
     async def config() -> dict[str, Any]:
         limits = {"max_steps": MAX_STEPS, "max_images": MAX_IMAGES, "needs_key": api_key is not None}
@@ -417,7 +425,15 @@ def create_app(
     return app
 
 
-def serve(model: str, *, host: str, port: int, api_key: str | None, queue_size: int) -> None:
+def serve(
+    model: str,
+    *,
+    host: str,
+    port: int,
+    api_key: str | None,
+    queue_size: int,
+    allowed_hosts: tuple[str, ...] = (),
+) -> None:
     """`unnoise serve`: load the model and run uvicorn until interrupted."""
     import uvicorn
 
@@ -425,6 +441,13 @@ def serve(model: str, *, host: str, port: int, api_key: str | None, queue_size: 
 
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         raise UnnoiseError(f"binding {host} exposes the server beyond this machine: pass --api-key too")
-    app = create_app(lambda: load(model), host=host, port=port, api_key=api_key, queue_size=queue_size)
+    app = create_app(
+        lambda: load(model),
+        host=host,
+        port=port,
+        api_key=api_key,
+        queue_size=queue_size,
+        allowed_hosts=allowed_hosts,
+    )
     print(f"unnoise: serving {app.state.worker.pipe.name} on http://{host}:{port}/ (API docs at /docs)")
     uvicorn.run(app, host=host, port=port, log_level="warning", limit_concurrency=256)

@@ -1,9 +1,11 @@
 """The server's gate, as ASGI middleware: Host and Origin checks, the API key, and the body-size limit.
 
-- Host: the request must name this server (a loopback name, or the host it was bound to). A web page on
-  another site that rebinds its DNS name to 127.0.0.1 still sends its own name, and is refused.
-- Origin: a browser sends it with cross-site requests; anything but this server's own origin is refused,
-  so no other page can make a visitor's browser generate. There are no CORS headers at all.
+- Host: the request must name this server: a loopback name, the host it was bound to, a name given with
+  --allow-host, or (bound to every interface) an IP address. A web page on another site that rebinds its
+  DNS name to 127.0.0.1 still sends its own name, and is refused.
+- Origin: a browser sends it with cross-site requests; an origin other than the Host the request names
+  (same scheme-less host and port) is refused, so no other page can make a visitor's browser generate.
+  There are no CORS headers at all.
 - API key: when set, every request but the page and its static files needs `Authorization: Bearer KEY`.
 - Body: at most `max_body` bytes, whether or not a Content-Length was sent.
 """
@@ -11,11 +13,19 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 from urllib.parse import urlsplit
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
-OPEN_PATHS = ("/", "/static/", "/config", "/health")  # the page loads without the key, then asks for it
+OPEN_PATHS = (
+    "/",
+    "/static/",
+    "/config",
+    "/health",
+    "/docs",
+    "/openapi.json",
+)  # the page loads without the key, then asks for it
 
 
 class BodyTooLargeError(Exception):
@@ -23,9 +33,10 @@ class BodyTooLargeError(Exception):
 
 
 class Guard:
-    def __init__(self, app, *, host: str, port: int, api_key: str | None, max_body: int):
+    def __init__(self, app, *, host: str, port: int, api_key: str | None, max_body: int, allowed_hosts=()):
         self.app, self.port, self.api_key, self.max_body = app, port, api_key, max_body
-        self.hosts = LOOPBACK | {host}
+        self.hosts = LOOPBACK | {host.lower()} | {h.lower() for h in allowed_hosts}
+        self.any_address = host in ("0.0.0.0", "::", "")  # every interface: any IP literal names us
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -62,15 +73,12 @@ class Guard:
                 await _reply(send, 413, f"the request body is larger than {self.max_body} bytes")
 
     def refusal(self, scope, headers: dict[str, str]) -> tuple[int, str] | None:
-        host = urlsplit(f"//{headers.get('host', '')}").hostname or ""
-        if host not in self.hosts and f"[{host}]" not in self.hosts:
-            return 403, f"host {headers.get('host', '')!r} is not this server"
+        host_header = headers.get("host", "")
+        if not self.names_us(urlsplit(f"//{host_header}").hostname or ""):
+            return 403, f"host {host_header!r} is not this server"
         origin = headers.get("origin")
-        if origin is not None:
-            parts = urlsplit(origin)
-            port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
-            if parts.hostname not in self.hosts or port != self.port:
-                return 403, f"requests from {origin} are not allowed"
+        if origin is not None and urlsplit(origin).netloc.lower() != host_header.lower():
+            return 403, f"requests from {origin} are not allowed"
         path = scope["path"]
         open_path = path == "/" or any(path.startswith(p) for p in OPEN_PATHS[1:])
         if self.api_key and not open_path:
@@ -78,6 +86,20 @@ class Guard:
             if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
                 return 401, "a valid API key is needed: Authorization: Bearer KEY"
         return None
+
+    def names_us(self, hostname: str) -> bool:
+        hostname = hostname.lower()
+        return (
+            hostname in self.hosts or f"[{hostname}]" in self.hosts or (self.any_address and _is_ip(hostname))
+        )
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
 
 
 async def _reply(send, status: int, message: str) -> None:
