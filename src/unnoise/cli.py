@@ -160,9 +160,19 @@ def _cmd_interpolate(args: argparse.Namespace) -> int:
     return _save(frames, args.out, [f"frame-{k:02d}" for k in range(len(frames))])
 
 
-def _cmd_eval_shapes(args: argparse.Namespace) -> int:
+def _write_report(report: dict, where: str) -> int:
+    """The JSON report, written to a temporary name and renamed (never half a file)."""
     import json
 
+    path = Path(where)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(report, indent=1))
+    tmp.replace(path)
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_eval_shapes(args: argparse.Namespace) -> int:
     from .eval.shapes_eval import run_shapes_eval
 
     report = run_shapes_eval(
@@ -175,17 +185,10 @@ def _cmd_eval_shapes(args: argparse.Namespace) -> int:
         prompts_per_category=args.prompts_per_category,
     )
     print(report.table())
-    path = Path(args.report)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(report.to_dict(), indent=1))
-    tmp.replace(path)
-    print(f"wrote {path}")
-    return 0
+    return _write_report(report.to_dict(), args.report)
 
 
 def _cmd_eval_inpaint(args: argparse.Namespace) -> int:
-    import json
-
     from .eval.inpaint_eval import run_inpaint_eval, table
 
     report = run_inpaint_eval(
@@ -199,12 +202,7 @@ def _cmd_eval_inpaint(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     print(table(report))
-    path = Path(args.report)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(path)
-    print(f"wrote {path}")
-    return 0
+    return _write_report(report, args.report)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

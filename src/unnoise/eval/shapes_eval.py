@@ -440,7 +440,7 @@ def evaluate(
 ) -> Report:
     """Judge `generate(prompt, seed, n) -> n images` (image i from seed + i) on every prompt, same seeds."""
     if samples_per_prompt < 1:
-        raise UnnoiseError(f"samples_per_prompt must be at least 1, got {samples_per_prompt}")
+        raise UnnoiseError(f"--samples (images per prompt) must be at least 1, got {samples_per_prompt}")
     results = []
     for spec in prompt_set() if prompts is None else prompts:
         images = list(generate(spec.prompt, seed, samples_per_prompt))
