@@ -34,6 +34,9 @@ from .release import load_release
 from .text.encoders import CachedTextEncoder, TextEmbedding, load_text_encoder
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"  # models shipped inside the package
+# RePaint's default for inpainting: blocks of 2 steps, each run 5 times. On shapes-32 it took InpaintEval
+# from 77% to 92% (README, "Edit"); resample=1 turns it off, five times faster.
+REPAINT_JUMP, REPAINT_RESAMPLE = 2, 5
 
 
 @dataclass(frozen=True)
@@ -260,16 +263,15 @@ class Pipeline:
         feather: int = 0,
         area: Literal["whole", "masked"] = "whole",
         padding: int = 4,
-        jump: int = 2,
-        resample: int = 5,
+        jump: int = REPAINT_JUMP,
+        resample: int = REPAINT_RESAMPLE,
         callback: Callable[[Step], None] | None = None,
         **settings,
     ) -> list[Image.Image]:
         """Regenerate the white part of `mask` (same size as the image) to fit the prompt; every pixel where
         the mask is black stays exactly as in the input, which keeps its size. `feather` blurs the mask's
-        edge by that many input pixels. RePaint resampling runs each block of `jump` steps `resample` times:
-        on by default (2, 5), since it took InpaintEval from 77% to 92% on shapes-32 (README, "Edit");
-        resample=1 turns it off, five times faster.
+        edge by that many input pixels. RePaint resampling runs each block of `jump` steps `resample` times
+        (on by default, see REPAINT_JUMP; resample=1 turns it off).
 
         area="whole" shows the model the whole picture; area="masked" (AUTOMATIC1111's "only masked") only a
         square around the mask with `padding` pixels of context, enlarged to the model's size, so the prompt
@@ -293,14 +295,14 @@ class Pipeline:
         requests = self.requests(prompt, **extra, **settings)
         init = from_pil([fit(crop, r)]).to(self.device)  # (1, 3, R, R)
         cover = torch.from_numpy(np.array(weight.resize((r, r), Image.BOX))) > 0  # (R, R): any coverage
-        inpainting = dict(known=init, mask=cover[None, None].to(self.device), jump=jump, resample=resample)
+        inpainting = dict(mask=cover[None, None].to(self.device), jump=jump, resample=resample)
         images = self.run(requests, callback=callback, init=init, inpainting=inpainting)
         if feather:
             weight = weight.filter(ImageFilter.GaussianBlur(feather))
         results = []
         for image_ in images:
             result = source.copy()  # the crop pasted back is the input wherever the weight is 0
-            result.paste(paste_where(fit(image_, crop.size), crop, weight, {}), box[:2])
+            result.paste(Image.composite(fit(image_, crop.size), crop, weight), box[:2])
             result.info.update(image_.info)
             results.append(result)
         return results
@@ -375,7 +377,8 @@ class Pipeline:
         callback: Callable[[Step], None] | None = None,
         **options,
     ) -> list[Image.Image]:
-        """Sample one image per request (they share sampler, steps and guidance); init (1, 3, R, R)."""
+        """Sample one image per request (they share sampler, steps and guidance). init (1, 3, R, R) is the
+        image to edit; with `inpainting` (mask, jump, resample) it is the one to inpaint."""
         first = requests[0]
         generators = [torch.Generator().manual_seed(q.seed) for q in requests]
         noise = torch.stack([self.noise(q, g) for q, g in zip(requests, generators, strict=True)])
@@ -387,10 +390,9 @@ class Pipeline:
         common = dict(sampler=first.sampler, cond=cond, generator=generators, callback=callback, **options)
         with torch.no_grad():
             if inpainting is not None:
-                known = inpainting.pop("known").expand_as(noise)
                 x = inpaint(
                     denoiser,
-                    known,
+                    init.expand_as(noise),
                     noise=noise,
                     sigmas=sigmas,
                     strength=first.denoising_strength,
@@ -508,13 +510,6 @@ def masked_area(mask: Image.Image, padding: int) -> tuple[int, int, int, int] | 
 def _with_info(image: Image.Image, info: dict) -> Image.Image:
     image.info.update(info)
     return image
-
-
-def paste_where(result: Image.Image, source: Image.Image, weight: Image.Image, info: dict) -> Image.Image:
-    """source where weight is 0, result where it is 255, blended between; keeps `info` (the parameters)."""
-    out = Image.composite(result, source, weight)
-    out.info.update(info)
-    return out
 
 
 def resolve_model(name_or_path: str | Path) -> Path:

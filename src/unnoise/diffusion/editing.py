@@ -116,8 +116,9 @@ def inpaint(
     keep = known_region(denoiser, known, mask)
     n = len(sigmas) - 1
     start = img2img_start(n, strength)
-    x = noise * float(sigmas[0]) if start == 0 else known + noise * float(sigmas[start])
-    x = torch.where(mask.bool(), x, known + noise * float(sigmas[start]))  # the known part's noisy path
+    x = known + noise * float(sigmas[start])  # the known part's noisy path (and img2img's start)
+    if start == 0:  # strength 1: the regenerated part starts from noise alone
+        x = torch.where(mask.bool(), noise * float(sigmas[0]), x)
     fn = get_sampler(sampler)
     plan = [(a + start, b + start) for a, b in repaint_plan(n - start, jump=jump, resample=resample)]
     previous_end = None

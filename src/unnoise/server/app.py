@@ -31,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..diffusion.samplers import SAMPLERS
 from ..errors import UnnoiseError
-from ..pipeline import Pipeline
+from ..pipeline import REPAINT_RESAMPLE, Pipeline
 from .jobs import FINISHED, Job, QueueFullError, Worker
 from .security import Guard
 
@@ -102,15 +102,10 @@ class Img2Img(Txt2Img):
     inpaint_full_res_padding: int = Field(4, ge=0, le=256)
 
 
-class JobRequest(Txt2Img):
+class JobRequest(Img2Img):
     """POST /jobs: txt2img fields, plus init_images (img2img) and mask (inpainting) when given."""
 
     init_images: list[str] | None = Field(None, min_length=1, max_length=1)
-    denoising_strength: float = Field(0.75, ge=0.0, le=1.0)
-    mask: str | None = None
-    mask_blur: int = Field(0, ge=0, le=64)
-    inpaint_full_res: bool = False
-    inpaint_full_res_padding: int = Field(4, ge=0, le=256)
 
 
 class OpenAIImages(BaseModel):
@@ -193,7 +188,7 @@ def job_for(body: Txt2Img, pipe: Pipeline) -> Job:
         settings, image=image, mask=mask, strength=strength, feather=body.mask_blur, area=area,
         padding=body.inpaint_full_res_padding,
     )  # fmt: skip
-    return Job("inpaint", arguments, total_steps=steps * 5)  # Pipeline.inpaint's RePaint runs blocks 5 times
+    return Job("inpaint", arguments, total_steps=steps * REPAINT_RESAMPLE)  # RePaint runs each block again
 
 
 def b64(png: bytes) -> str:
