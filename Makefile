@@ -46,6 +46,7 @@ bench: setup
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/startup.py
 	$(BIN)/python benchmarks/serve_load.py --json benchmarks/results/serve_load.json
+	$(BIN)/python benchmarks/threads.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

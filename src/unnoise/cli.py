@@ -125,12 +125,12 @@ def _cmd_edit(args: argparse.Namespace) -> int:
 
 
 def _cmd_inpaint(args: argparse.Namespace) -> int:
-    from .pipeline import load
+    from .pipeline import REPAINT_RESAMPLE, load
 
     pipe = load(args.model or "shapes-32")
     settings = _settings(args)
     images = _with_progress(
-        round(args.steps * args.strength) * args.resample,
+        round(args.steps * args.strength) * (args.resample or REPAINT_RESAMPLE),
         lambda callback: pipe.inpaint(
             args.image,
             args.mask,
@@ -139,9 +139,8 @@ def _cmd_inpaint(args: argparse.Namespace) -> int:
             feather=args.feather,
             area=args.area,
             padding=args.padding,
-            jump=args.jump,
-            resample=args.resample,
             callback=callback,
+            **_repaint(args),
             **settings,
         ),
     )
@@ -197,9 +196,9 @@ def _cmd_eval_inpaint(args: argparse.Namespace) -> int:
         sampler=args.sampler,
         steps=args.steps,
         guidance=args.guidance,
-        jump=args.jump,
-        resample=args.resample,
+        area=args.area,
         seed=args.seed,
+        **_repaint(args),
     )
     print(table(report))
     return _write_report(report, args.report)
@@ -240,6 +239,18 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class) -> None:
             parser.add_argument(flag, type=int, **shown)
         else:
             parser.add_argument(flag, type=type(default), **shown)
+
+
+def add_repaint_arguments(p: argparse.ArgumentParser) -> None:
+    """--jump and --resample; left out, they take the pipeline's defaults (REPAINT_JUMP, REPAINT_RESAMPLE)."""
+    p.add_argument("--jump", type=int, default=None, help="RePaint: steps per resampled block (default 2)")
+    p.add_argument(
+        "--resample", type=int, default=None, help="RePaint: runs of each block (default 5; 1 = off)"
+    )
+
+
+def _repaint(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in ("jump", "resample") if getattr(args, name) is not None}
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, *, count: bool = True) -> None:
@@ -306,8 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--area", choices=("whole", "masked"), default="whole", help="what the model sees (default whole)"
     )
     p.add_argument("--padding", type=int, default=4, help="context pixels around the mask for --area masked")
-    p.add_argument("--jump", type=int, default=2, help="RePaint: steps per resampled block (default 2)")
-    p.add_argument("--resample", type=int, default=5, help="RePaint: runs of each block (default 5; 1 = off)")
+    add_repaint_arguments(p)
     add_sampling_arguments(p)
     p.set_defaults(run=_cmd_inpaint)
 
@@ -346,9 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default="dpmpp_2m")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=3.0)
-    p.add_argument("--jump", type=int, default=2, help="RePaint: steps per resampled block (default 2)")
-    p.add_argument("--resample", type=int, default=5, help="RePaint: runs of each block (default 5; 1 = off)")
+    add_repaint_arguments(p)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--area", choices=("whole", "masked"), default="whole", help="what the model sees")
     p.add_argument("--report", default="inpaint_eval.json", help="where the JSON report goes")
     p.set_defaults(run=_cmd_eval_inpaint)
 

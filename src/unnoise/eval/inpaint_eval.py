@@ -120,22 +120,27 @@ def run_inpaint_eval(
     sampler: str = "dpmpp_2m",
     steps: int = 20,
     guidance: float = 3.0,
-    jump: int = 2,
-    resample: int = 5,
+    jump: int | None = None,  # None: the pipeline's defaults (RePaint on)
+    resample: int | None = None,
+    area: str = "whole",
     seed: int = 0,
 ) -> dict[str, Any]:
-    from ..pipeline import load
+    from ..pipeline import REPAINT_JUMP, REPAINT_RESAMPLE, load
 
     pipe = load(model_path)
+    jump = REPAINT_JUMP if jump is None else jump
+    resample = REPAINT_RESAMPLE if resample is None else resample
 
     def edit(image: Image.Image, mask: Image.Image, prompt: str, image_seed: int, n: int):
-        options = dict(steps=steps, sampler=sampler, guidance=guidance, jump=jump, resample=resample)
+        options = dict(
+            steps=steps, sampler=sampler, guidance=guidance, jump=jump, resample=resample, area=area
+        )
         return pipe.inpaint(image, mask, prompt, seed=image_seed, num_images=n, **options)
 
     report = evaluate_inpainting(edit, inpaint_trials(pipe.resolution), samples, seed=seed)
     report["settings"] = dict(
         model=str(model_path), samples=samples, sampler=sampler, steps=steps, guidance=guidance,
-        jump=jump, resample=resample, seed=seed,
+        jump=jump, resample=resample, area=area, seed=seed,
     )  # fmt: skip
     return report
 
