@@ -139,7 +139,7 @@ def test_repaint_resampling_moves_a_mixture_towards_its_true_conditional():
     truth = w_up * 1.5 - (1 - w_up) * 1.5
     plain = inpainted(mixture, 0.3, sampler="euler_ancestral", n=4000)[:, 1].mean()
     repaint = inpainted(mixture, 0.3, sampler="euler_ancestral", jump=10, resample=10, n=4000)[:, 1].mean()
-    print(f"E[x2 | x1 = 0.3]: exact {truth:.3f}, inpainted {float(plain):.3f}, with RePaint {float(repaint):.3f}")
+    print(f"E[x2 | x1 = 0.3]: exact {truth:.3f}, inpainted {plain:.3f}, with RePaint {repaint:.3f}")
     assert abs(truth - 0.6328) < 1e-3
     assert abs(float(repaint) - truth) < 0.6 * abs(float(plain) - truth), (
         float(plain),
