@@ -12,7 +12,7 @@ import sys
 from safetensors.torch import save_file
 
 from unnoise.train.config import TrainConfig
-from unnoise.train.distributed import init_distributed, shutdown
+from unnoise.train.distributed import barrier, init_distributed, shutdown
 from unnoise.train.loop import Run
 
 config = TrainConfig(preset="tiny", batch_size=8, precision="fp32", out="/nonexistent", cond_dropout=0.25)
@@ -22,4 +22,5 @@ run.backward(run.micro_batches(3))
 if setup.is_main:
     grads = {name: p.grad for name, p in run.network.named_parameters() if p.grad is not None}
     save_file({k: v.contiguous() for k, v in grads.items()}, sys.argv[1])
+barrier(setup)  # leave together, as train() does: a rank tearing gloo down alone sometimes aborted (SIGABRT)
 shutdown(setup)
