@@ -73,6 +73,10 @@ def test_train_reports_bad_input_without_a_traceback(tmp_path):
         (["--preset", "huge"], "unknown preset 'huge'"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),
         (["--text-encoder", str(tmp_path)], str(tmp_path)),
+        (["--checkpoint-every", "0"], "--checkpoint-every must be at least 1"),  # issue 12
+        (["--lr", "nan"], "--lr must be a positive number"),
+        (["--resolution", "100000"], "--resolution must be in 16..1024"),
+        (["--resolution", "30"], "not a multiple of the UNet's stride 4"),
     ]
     for args, message in cases:
         run = subprocess.run(
@@ -82,3 +86,15 @@ def test_train_reports_bad_input_without_a_traceback(tmp_path):
         )
         assert run.returncode == 2, (args, run.stderr)
         assert message in run.stderr and "Traceback" not in run.stderr, (args, run.stderr)
+
+
+def test_resume_names_a_damaged_run_config(tmp_path):
+    """Issue 12: a truncated config.json, or one that holds a list, was a traceback."""
+    for text, message in (('{"steps": 1', "is not valid JSON"), ("[1, 2]", "holds a list")):
+        (tmp_path / "config.json").write_text(text)
+        run = subprocess.run(
+            [sys.executable, "-m", "unnoise", "train", "--out", str(tmp_path), "--resume"],
+            capture_output=True,
+            text=True,
+        )
+        assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr

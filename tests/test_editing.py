@@ -18,7 +18,8 @@ from unnoise.diffusion.editing import img2img, img2img_start, inpaint, repaint_p
 from unnoise.diffusion.samplers import sample
 from unnoise.diffusion.schedules import karras
 from unnoise.errors import UnnoiseError
-from unnoise.pipeline import Request, masked_area
+from unnoise.images import masked_area
+from unnoise.settings import ImageSettings
 from unnoise.testing import GaussianMixture
 
 MU, S = torch.tensor([1.0, -2.0], dtype=torch.float64), 0.7
@@ -247,7 +248,7 @@ def test_variation_strength_one_is_the_other_seed_and_interpolation_ends_are_the
     last = pipe.generate("a blue square", seed=9, **settings)[0]
     # the frames go through the network as one batch: float rounding may move a pixel by one level
     assert np.abs(pixels(frames[-1]).astype(int) - pixels(last)).max() <= 1
-    middle = Request.from_parameters(frames[1].info["parameters"])
+    middle = ImageSettings.from_parameters(frames[1].info["parameters"])
     assert (middle.variation_seed, middle.variation_strength, middle.prompt_mix) == (9, 0.5, 0.5)
     assert middle.mix_prompt == "a blue square"
     again = pipe.generate(
@@ -263,16 +264,19 @@ def test_variation_strength_one_is_the_other_seed_and_interpolation_ends_are_the
 
 
 def test_editing_parameters_round_trip_through_the_png_text():
-    request = Request(
+    request = ImageSettings(
         "a cat",
         "blurry",
-        "heun",
-        12,
-        2.5,
-        7,
-        32,
-        32,
-        "m",
+        "ddim",
+        {"eta": 0.5},
+        steps=12,
+        guidance=2.5,
+        seed=7,
+        width=32,
+        height=32,
+        model="m",
+        repaint_jump=2,
+        repaint_resample=5,
         variation_seed=3,
         variation_strength=1 / 3,
         mix_prompt="a dog",
@@ -282,20 +286,26 @@ def test_editing_parameters_round_trip_through_the_png_text():
         inpaint_area="masked",
         masked_padding=6,
     )
-    assert Request.from_parameters(request.parameters()) == request
-    assert "Denoising strength" not in Request("a cat").parameters()
+    assert ImageSettings.from_parameters(request.parameters()) == request
+    assert "Denoising strength" not in ImageSettings("a cat").parameters()
 
 
 def test_bad_editing_input_gets_a_clear_error(pipe, tmp_path):
     image = Image.new("RGB", (32, 32), "white")
     with pytest.raises(UnnoiseError, match=r"mask is 16x16 but the image is 32x32"):
         pipe.inpaint(image, Image.new("L", (16, 16)), "x")
-    with pytest.raises(UnnoiseError, match=r"strength must be a number in \[0, 1\], got 1.5"):
+    with pytest.raises(UnnoiseError, match=r"denoising strength must be in \[0, 1\], got 1.5"):
         pipe.edit(image, "x", strength=1.5)
-    with pytest.raises(UnnoiseError, match=r"strength must be a number in \[0, 1\], got -0.1"):
+    with pytest.raises(UnnoiseError, match=r"denoising strength must be in \[0, 1\], got -0.1"):
         pipe.inpaint(image, image, "x", strength=-0.1)
-    with pytest.raises(UnnoiseError, match="variation_strength must be"):
+    with pytest.raises(UnnoiseError, match="denoising strength must be a finite number, got nan"):
+        pipe.edit(image, "x", strength=float("nan"))
+    with pytest.raises(UnnoiseError, match="variation strength must be"):
         pipe.generate("x", variation_seed=1, variation_strength=2.0)
+    with pytest.raises(UnnoiseError, match=r"seed must be in 0\.\."):
+        pipe.generate("x", seed=2**70)
+    with pytest.raises(UnnoiseError, match="has no option eta"):
+        pipe.edit(image, "x", sampler="dpmpp_2m", sampler_options={"eta": 0.5})
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     with pytest.raises(UnnoiseError, match=r"cannot read the image .*broken\.png"):
         pipe.edit(tmp_path / "broken.png", "x")
@@ -305,3 +315,27 @@ def test_bad_editing_input_gets_a_clear_error(pipe, tmp_path):
         pipe.inpaint(image, image, "x", area="all")
     with pytest.raises(UnnoiseError, match="needs to_prompt, to_seed or both"):
         pipe.interpolate("x")
+
+
+def test_every_editing_method_takes_the_samplers_options(pipe):
+    """Issue 12: edit and inpaint raised TypeError for eta, which generate accepted."""
+    image = Image.new("RGB", (32, 32), "white")
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 20, 20))
+    options = dict(sampler="ddim", sampler_options={"eta": 0.5}, steps=4, seed=1)
+    for images in (
+        pipe.generate("x", **options),
+        pipe.edit(image, "x", strength=0.5, **options),
+        pipe.inpaint(image, mask, "x", resample=1, **options),
+    ):
+        assert "Eta: 0.5" in images[0].info["parameters"]
+        assert ImageSettings.from_parameters(images[0].info["parameters"]).sampler_options == {"eta": 0.5}
+
+
+def test_inpainting_at_strength_zero_returns_the_input(pipe):
+    """Issue 12: inpaint(strength=0, resample=1) failed inside the schedule instead of running no step."""
+    image = Image.effect_noise((32, 32), 60).convert("RGB")
+    mask = Image.new("L", (32, 32), 255)
+    for resample in (1, 5):
+        out = pipe.inpaint(image, mask, "x", strength=0, resample=resample, steps=4)[0]
+        assert np.array_equal(np.asarray(out), np.asarray(image))

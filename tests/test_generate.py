@@ -10,7 +10,8 @@ import torch
 import unnoise
 from unnoise.diffusion.guidance import cfg
 from unnoise.errors import UnnoiseError
-from unnoise.pipeline import Request, read_png_parameters, save_png
+from unnoise.images import read_png_parameters, save_png
+from unnoise.settings import ImageSettings
 from unnoise.train.config import TrainConfig
 from unnoise.train.loop import train
 
@@ -42,7 +43,10 @@ def test_png_parameters_round_trip_and_recreate_the_image(model, tmp_path):
     image = pipe.generate("a blue square", negative_prompt="red", seed=3, steps=5, guidance=2.5)[0]
     path = save_png(image, tmp_path / "a.png")
     request = read_png_parameters(path)
-    assert request == Request("a blue square", "red", "dpmpp_2m", 5, 2.5, 3, 16, 16, "model")
+    expected = ImageSettings(
+        "a blue square", "red", "dpmpp_2m", steps=5, guidance=2.5, seed=3, width=16, height=16, model="model"
+    )
+    assert request == expected
     assert "Negative prompt: red" in image.info["parameters"]
     run = subprocess.run(
         [

@@ -370,3 +370,37 @@ def test_forty_clients_at_once_are_all_answered_200_or_429_and_the_server_stays_
         assert health["worker_alive"] and health["queued"] == 0
     finally:
         running.stop()
+
+
+def test_a_bug_is_a_500_logged_for_the_operator_and_a_users_mistake_a_422(pipe, caplog):
+    """Issue 12: every exception inside the library was a 422 with its message, and nothing was logged."""
+
+    class Faulty:
+        def __init__(self, error):
+            self.error, self.name, self.resolution = error, "faulty", pipe.resolution
+
+        def generate(self, *args, **kwargs):
+            raise self.error
+
+    for error, status in ((RuntimeError("tensor shapes broke"), 500), (UnnoiseError("steps too many"), 422)):
+        port = free_port()
+        running = Server(create_app(lambda error=error: Faulty(error), port=port, queue_size=2), port)
+        try:
+            with caplog.at_level("ERROR", logger="unnoise.server"):
+                caplog.clear()
+                answer = httpx.post(f"{running.url}/sdapi/v1/txt2img", json={"prompt": "x"}, timeout=60)
+        finally:
+            running.stop()
+        assert answer.status_code == status, answer.text
+        if status == 500:
+            assert "tensor shapes broke" not in answer.text and "internal error" in answer.json()["error"]
+            assert "tensor shapes broke" in caplog.text and "Traceback" in caplog.text
+        else:
+            assert answer.json()["error"] == "steps too many" and not caplog.text
+
+
+def test_serve_refuses_a_port_out_of_range_and_an_unbounded_queue():
+    with pytest.raises(UnnoiseError, match=r"--port must be in 1\.\.65535, got 70000"):
+        serve("shapes-32", host="127.0.0.1", port=70000, api_key=None, queue_size=4)
+    with pytest.raises(UnnoiseError, match="--queue-size must be at least 1, got 0"):
+        serve("shapes-32", host="127.0.0.1", port=7860, api_key=None, queue_size=0)

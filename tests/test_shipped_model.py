@@ -13,7 +13,7 @@ import pytest
 import unnoise
 from unnoise.cli import build_parser
 from unnoise.eval.shapes_eval import evaluate, prompt_set
-from unnoise.pipeline import MODELS_DIR
+from unnoise.release import MODELS_DIR
 from unnoise.train.config import TrainConfig
 
 MODEL = MODELS_DIR / "shapes-32"

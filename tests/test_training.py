@@ -1,6 +1,8 @@
 """Training: a killed run resumes to the same weights, damaged checkpoints are skipped, NaN steps are
 skipped and then stop the run, and two DDP processes compute the single process's gradients."""
 
+import itertools
+import json
 import os
 import signal
 import subprocess
@@ -94,7 +96,8 @@ def test_the_release_loads_without_training_code_and_detects_tampering(tmp_path)
         )
     )
     _, config = load_release(tmp_path / "model")
-    assert config["unet"]["channels"] == 32 and config["formulation"] == "edm"
+    assert config["network"]["kind"] == "unet" and config["network"]["channels"] == 32
+    assert config["formulation"] == "edm"
     assert (tmp_path / "samples" / "step-00000002.png").exists()
     assert (tmp_path / "config.json").exists() and (tmp_path / "log.csv").read_text().count("\n") == 2
     assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("*.pkl"))
@@ -299,7 +302,7 @@ def test_resume_keeps_the_runs_own_settings_and_refuses_a_different_model(tmp_pa
         timeout=300,
     )
     assert more.returncode == 0, more.stderr
-    assert (tmp_path / "state-00000004").is_dir() and "tiny UNet" in more.stdout
+    assert (tmp_path / "state-00000004").is_dir() and "tiny unet" in more.stdout
     other = subprocess.run(
         [
             sys.executable,
@@ -319,6 +322,8 @@ def test_resume_keeps_the_runs_own_settings_and_refuses_a_different_model(tmp_pa
         timeout=300,
     )
     assert other.returncode == 2 and "does not fit this model" in other.stderr, other.stderr
+    # the refused resume left the run's own config.json, so a plain --resume still works (issue 13)
+    assert json.loads((tmp_path / "config.json").read_text())["preset"] == "tiny"
 
 
 def test_data_workers_make_the_same_batches_as_the_training_process():
@@ -334,3 +339,37 @@ def test_data_workers_make_the_same_batches_as_the_training_process():
         assert a.captions == b.captions
         for name in ("images", "sigma", "noise"):
             torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=0, atol=0)
+
+
+def test_learning_rate_warms_up_holds_then_decays_to_zero():
+    from unnoise.train.loop import learning_rate
+
+    config = TrainConfig(lr=1e-3, warmup_steps=10, steps=100, lr_decay_fraction=0.2)
+    rates = [learning_rate(config, s) for s in range(100)]
+    assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)
+    assert rates[50] == rates[79] == pytest.approx(1e-3)
+    assert rates[80] == pytest.approx(1e-3) and rates[90] == pytest.approx(5e-4)
+    assert rates[99] == pytest.approx(5e-5) and all(a >= b for a, b in itertools.pairwise(rates[9:]))
+    assert learning_rate(TrainConfig(lr=1e-3, warmup_steps=1, steps=10), 9) == 1e-3  # no decay: constant
+
+
+def test_the_training_density_of_sigma_moves_only_for_edm():
+    from unnoise.train.loop import training_formulation
+
+    moved = training_formulation(TrainConfig(sigma_p_mean=-0.4, sigma_p_std=1.0))
+    assert (moved.p_mean, moved.p_std) == (-0.4, 1.0)
+    log_sigma = moved.sample_sigma(20_000, torch.Generator().manual_seed(0)).log()
+    assert abs(log_sigma.mean() + 0.4) < 0.03 and abs(log_sigma.std() - 1.0) < 0.03
+    with pytest.raises(UnnoiseError, match="formulation has its own"):
+        training_formulation(TrainConfig(formulation="flow", sigma_p_mean=0.0))
+    with pytest.raises(UnnoiseError, match="--lr-decay-fraction"):
+        TrainConfig(lr_decay_fraction=1.5).validate()
+    with pytest.raises(UnnoiseError, match="--lr must be a positive number"):
+        TrainConfig(lr=float("nan")).validate()
+
+
+def test_auto_precision_uses_bf16_only_where_the_hardware_has_it():
+    from unnoise.train.loop import native_bf16
+
+    assert native_bf16(torch.device("cpu")) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert TrainConfig().precision == "auto"

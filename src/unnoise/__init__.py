@@ -26,6 +26,7 @@ _LAZY = {
     "UnnoiseError": "unnoise.errors",
     "load": "unnoise.pipeline",
     "Pipeline": "unnoise.pipeline",
+    "ImageSettings": "unnoise.settings",
 }
 
 __all__ = sorted(_LAZY)
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from .diffusion.samplers import SAMPLERS, Step, get_sampler, sample
     from .errors import UnnoiseError
     from .pipeline import Pipeline, load
+    from .settings import ImageSettings
 
 
 def __getattr__(name: str):

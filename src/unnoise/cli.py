@@ -39,18 +39,33 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _settings(args: argparse.Namespace) -> dict:
-    """The sampling options every image command shares, as Pipeline keyword arguments."""
+    """The sampling flags every image command shares, as the Pipeline methods' keywords."""
     import secrets
 
     seed = secrets.randbelow(2**31) if args.seed is None else args.seed  # image i: seed + i
     return dict(
         negative_prompt=args.negative,
         sampler=args.sampler,
+        sampler_options=_sampler_options(args.sampler_option),
         steps=args.steps,
         guidance=args.guidance,
         seed=seed,
         num_images=args.n,
     )
+
+
+def _sampler_options(pairs: list[str]) -> dict[str, float]:
+    """--sampler-option NAME=VALUE, repeated: {"eta": 0.5, ...} (checked against the sampler later)."""
+    from .errors import UnnoiseError
+
+    options = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        try:
+            options[name.strip()] = float(value)
+        except ValueError:
+            raise UnnoiseError(f"--sampler-option wants NAME=NUMBER (e.g. eta=0.5), got {pair!r}") from None
+    return options
 
 
 def _with_progress(total: int, make):
@@ -62,8 +77,7 @@ def _with_progress(total: int, make):
 
 
 def _save(images, out: str, names: list[str]) -> int:
-    from .images import contact_sheet
-    from .pipeline import save_png
+    from .images import contact_sheet, save_png
 
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
@@ -77,15 +91,11 @@ def _save(images, out: str, names: list[str]) -> int:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .errors import UnnoiseError
-    from .pipeline import load, read_png_parameters
+    from .images import read_png_parameters
+    from .pipeline import load
 
     if args.from_png:
-        request = read_png_parameters(args.from_png)
-        args.prompt, args.negative, args.sampler = request.prompt, request.negative_prompt, request.sampler
-        args.steps, args.guidance, args.seed, args.n = request.steps, request.guidance, request.seed, 1
-        args.variation_seed, args.variation_strength = request.variation_seed, request.variation_strength
-        args.mix_prompt, args.prompt_mix = request.mix_prompt, request.prompt_mix
-        args.model = args.model or request.model
+        return _generate_from_png(args, read_png_parameters(args.from_png))
     if args.prompt is None:
         raise UnnoiseError("give a PROMPT, or --from-png FILE")
     pipe = load(args.model or "shapes-32")
@@ -103,6 +113,22 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         ),
     )
     return _save(images, args.out, [str(settings["seed"] + i) for i in range(len(images))])
+
+
+def _generate_from_png(args: argparse.Namespace, settings) -> int:
+    """The image a PNG's parameters describe, again (its model, unless --model names another)."""
+    from .errors import UnnoiseError
+    from .pipeline import load
+
+    if settings.denoising_strength is not None:
+        raise UnnoiseError(
+            f"{args.from_png} is an edit (img2img or inpainting) of an input image the PNG does not hold;"
+            " run `unnoise edit` or `unnoise inpaint` with that image instead"
+        )
+    pipe = load(args.model or settings.model or "shapes-32")
+    settings = settings.replace(width=pipe.resolution, height=pipe.resolution, model=pipe.name)
+    images = _with_progress(settings.steps, lambda callback: pipe.render(settings, callback=callback))
+    return _save(images, args.out, [str(settings.seed)])
 
 
 def _cmd_edit(args: argparse.Namespace) -> int:
@@ -125,7 +151,8 @@ def _cmd_edit(args: argparse.Namespace) -> int:
 
 
 def _cmd_inpaint(args: argparse.Namespace) -> int:
-    from .pipeline import REPAINT_RESAMPLE, load
+    from .pipeline import load
+    from .settings import REPAINT_RESAMPLE
 
     pipe = load(args.model or "shapes-32")
     settings = _settings(args)
@@ -235,8 +262,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class) -> None:
             parser.add_argument(flag, choices=typing.get_args(hint), **shown)
         elif isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **shown)
-        elif default is None:
-            parser.add_argument(flag, type=int, **shown)
+        elif default is None:  # `int | None`, `float | None`: the type that is not None
+            kind = next(t for t in typing.get_args(hint) if t is not type(None))
+            parser.add_argument(flag, type=kind, **shown)
         else:
             parser.add_argument(flag, type=type(default), **shown)
 
@@ -254,12 +282,28 @@ def _repaint(args: argparse.Namespace) -> dict:
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, *, count: bool = True) -> None:
+    from .settings import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
+
     if count:
         p.add_argument("-n", type=int, default=1, help="number of images; image i uses seed + i (default 1)")
     p.add_argument("--seed", type=int, default=None, help="default: random")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--sampler", default="dpmpp_2m", help="see `unnoise samplers` (default dpmpp_2m)")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale; 1 = none")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"(default {DEFAULT_STEPS})")
+    p.add_argument(
+        "--sampler", default=DEFAULT_SAMPLER, help=f"see `unnoise samplers` (default {DEFAULT_SAMPLER})"
+    )
+    p.add_argument(
+        "--sampler-option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a sampler's option, e.g. eta=0.5 for ddim (repeat for more; `unnoise samplers` lists them)",
+    )
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=DEFAULT_GUIDANCE,
+        help=f"classifier-free guidance scale; 1 = none (default {DEFAULT_GUIDANCE:g})",
+    )
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument("--model", default=None, help="a shipped model's name or a release folder")
     p.add_argument("--out", default="out", help="folder for the PNGs (default ./out)")
@@ -268,6 +312,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser, *, count: bool = True) ->
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .settings import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
 
     parser = argparse.ArgumentParser(
         prog="unnoise", description="Text-to-image diffusion, trained and run on your machine."
@@ -336,9 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default="shapes-32", help="a shipped model's name or a release folder")
     p.add_argument("--samples", type=int, default=4, help="images per prompt (default 4)")
-    p.add_argument("--sampler", default="dpmpp_2m")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER)
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--prompts-per-category",
@@ -353,9 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default="shapes-32", help="a shipped model's name or a release folder")
     p.add_argument("--samples", type=int, default=2, help="images per trial, 36 trials (default 2)")
-    p.add_argument("--sampler", default="dpmpp_2m")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER)
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     add_repaint_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--area", choices=("whole", "masked"), default="whole", help="what the model sees")

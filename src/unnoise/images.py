@@ -1,12 +1,17 @@
-"""Conversions between model tensors in [-1, 1] and Pillow images, and contact sheets."""
+"""Images in and out: model tensors in [-1, 1] <-> Pillow images, image and mask files, PNGs that carry
+their settings, resizing and the masked area of an inpainting, contact sheets."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
+
+from .errors import UnnoiseError
+from .settings import ImageSettings
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -43,3 +48,105 @@ def contact_sheet(
         if captions:
             draw.text((x + 2, y + height + 1), captions[k][: max(4, width // 6)], fill="black")
     return sheet
+
+
+# --- PNGs that carry their settings ------------------------------------------------------------------
+
+
+def _png_text(image: Image.Image):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    if "parameters" in image.info:
+        info.add_text("parameters", image.info["parameters"])
+    return info
+
+
+def save_png(image: Image.Image, path: str | Path) -> Path:
+    """Save with the image's `parameters` text chunk, written to a temporary name and renamed."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    image.save(tmp, format="PNG", pnginfo=_png_text(image))
+    tmp.replace(path)
+    return path
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """The PNG file of an image, its `parameters` text chunk included."""
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=_png_text(image))
+    return buffer.getvalue()
+
+
+def read_png_parameters(path: str | Path) -> ImageSettings:
+    try:
+        with Image.open(path) as image:
+            text = image.info.get("parameters")
+    except (OSError, ValueError) as error:
+        raise UnnoiseError(f"cannot read {path}: {error}") from None
+    if not text:
+        raise UnnoiseError(f"{path} carries no 'parameters' text chunk")
+    return ImageSettings.from_parameters(text)
+
+
+# --- image files in and out ------------------------------------------------------------------------------
+
+
+def open_image(image: Image.Image | str | Path) -> Image.Image:
+    """An RGB image from a Pillow image or a file of any mode (transparency over white)."""
+    image = _read(image, "image")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def open_mask(mask: Image.Image | str | Path) -> Image.Image:
+    """A mask as 8-bit grey, any mode in: white (255) = regenerate, black (0) = keep."""
+    return _read(mask, "mask").convert("L")
+
+
+def _read(image: Image.Image | str | Path, what: str) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    try:
+        with Image.open(image) as opened:
+            opened.load()
+            return opened.copy()
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise UnnoiseError(f"cannot read the {what} {image}: {error}") from None
+
+
+def fit(image: Image.Image, size: int | tuple[int, int]) -> Image.Image:
+    """The image resized (stretched) to size x size or (width, height); itself when it already fits."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if image.size == size:
+        return image
+    resized = image.resize(size, Image.LANCZOS)
+    resized.info.update(image.info)
+    return resized
+
+
+def masked_area(mask: Image.Image, padding: int) -> tuple[int, int, int, int] | None:
+    """A square (left, top, right, bottom) around the mask's white pixels with `padding` pixels beside
+    them, moved inside the image (and cut to it when the image is smaller); None for an empty mask."""
+    bbox = mask.getbbox()
+    if bbox is None:
+        return None
+    left, top, right, bottom = bbox
+    side = max(right - left, bottom - top) + 2 * padding
+    box = []
+    for low, high, size in ((left, right, mask.width), (top, bottom, mask.height)):
+        length = min(side, size)
+        start = min(max(0, (low + high - length) // 2), size - length)
+        box.append((start, start + length))
+    (x0, x1), (y0, y1) = box
+    return x0, y0, x1, y1
+
+
+def with_info(image: Image.Image, info: dict) -> Image.Image:
+    image.info.update(info)
+    return image

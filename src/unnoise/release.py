@@ -16,6 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from .errors import UnnoiseError
 
+MODELS_DIR = Path(__file__).resolve().parent / "models"  # models shipped inside the package
+
 
 class CorruptCheckpointError(UnnoiseError):
     """A checkpoint file is missing, truncated or does not match its checksum."""
@@ -89,3 +91,41 @@ def load_release(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise CorruptCheckpointError(f"{config_path} is not valid JSON ({error})") from None
     tensors = load_tensors(folder / "model.safetensors", config.get("weights_sha256"))
     return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, config
+
+
+def resolve_model(name_or_path: str | Path) -> Path:
+    """A release folder: a path as given, or the name of a model shipped in the package."""
+    path = Path(name_or_path)
+    if (path / "config.json").is_file():
+        return path
+    shipped = MODELS_DIR / str(name_or_path)
+    if (shipped / "config.json").is_file():
+        return shipped
+    available = (
+        sorted(p.name for p in MODELS_DIR.iterdir() if (p / "config.json").is_file())
+        if (MODELS_DIR.is_dir())
+        else []
+    )
+    raise UnnoiseError(
+        f"no model {str(name_or_path)!r}: not a folder with config.json, nor a shipped model"
+        f" (shipped: {', '.join(available) or 'none yet'})"
+    )
+
+
+def load_network(folder: Path) -> tuple[torch.nn.Module, dict]:
+    """(network with the release's weights, the release's config); a mismatch is a clear error."""
+    from .nn.presets import network_config_from_dict
+
+    weights, config = load_release(folder)
+    try:  # "network" since issue 11; earlier releases hold a UNet's shape under "unet"
+        network_config = network_config_from_dict(config.get("network") or config["unet"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise UnnoiseError(f"{folder}: config.json does not describe a network ({error})") from None
+    network = network_config.build()
+    try:
+        network.load_state_dict(weights)
+    except RuntimeError as error:
+        raise UnnoiseError(
+            f"{folder}: the weights do not match config.json ({str(error).splitlines()[0]})"
+        ) from None
+    return network, config

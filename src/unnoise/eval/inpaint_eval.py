@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 
 from ..data.shapes import COLOURS, POSITION_PHRASES, SHAPES, Scene, render
 from ..errors import UnnoiseError
+from ..settings import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
 from .shapes_eval import ExpectedObject, PromptSpec, _noun, check, reference_scene
 
 MASK_MARGIN = 3  # pixels around the object's bounding box, so a new shape has room
@@ -117,15 +118,16 @@ def run_inpaint_eval(
     model_path: str | Path,
     *,
     samples: int = 2,
-    sampler: str = "dpmpp_2m",
-    steps: int = 20,
-    guidance: float = 3.0,
+    sampler: str = DEFAULT_SAMPLER,
+    steps: int = DEFAULT_STEPS,
+    guidance: float = DEFAULT_GUIDANCE,
     jump: int | None = None,  # None: the pipeline's defaults (RePaint on)
     resample: int | None = None,
     area: str = "whole",
     seed: int = 0,
 ) -> dict[str, Any]:
-    from ..pipeline import REPAINT_JUMP, REPAINT_RESAMPLE, load
+    from ..pipeline import load
+    from ..settings import REPAINT_JUMP, REPAINT_RESAMPLE
 
     pipe = load(model_path)
     jump = REPAINT_JUMP if jump is None else jump

@@ -61,6 +61,7 @@ from ..data.shapes import (
     valid_layout,
 )
 from ..errors import UnnoiseError
+from ..settings import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
 
 Category = Literal["single", "two_objects", "counting", "binding"]
 CATEGORIES: tuple[Category, ...] = ("single", "two_objects", "counting", "binding")
@@ -455,9 +456,9 @@ def run_shapes_eval(
     model_path: str | Path,
     *,
     samples_per_prompt: int = 4,
-    sampler: str = "dpmpp_2m",
-    steps: int = 20,
-    guidance: float = 3.0,
+    sampler: str = DEFAULT_SAMPLER,
+    steps: int = DEFAULT_STEPS,
+    guidance: float = DEFAULT_GUIDANCE,
     seed: int = 0,
     prompts_per_category: int = PROMPTS_PER_CATEGORY,
 ) -> Report:

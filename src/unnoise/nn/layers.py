@@ -86,19 +86,27 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask=None) 
 class Attention(nn.Module):
     """Multi-head attention from queries (B, N, C) to a context (B, T, C_ctx), optional key mask (B, T)."""
 
-    def __init__(self, channels: int, context_dim: int | None = None, head_channels: int = 32):
+    def __init__(
+        self, channels: int, context_dim: int | None = None, head_channels: int = 32, *, qk_norm: bool = False
+    ):
         super().__init__()
         self.heads = max(1, channels // head_channels)
         context_dim = context_dim or channels
         self.q = nn.Linear(channels, channels, bias=False)
         self.kv = nn.Linear(context_dim, 2 * channels, bias=False)
         self.out = zero_init(nn.Linear(channels, channels))
+        # RMS-normalised queries and keys per head (Dehghani et al. 2023): attention logits stay bounded,
+        # which keeps bf16 training stable at higher learning rates
+        self.q_norm = nn.RMSNorm(channels // self.heads, eps=1e-6) if qk_norm else None
+        self.k_norm = nn.RMSNorm(channels // self.heads, eps=1e-6) if qk_norm else None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, key_mask=None) -> torch.Tensor:
         context = x if context is None else context
         b, n, c = x.shape
         q = self.q(x).view(b, n, self.heads, -1).transpose(1, 2)  # (B, heads, N, c / heads)
         k, v = self.kv(context).view(b, context.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         h = attention(q, k, v, key_mask)  # (B, heads, N, c / heads)
         return self.out(h.transpose(1, 2).reshape(b, n, c))
 
@@ -136,6 +144,40 @@ class TransformerBlock(nn.Module):
             h = h + self.cross_attention(self.norm_cross(h), text.tokens, text.mask)
         h = h + self.mlp(self.norm_mlp(h))
         return h.transpose(1, 2).reshape(b, c, height, width)
+
+
+class TextRefiner(nn.Module):
+    """Trainable pre-norm self-attention layers over the frozen encoder's token states (B, T, D), key mask
+    (B, T). Zero-initialised outputs: with no training it passes the tokens through unchanged."""
+
+    def __init__(self, width: int, layers: int, head_channels: int = 32, mlp_ratio: int = 2):
+        super().__init__()
+        self.attention_norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(layers))
+        self.attentions = nn.ModuleList(
+            Attention(width, head_channels=head_channels, qk_norm=True) for _ in range(layers)
+        )
+        self.mlp_norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(layers))
+        self.mlps = nn.ModuleList(
+            nn.Sequential(
+                nn.Linear(width, mlp_ratio * width),
+                nn.GELU(approximate="tanh"),
+                zero_init(nn.Linear(mlp_ratio * width, width)),
+            )
+            for _ in range(layers)
+        )
+
+    def zeroed(self) -> list[nn.Module]:
+        """The output projections that start at zero (for an initialiser that must leave them so)."""
+        return [a.out for a in self.attentions] + [m[-1] for m in self.mlps]
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = tokens
+        for attention_norm, attention, mlp_norm, mlp in zip(
+            self.attention_norms, self.attentions, self.mlp_norms, self.mlps, strict=True
+        ):
+            h = h + attention(attention_norm(h), key_mask=mask)
+            h = h + mlp(mlp_norm(h))
+        return h * mask.unsqueeze(-1).to(h.dtype)  # (B, T, D), padding kept at exactly 0
 
 
 class Downsample(nn.Module):

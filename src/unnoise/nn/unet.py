@@ -8,18 +8,31 @@ self-attention and cross-attention to the text tokens. The network knows nothing
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Downsample, NoiseEmbedding, ResBlock, TransformerBlock, Upsample, group_norm, zero_init
+from .layers import (
+    Downsample,
+    NoiseEmbedding,
+    ResBlock,
+    TextRefiner,
+    TransformerBlock,
+    Upsample,
+    group_norm,
+    zero_init,
+)
+from .transformer import sincos_positions
 
 
 @dataclass(frozen=True)
 class UNetConfig:
     """The network's shape. Level i works at resolution / 2^i with channels * channel_mult[i] channels."""
+
+    kind: ClassVar[str] = "unet"
 
     resolution: int = 32
     in_channels: int = 3
@@ -31,13 +44,25 @@ class UNetConfig:
     head_channels: int = 32
     text_dim: int = 384  # all-MiniLM-L6-v2's hidden size
     dropout: float = 0.0
+    text_layers: int = 0  # trainable self-attention layers over the frozen encoder's tokens
+    position_embedding: bool = False  # fixed 2-D sine-cosine positions added after the stem (learned gain)
+
+    def __post_init__(self):
+        stride = 2 ** (len(self.channel_mult) - 1)
+        if self.resolution % stride:
+            raise ValueError(
+                f"the resolution {self.resolution} is not a multiple of the UNet's stride {stride}"
+            )
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"kind": self.kind, **asdict(self)}
+
+    def build(self) -> UNet:
+        return UNet(self)
 
     @classmethod
     def from_dict(cls, values: dict) -> UNetConfig:
-        known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
+        known = {k: v for k, v in values.items() if k in {f.name for f in fields(cls)}}
         for key in ("channel_mult", "attention_levels", "self_attention_levels"):
             if key in known:
                 known[key] = tuple(known[key])
@@ -54,6 +79,8 @@ class UNet(nn.Module):
         self.noise_embedding = NoiseEmbedding(emb_dim)
         self.pooled_text = nn.Linear(config.text_dim, emb_dim)
         self.stem = nn.Conv2d(config.in_channels, c, 3, padding=1)
+        self.positions = zero_init(nn.Conv2d(c, c, 1)) if config.position_embedding else None
+        self.text_refiner = TextRefiner(config.text_dim, config.text_layers, head_channels=64)
 
         def block(c_in: int, c_out: int, level: int) -> nn.ModuleList:
             layers = [ResBlock(c_in, c_out, emb_dim, config.dropout)]
@@ -112,10 +139,15 @@ class UNet(nn.Module):
         .pooled (B, D), or None for an unconditional call."""
         emb = self.noise_embedding(c_noise)  # (B, 4c)
         if text is not None:
+            text = self.refine(text)
             emb = emb + self.pooled_text(text.pooled.to(emb.dtype))
         emb = F.silu(emb)
 
         h = self.stem(x)  # (B, c, H, W)
+        if self.positions is not None:
+            _, c, H, W = h.shape
+            grid = sincos_positions(H, W, c).to(h).T.reshape(1, c, H, W)  # (1, c, H, W)
+            h = h + self.positions(grid)
         skips = [h]
         for layers in self.down:
             h = self._run(layers, h, emb, text)
@@ -127,6 +159,22 @@ class UNet(nn.Module):
             else:
                 h = self._run(layers, torch.cat([h, skips.pop()], dim=1), emb, text)
         return self.out(F.silu(self.out_norm(h)))  # (B, C, H, W)
+
+    def refine(self, text):
+        """The text with refined tokens and, as its pooled vector, their masked mean (when refining)."""
+        if not self.config.text_layers:
+            return text
+        tokens = self.text_refiner(text.tokens, text.mask)  # (B, T, D)
+        weights = text.mask.to(tokens.dtype).unsqueeze(-1)  # (B, T, 1)
+        pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, D)
+        return RefinedText(tokens, text.mask, pooled)
+
+
+@dataclass
+class RefinedText:
+    tokens: torch.Tensor  # (B, T, D)
+    mask: torch.Tensor  # (B, T)
+    pooled: torch.Tensor  # (B, D)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -15,6 +15,7 @@ import binascii
 import contextlib
 import io
 import json
+import logging
 import secrets
 import time
 from collections.abc import Callable
@@ -31,8 +32,9 @@ from starlette.concurrency import run_in_threadpool
 
 from ..diffusion.samplers import SAMPLERS
 from ..errors import UnnoiseError
-from ..pipeline import REPAINT_RESAMPLE, Pipeline
-from .jobs import FINISHED, Job, QueueFullError, Worker
+from ..pipeline import Pipeline
+from ..settings import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, REPAINT_RESAMPLE
+from .jobs import FINISHED, INTERNAL_ERROR, Job, QueueFullError, Worker, log
 from .security import Guard
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -61,7 +63,7 @@ A1111_SAMPLERS = {
 
 def our_sampler(name: str | None) -> str:
     if name is None or name == "":
-        return "dpmpp_2m"
+        return DEFAULT_SAMPLER
     base = name.removesuffix(" Karras")
     if base in A1111_SAMPLERS:
         return A1111_SAMPLERS[base]
@@ -81,8 +83,8 @@ class Txt2Img(BaseModel):
 
     prompt: str = Field("", max_length=MAX_PROMPT)
     negative_prompt: str = Field("", max_length=MAX_PROMPT)
-    steps: int = Field(20, ge=1, le=MAX_STEPS)
-    cfg_scale: float = Field(3.0, ge=0.0, le=30.0)
+    steps: int = Field(DEFAULT_STEPS, ge=1, le=MAX_STEPS)
+    cfg_scale: float = Field(DEFAULT_GUIDANCE, ge=0.0, le=30.0)
     seed: int = Field(-1, ge=-1, le=2**31 - 1)
     subseed: int = Field(-1, ge=-1, le=2**31 - 1)  # AUTOMATIC1111's variation seed
     subseed_strength: float = Field(0.0, ge=0.0, le=1.0)
@@ -172,23 +174,38 @@ def job_for(body: Txt2Img, pipe: Pipeline) -> Job:
             )
         if body.subseed_strength > 0:
             settings.update(variation_seed=_seed(body.subseed), variation_strength=body.subseed_strength)
-        return Job("generate", settings, total_steps=body.steps)
+        return Job(
+            "generate",
+            lambda pipe, callback: pipe.generate(**settings, callback=callback),
+            total_steps=body.steps,
+            seed=settings["seed"],
+        )
     image = decode_image(init[0], "init image")
     strength = body.denoising_strength
     steps = max(1, round(body.steps * strength))
     if body.mask is None:
-        return Job("edit", {**settings, "image": image, "strength": strength}, total_steps=steps)
+        return Job(
+            "edit",
+            lambda pipe, callback: pipe.edit(image, strength=strength, **settings, callback=callback),
+            total_steps=steps,
+            seed=settings["seed"],
+        )
     mask = decode_image(body.mask, "mask")
     if mask.size != image.size:
         raise HTTPException(
             422, f"the mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}"
         )
     area = "masked" if body.inpaint_full_res else "whole"
-    arguments = dict(
-        settings, image=image, mask=mask, strength=strength, feather=body.mask_blur, area=area,
-        padding=body.inpaint_full_res_padding,
-    )  # fmt: skip
-    return Job("inpaint", arguments, total_steps=steps * REPAINT_RESAMPLE)  # RePaint runs each block again
+    feather, padding = body.mask_blur, body.inpaint_full_res_padding
+
+    def inpaint(pipe: Pipeline, callback) -> list[Image.Image]:
+        return pipe.inpaint(
+            image, mask, strength=strength, feather=feather, area=area, padding=padding, **settings,
+            callback=callback,
+        )  # fmt: skip
+
+    # RePaint runs each block again
+    return Job("inpaint", inpaint, total_steps=steps * REPAINT_RESAMPLE, seed=settings["seed"])
 
 
 def b64(png: bytes) -> str:
@@ -252,7 +269,8 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception):  # never a traceback to the client
-        return JSONResponse({"error": "internal error"}, status_code=500)
+        log.error("internal error on %s %s", request.method, request.url.path, exc_info=error)
+        return JSONResponse({"error": INTERNAL_ERROR}, status_code=500)
 
     def submit(job: Job) -> Job:
         try:
@@ -267,7 +285,7 @@ def create_app(
 
     def checked_result(job: Job) -> list[bytes]:
         if job.state == "failed":
-            raise HTTPException(422, job.error or "the job failed")
+            raise HTTPException(500 if job.internal else 422, job.error or "the job failed")
         if job.state == "cancelled":
             raise HTTPException(409, "the job was interrupted")
         return job.images
@@ -278,7 +296,7 @@ def create_app(
         job = await finished(submit(job_for(body, pipe)))
         pngs = checked_result(job)
         infotexts = [parameters_of(png) for png in pngs]
-        seed = job.arguments["seed"]
+        seed = job.seed
         info = {"infotexts": infotexts, "seed": seed, "all_seeds": [seed + i for i in range(len(pngs))]}
         return {
             "images": [b64(png) for png in pngs],
@@ -414,7 +432,14 @@ def create_app(
     @app.get("/config", include_in_schema=False)
     async def config() -> dict[str, Any]:
         limits = {"max_steps": MAX_STEPS, "max_images": MAX_IMAGES, "needs_key": api_key is not None}
-        return {"model": pipe.name, "resolution": pipe.resolution, "samplers": sorted(SAMPLERS), **limits}
+        defaults = {"sampler": DEFAULT_SAMPLER, "steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE}
+        return {
+            "model": pipe.name,
+            "resolution": pipe.resolution,
+            "samplers": sorted(SAMPLERS),
+            "defaults": defaults,
+            **limits,
+        }
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
@@ -436,6 +461,11 @@ def serve(
 
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         raise UnnoiseError(f"binding {host} exposes the server beyond this machine: pass --api-key too")
+    if not 1 <= port <= 65535:
+        raise UnnoiseError(f"--port must be in 1..65535, got {port}")
+    if queue_size < 1:
+        raise UnnoiseError(f"--queue-size must be at least 1, got {queue_size}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     app = create_app(
         lambda: load(model),
         host=host,
@@ -445,4 +475,6 @@ def serve(
         allowed_hosts=allowed_hosts,
     )
     print(f"unnoise: serving {app.state.worker.pipe.name} on http://{host}:{port}/ (API docs at /docs)")
-    uvicorn.run(app, host=host, port=port, log_level="warning", limit_concurrency=256)
+    uvicorn.run(
+        app, host=host, port=port, log_level="info", limit_concurrency=256
+    )  # info: one line a request

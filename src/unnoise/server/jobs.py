@@ -8,6 +8,7 @@ which grows with every change, so several clients can follow one job without mis
 
 from __future__ import annotations
 
+import logging
 import queue
 import secrets
 import threading
@@ -20,11 +21,15 @@ from typing import Any, Literal
 from PIL import Image
 
 from ..errors import UnnoiseError
-from ..images import to_pil
-from ..pipeline import Pipeline, png_bytes
+from ..images import png_bytes, to_pil
+from ..pipeline import Pipeline
 
 State = Literal["queued", "running", "done", "failed", "cancelled"]
 FINISHED: tuple[State, ...] = ("done", "failed", "cancelled")
+
+
+log = logging.getLogger("unnoise.server")
+INTERNAL_ERROR = "internal error (the server's log has the details)"
 
 
 class CancelledError(Exception):
@@ -40,14 +45,16 @@ class QueueFullError(Exception):
 @dataclass
 class Job:
     kind: Literal["generate", "edit", "inpaint"]
-    arguments: dict[str, Any]  # keyword arguments of the Pipeline method
+    call: Callable[..., list[Image.Image]]  # call(pipe, callback): the Pipeline method with its arguments
     total_steps: int  # sampler steps expected (for progress; the sampler may report a few more)
+    seed: int  # of the first image
     id: str = field(default_factory=lambda: secrets.token_hex(8))
     state: State = "queued"
     step: int = 0
     preview: bytes | None = None  # PNG of the current x0_hat of the first image
     images: list[bytes] = field(default_factory=list)
     error: str | None = None
+    internal: bool = False  # the failure was a bug of ours, not the request's mistake
     created: float = field(default_factory=time.time)
     started: float | None = None
     finished: float | None = None
@@ -182,13 +189,16 @@ class Worker:
     def _run(self, job: Job) -> None:
         job.update(state="running", started=time.time())
         try:
-            method: Callable[..., list[Image.Image]] = getattr(self.pipe, job.kind)
-            images = method(**job.arguments, callback=self._reporter(job))
+            images = job.call(self.pipe, self._reporter(job))
         except CancelledError:
             job.update(state="cancelled", finished=time.time())
             return
-        except Exception as error:  # a job's failure must not stop the worker; the client gets the message
-            job.update(state="failed", error=str(error) or type(error).__name__, finished=time.time())
+        except UnnoiseError as error:  # the request's mistake: the client gets the message
+            job.update(state="failed", error=str(error), finished=time.time())
+            return
+        except Exception:  # a bug: logged for the operator, the worker goes on, the client gets a 500
+            log.exception("job %s (%s) failed with an internal error", job.id, job.kind)
+            job.update(state="failed", error=INTERNAL_ERROR, internal=True, finished=time.time())
             return
         job.update(state="done", images=[png_bytes(im) for im in images], finished=time.time())
         took = job.finished - job.started

@@ -96,6 +96,21 @@ class TextEmbedding:
         tokens = torch.cat([self.tokens, zeros], dim=1)  # (B, length, D)
         return TextEmbedding(tokens, torch.cat([self.mask, falses], dim=1), self.pooled)
 
+    def mix(self, other: TextEmbedding, t: torch.Tensor) -> TextEmbedding:
+        """(1 - t) self + t other per row t (B,), over the union of their tokens; pooled renormalised.
+
+        Each embedding's padding states are exactly 0, so between the ends a token only one prompt has is
+        faded in or out; a row at t = 0 or 1 is exactly that prompt's embedding."""
+        T = max(self.tokens.shape[1], other.tokens.shape[1])
+        a, b = self.padded_to(T), other.padded_to(T)
+        w = t.to(a.tokens.dtype)
+        tokens = (1 - w)[:, None, None] * a.tokens + w[:, None, None] * b.tokens  # (B, T, D)
+        pooled = F.normalize((1 - w)[:, None] * a.pooled + w[:, None] * b.pooled, dim=-1)
+        at_a, at_b = w[:, None] == 0, w[:, None] == 1  # (B, 1) each
+        pooled = torch.where(at_a, a.pooled, torch.where(at_b, b.pooled, pooled))  # (B, D)
+        mask = torch.where(at_a, a.mask, torch.where(at_b, b.mask, a.mask | b.mask))  # (B, T)
+        return TextEmbedding(tokens, mask, pooled)
+
     @classmethod
     def cat(cls, embeddings: Sequence[TextEmbedding]) -> TextEmbedding:
         """Stack batches along B, padding each to the longest T (e.g. [uncond; cond] for guidance)."""

@@ -17,7 +17,7 @@ from ..diffusion.denoiser import Denoiser, min_snr_weight
 from ..diffusion.formulations import FORMULATIONS
 from ..errors import UnnoiseError
 from ..nn.presets import PRESETS
-from ..nn.unet import UNet, count_parameters
+from ..nn.unet import count_parameters
 from ..release import save_release
 from ..text.encoders import CachedTextEncoder, load_text_encoder
 from .checkpoint import latest_good_state, load_optimizer_state, save_training_state
@@ -40,19 +40,19 @@ SAMPLE_PROMPTS = {
 }
 
 
-def model_config(config: TrainConfig, unet_config, text_encoder) -> dict:
+def model_config(config: TrainConfig, network_config, text_encoder) -> dict:
     """What `unnoise.load` needs to rebuild the denoiser and its text encoder: the release's config.json."""
     return {
         "format": "unnoise-model/1",
         "unnoise_version": __version__,
-        "unet": unet_config.to_dict(),
+        "network": network_config.to_dict(),
         "formulation": config.formulation,
         "text_encoder": {
             "name": config.text_encoder,
             "fingerprint": text_encoder.name,
             "max_tokens": config.max_tokens,
         },
-        "resolution": unet_config.resolution,
+        "resolution": network_config.resolution,
     }
 
 
@@ -75,11 +75,16 @@ class Run:
             )
         self.micro_batch = int(per_process)
         self.dir = Path(config.out)
-        unet_config = PRESETS[config.preset]
-        self.unet_config = replace(unet_config, resolution=config.resolution or unet_config.resolution)
-        self.formulation = FORMULATIONS[config.formulation]
+        preset = PRESETS[config.preset]
+        try:
+            self.network_config = replace(preset, resolution=config.resolution or preset.resolution)
+        except ValueError as error:
+            raise UnnoiseError(
+                f"--resolution {config.resolution} for --preset {config.preset}: {error}"
+            ) from None
+        self.formulation = training_formulation(config)
         torch.manual_seed(config.seed)
-        self.network = UNet(self.unet_config).to(setup.device)
+        self.network = self.network_config.build().to(setup.device)
         if setup.device.type == "cpu":
             self.network = self.network.to(memory_format=torch.channels_last)
         self.ema = EMA(self.network)
@@ -91,7 +96,7 @@ class Run:
             fused=True,
         )
         self.text = CachedTextEncoder(load_text_encoder(config.text_encoder, max_tokens=config.max_tokens))
-        self.source = open_source(config.data, self.unet_config.resolution, config.seed, config.background)
+        self.source = open_source(config.data, self.network_config.resolution, config.seed, config.background)
         if self.source.captions is not None:
             self.text.precompute([*self.source.captions, ""], progress=setup.is_main)
         model = self.network
@@ -103,7 +108,8 @@ class Run:
 
     def describe(self) -> str:
         return (
-            f"{self.config.preset} UNet, {count_parameters(self.network) / 1e6:.2f}M parameters, "
+            f"{self.config.preset} {self.network_config.kind},"
+            f" {count_parameters(self.network) / 1e6:.2f}M parameters, "
             f"{self.config.formulation} formulation, {self.setup.world_size} process(es) on "
             f"{self.setup.device}, micro-batch {self.micro_batch}; data: {self.source.description}"
         )
@@ -139,7 +145,7 @@ class Run:
                 extra=extra,
                 keep=self.config.keep_checkpoints,
             )
-            release = model_config(self.config, self.unet_config, self.text)
+            release = model_config(self.config, self.network_config, self.text)
             release["training"] = {"steps": step, "images_seen": step * self.config.batch_size}
             save_release(self.dir / "model", self.ema.module, release)
         barrier(self.setup)
@@ -177,7 +183,8 @@ class Run:
         sigma, noise = batch.sigma.to(device), batch.noise.to(device)
         text = self.text.encode(batch.captions).to(device)
         weight = min_snr_weight(sigma, c.min_snr_gamma) if c.loss_weighting == "min_snr" else None
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=c.precision == "bf16")
+        bf16 = c.precision == "bf16" or (c.precision == "auto" and native_bf16(device))
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
         with autocast:
             return self.denoiser.loss(images, sigma, noise, text, weight=weight).mean()
 
@@ -215,8 +222,37 @@ def _one_thread_per_worker(_worker_id: int) -> None:
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
-    """Linear warm-up to config.lr, then constant."""
-    return config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
+    """Linear warm-up to config.lr, constant, then a linear decay to 0 over the last `lr_decay_fraction` of
+    the steps (warm-up, stable, decay: Hu et al. 2024)."""
+    warmup = min(1.0, (step + 1) / max(1, config.warmup_steps))
+    decay_steps = config.lr_decay_fraction * config.steps
+    decay = min(1.0, (config.steps - step) / decay_steps) if decay_steps > 0 else 1.0
+    return config.lr * min(warmup, decay)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matrix multiplies run in hardware: CUDA with bf16, or a CPU with AVX-512 BF16 / AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def training_formulation(config: TrainConfig):
+    """The formulation, with EDM's training density of log sigma moved where the config says."""
+    formulation = FORMULATIONS[config.formulation]
+    moved = {
+        name: value
+        for name, value in (("p_mean", config.sigma_p_mean), ("p_std", config.sigma_p_std))
+        if value is not None
+    }
+    if moved and not hasattr(formulation, "p_mean"):
+        raise UnnoiseError(
+            f"--sigma-p-mean and --sigma-p-std set EDM's log-normal training density; the"
+            f" {config.formulation!r} formulation has its own"
+        )
+    return replace(formulation, **moved)
 
 
 def train(config: TrainConfig, *, resume: bool = False, log=print) -> Path:
@@ -238,11 +274,12 @@ def _train(config: TrainConfig, setup: Distributed, resume: bool, log) -> Path:
             raise UnnoiseError(
                 f"{run_dir} already holds a training run: pass --resume, or choose another --out"
             )
-        (run_dir / "config.json").write_text(config.to_json())
     barrier(setup)
     run = Run(config, setup, log)
     log(run.describe())
     start = run.resume() if resume else 0
+    if setup.is_main:  # only once the model and its checkpoint agree: a refused resume keeps the old one
+        (run_dir / "config.json").write_text(config.to_json())
     if start >= config.steps:
         log(f"already trained for {start} steps (--steps {config.steps})")
         return run_dir / "model"
@@ -329,7 +366,7 @@ def save_sample_grid(run: Run, path: Path, steps: int = 20, guidance: float = 3.
     from ..images import contact_sheet, to_pil
 
     prompts = SAMPLE_PROMPTS.get(run.config.data) or list(dict.fromkeys(run.source.captions))[:8]
-    resolution = run.unet_config.resolution
+    resolution = run.network_config.resolution
     device = run.setup.device
     ema = Denoiser(run.ema.module, run.formulation)
     text = run.text.encode(prompts).to(device)

@@ -29,7 +29,10 @@ function setStatus(text, error = false) { $("status").textContent = text; $("sta
 async function start() {
   config = await (await fetch("/config")).json();
   $("model").textContent = `${config.model}, ${config.resolution}x${config.resolution}`;
-  for (const name of config.samplers) $("sampler").add(new Option(name, name, name === "dpmpp_2m", name === "dpmpp_2m"));
+  const defaults = config.defaults;  // the library's ImageSettings defaults
+  for (const name of config.samplers) $("sampler").add(new Option(name, name, name === defaults.sampler, name === defaults.sampler));
+  $("steps").value = defaults.steps;
+  $("guidance").value = defaults.guidance;
   document.querySelectorAll("input[name=mode]").forEach((r) => r.addEventListener("change", showMode));
   $("file").addEventListener("change", loadPicture);
   $("clear").addEventListener("click", clearMask);

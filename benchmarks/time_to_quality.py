@@ -1,0 +1,156 @@
+"""Time to quality: training recipes on the built-in shapes, the same image budget each, judged the same way.
+
+Each recipe is an `unnoise train` command (a preset and training flags) run in its own process for
+`--images` training images, one recipe after another. Then each released model is judged with a quick
+ShapesEval (the first `--prompts` prompts of each category, `--samples` images each) and the position
+confusion matrix (`unnoise.eval.positions`: one prompt per grid cell, `--cell-samples` images each,
+horizontal and vertical accuracy apart). All with DPM-Solver++(2M), 20 steps, guidance 3. The first recipe,
+`baseline`, is the recipe the shipped model was trained with (the `small` UNet, constant learning rate,
+EDM's training noise levels), measured in the same run; every row gives its ratios to it.
+
+Runs live in `--workdir` (default /tmp/unnoise-ttq, outside the checkout): a recipe whose run is complete
+is not trained again, a killed one resumes (`unnoise train --resume`), so the script can be re-run.
+
+Run: .venv/bin/python benchmarks/time_to_quality.py [--images N] [--recipes a,b] [--workdir DIR]
+Writes benchmarks/results/time_to_quality.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+BATCH = 32
+COMMON = ["--data", "shapes", "--batch-size", str(BATCH), "--warmup-steps", "50", "--log-every", "25"]
+
+# name -> (what it changes, `unnoise train` flags)
+RECIPES: dict[str, tuple[str, list[str]]] = {
+    "baseline": ("the shipped recipe: small UNet, lr 2e-4 constant", ["--preset", "small", "--lr", "2e-4"]),
+    "unet-pos": (
+        "small UNet + 2-D positions + 2 text layers",
+        ["--preset", "small-pos", "--lr", "2e-4"],
+    ),
+    "unet-pos-recipe": (
+        "unet-pos, lr 5e-4 with a final decay, more high noise",
+        ["--preset", "small-pos", "--lr", "5e-4", "--lr-decay-fraction", "0.3", "--sigma-p-mean", "-0.6"],
+    ),
+    "dit": (
+        "transformer, 2x2 patches, text in the sequence",
+        ["--preset", "dit-small", "--lr", "5e-4", "--lr-decay-fraction", "0.3", "--sigma-p-mean", "-0.6"],
+    ),
+}
+
+
+def train(name: str, flags: list[str], steps: int, workdir: Path) -> dict:
+    """Train (or resume) one recipe; returns its wall time of training, images/s and last loss."""
+    out = workdir / name
+    done = out / "model" / "config.json"
+    if not (done.is_file() and json.loads(done.read_text())["training"]["steps"] >= steps):
+        command = [sys.executable, "-m", "unnoise", "train", *COMMON, *flags, "--steps", str(steps)]
+        command += ["--out", str(out), "--checkpoint-every", str(max(1, steps // 4)), "--sample-every", "0"]
+        if any(out.glob("state-*")):
+            command.append("--resume")
+        print(" ".join(command[1:]), flush=True)
+        subprocess.run(command, check=True)
+    with open(out / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    seconds = sum(25 * BATCH / float(r["images_per_s"]) for r in rows)  # logged every 25 steps
+    return {
+        "train_s": seconds,
+        "images_per_s": steps * BATCH / seconds,
+        "loss": sum(float(r["loss"]) for r in rows[-4:]) / len(rows[-4:]),
+    }
+
+
+def judge(model: Path, prompts: int, samples: int, cell_samples: int) -> dict:
+    from unnoise.eval.positions import evaluate_positions
+    from unnoise.eval.shapes_eval import run_shapes_eval
+    from unnoise.pipeline import load
+
+    started = time.perf_counter()
+    report = run_shapes_eval(model, samples_per_prompt=samples, prompts_per_category=prompts)
+    pipe = load(model)
+    positions = evaluate_positions(
+        lambda prompt, seed, n: pipe.generate(prompt, seed=seed, num_images=n), cell_samples
+    )
+    return {
+        "categories": {k: v["accuracy"] for k, v in report.categories().items()},
+        "overall": report.overall,
+        "positions": positions.to_dict(),
+        "position_table": positions.table(),
+        "eval_s": time.perf_counter() - started,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=16_000, help="training images per recipe")
+    parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated, baseline first")
+    parser.add_argument("--workdir", default="/tmp/unnoise-ttq")
+    parser.add_argument("--prompts", type=int, default=6, help="ShapesEval prompts per category")
+    parser.add_argument("--samples", type=int, default=2, help="images per ShapesEval prompt")
+    parser.add_argument("--cell-samples", type=int, default=4, help="images per grid cell")
+    parser.add_argument("--out", default=str(RESULTS / "time_to_quality"))
+    args = parser.parse_args()
+    names = args.recipes.split(",")
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown:
+        sys.exit(f"unknown recipes {unknown}; known: {', '.join(RECIPES)}")
+    steps = args.images // BATCH
+    workdir = Path(args.workdir)
+    results = {}
+    for name in names:
+        results[name] = train(name, RECIPES[name][1], steps, workdir)
+    for name in names:
+        results[name] |= judge(workdir / name / "model", args.prompts, args.samples, args.cell_samples)
+        print(name, json.dumps({k: v for k, v in results[name].items() if k != "position_table"}), flush=True)
+    write(results, args, steps)
+
+
+def write(results: dict, args, steps: int) -> None:
+    base = results[next(iter(results))]
+    head = "| recipe | what | train time | images/s | loss | single | two | count | binding | overall |"
+    head += " horizontal | vertical | overall vs baseline | horizontal vs baseline |"
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        c = r["categories"]
+        h, v = r["positions"]["horizontal"], r["positions"]["vertical"]
+        ratio = r["overall"] / base["overall"] if base["overall"] else float("nan")
+        h_ratio = h / base["positions"]["horizontal"] if base["positions"]["horizontal"] else float("nan")
+        lines.append(
+            f"| {name} | {RECIPES[name][0]} | {r['train_s'] / 60:.1f} min | {r['images_per_s']:.1f} |"
+            f" {r['loss']:.4f} | {c['single']:.0%} | {c['two_objects']:.0%} | {c['counting']:.0%} |"
+            f" {c['binding']:.0%} | {r['overall']:.0%} | {h:.0%} | {v:.0%} | {ratio:.2f} | {h_ratio:.2f} |"
+        )
+    threads = os.environ.get("OMP_NUM_THREADS", "all")
+    text = [
+        "# Time to quality",
+        "",
+        f"`{' '.join(['.venv/bin/python', *sys.argv])}`: {steps * BATCH:,} training images per recipe"
+        f" (batch {BATCH}), ShapesEval {args.prompts} prompts x {args.samples} images per category, positions"
+        f" {args.cell_samples} images per cell; threads: {threads}.",
+        "",
+        *lines,
+        "",
+        *(f"## {name}: position confusion\n\n{r['position_table']}" for name, r in results.items()),
+    ]
+    Path(args.out + ".md").write_text("\n".join(text) + "\n")
+    Path(args.out + ".json").write_text(
+        json.dumps(
+            {"images": steps * BATCH, "recipes": {k: RECIPES[k] for k in results}, "results": results},
+            indent=2,
+        )
+    )
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

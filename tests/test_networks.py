@@ -1,0 +1,94 @@
+"""The networks behind the denoiser: the UNet and the transformer start as the identity of the formulation
+(zero-initialised outputs), know where each pixel is, build from their saved config, and old releases load."""
+
+import json
+
+import pytest
+import torch
+
+from unnoise.diffusion.denoiser import Denoiser
+from unnoise.diffusion.formulations import FORMULATIONS
+from unnoise.nn.presets import PRESETS, network_config_from_dict
+from unnoise.nn.transformer import TransformerConfig, sincos_positions
+from unnoise.nn.unet import UNetConfig
+from unnoise.text.encoders import TextEmbedding
+
+NETWORKS = ["tiny", "dit-tiny", "small-pos"]
+
+
+def text(batch: int, length: int = 5, dim: int = 384) -> TextEmbedding:
+    mask = torch.arange(length)[None] < torch.tensor([[length], [length - 2]][:batch])  # (B, T)
+    tokens = torch.randn(batch, length, dim) * mask[..., None]
+    return TextEmbedding(tokens, mask, torch.nn.functional.normalize(torch.randn(batch, dim), dim=-1))
+
+
+@pytest.mark.parametrize("preset", NETWORKS)
+def test_a_new_network_is_the_formulations_skip_and_has_the_images_shape(preset):
+    config = PRESETS[preset]
+    torch.manual_seed(0)
+    network = config.build()
+    x = torch.randn(2, 3, config.resolution, config.resolution)
+    out = network(x, torch.tensor([0.1, -0.5]), text(2))
+    assert out.shape == x.shape and torch.count_nonzero(out) == 0  # zero-initialised output layers
+    denoiser = Denoiser(network, FORMULATIONS["edm"])
+    sigma = torch.tensor([0.5, 2.0])
+    c_skip = FORMULATIONS["edm"].scalings(sigma)[0]
+    assert torch.allclose(denoiser(x, sigma, text(2)), c_skip[:, None, None, None] * x)
+    assert network(x, torch.tensor([0.1, -0.5]), None).shape == x.shape  # unconditional
+
+
+@pytest.mark.parametrize("preset", NETWORKS)
+def test_the_text_and_the_noise_level_reach_the_output_once_trained(preset):
+    torch.manual_seed(0)
+    network = PRESETS[preset].build()
+    for p in network.parameters():  # move every parameter off its initial value
+        torch.nn.init.normal_(p, std=0.05)
+    r = PRESETS[preset].resolution
+    x = torch.randn(1, 3, r, r)
+    a, b = text(2)[0], text(2)[1]
+    assert not torch.allclose(network(x, torch.tensor([0.1]), a), network(x, torch.tensor([0.1]), b))
+    assert not torch.allclose(network(x, torch.tensor([0.1]), a), network(x, torch.tensor([0.9]), a))
+
+
+def test_padding_tokens_do_not_change_the_transformers_output():
+    torch.manual_seed(0)
+    network = TransformerConfig(resolution=16, width=64, depth=2, head_channels=32, text_layers=1).build()
+    for p in network.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x, c_noise, short = torch.randn(1, 3, 16, 16), torch.tensor([0.3]), text(1, length=4)
+    assert torch.allclose(network(x, c_noise, short), network(x, c_noise, short.padded_to(9)), atol=1e-5)
+
+
+def test_the_transformer_takes_other_sizes_in_patch_multiples():
+    network = PRESETS["dit-tiny"].build()
+    assert network(torch.randn(1, 3, 24, 32), torch.zeros(1), text(1)).shape == (1, 3, 24, 32)
+
+
+def test_sincos_positions_tell_every_patch_apart_and_mirror_images_differ():
+    p = sincos_positions(8, 8, 64)  # (64, 64)
+    assert p.shape == (64, 64)
+    distances = torch.cdist(p, p) + torch.eye(64) * 1e9
+    assert distances.min() > 0.1
+    grid = p.view(8, 8, 64)
+    assert not torch.allclose(grid, grid.flip(1))  # left and right are different places
+
+
+@pytest.mark.parametrize("preset", ["small", "small-pos", "dit-small"])
+def test_a_config_round_trips_through_json(preset):
+    config = PRESETS[preset]
+    assert network_config_from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_releases_before_network_kinds_are_unets():
+    values = UNetConfig().to_dict()
+    del values["kind"]
+    assert isinstance(network_config_from_dict(values), UNetConfig)
+    with pytest.raises(ValueError, match="unknown network kind"):
+        network_config_from_dict({"kind": "mamba"})
+
+
+def test_a_transformer_config_that_cannot_be_built_says_why():
+    with pytest.raises(ValueError, match="multiple of the patch"):
+        TransformerConfig(resolution=30, patch=4)
+    with pytest.raises(ValueError, match="depth must be even"):
+        TransformerConfig(depth=3)
