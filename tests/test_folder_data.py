@@ -352,3 +352,64 @@ def test_emoji_folder():
     assert len(dataset) == dataset.report.usable > 3000
     image, caption = dataset[0]
     assert image.shape == (3, 32, 32) and isinstance(caption, str)
+
+
+# ----------------------------------------------------------------------------- faults of issue 12
+
+
+def test_sidecars_lose_a_byte_order_mark_and_caption_files_are_read_too(tmp_path):
+    save(solid(RED), tmp_path / "a.png")
+    (tmp_path / "a.txt").write_bytes("\ufeffa red square".encode())
+    save(solid(BLUE), tmp_path / "b.png")
+    (tmp_path / "b.caption").write_text("a blue square")  # kohya-ss's other sidecar
+    scan = scan_folder(tmp_path)
+    assert sorted(caption for _, caption in scan.items) == ["a blue square", "a red square"]
+
+
+def test_an_unreadable_caption_is_skipped_and_counted_not_fatal(tmp_path, monkeypatch):
+    save(solid(RED), tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("red")
+    save(solid(BLUE), tmp_path / "b.png")
+    (tmp_path / "b.txt").write_text("blue")
+    read_text = Path.read_text
+
+    def denied(self, *args, **kwargs):  # tests run as root here, where file permissions do not bite
+        if self.name == "a.txt":
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    scan = scan_folder(tmp_path)
+    assert [caption for _, caption in scan.items] == ["blue"]
+    assert scan.report.skipped == {"unreadable caption": 1}
+    assert scan.report.examples["unreadable caption"] == ["a.txt"]
+
+
+def test_a_fifo_with_an_image_name_is_skipped_not_waited_on(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "x.png")
+    (tmp_path / "x.txt").write_text("a pipe")
+    save(solid(RED), tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("red")
+    scan = scan_folder(tmp_path)  # before the fix this blocked for ever on open()
+    assert [caption for _, caption in scan.items] == ["red"]
+    assert scan.report.skipped == {"not a regular file": 1}
+
+
+def test_metadata_file_names_stay_inside_the_folder(tmp_path):
+    root = tmp_path / "data"
+    save(solid(RED), root / "a.png")
+    save(solid(BLUE), tmp_path / "secret.png")
+    write_jsonl(
+        root,
+        [
+            {"file_name": "a.png", "text": "red"},
+            {"file_name": "../secret.png", "text": "outside"},
+            {"file_name": str(tmp_path / "secret.png"), "text": "absolute"},
+        ],
+    )
+    scan = scan_folder(root)
+    assert [caption for _, caption in scan.items] == ["red"]
+    assert scan.report.skipped == {"outside the folder": 2}
+    assert "listed outside the folder" in scan.report.summary()

@@ -246,6 +246,18 @@ def bomb_png(width: int, height: int) -> str:
     return base64.b64encode(raw).decode()
 
 
+EPS = base64.b64encode(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 32\n{ } loop\n").decode()
+
+
+def _tiff() -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="TIFF")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+TIFF = _tiff()
+
+
 @pytest.mark.parametrize(
     "body, status, message",
     [
@@ -259,6 +271,9 @@ def bomb_png(width: int, height: int) -> str:
         ({"prompt": "x", "init_images": [bomb_png(5000, 5000)]}, 413, "5000x5000 pixels"),
         ({"prompt": "x", "init_images": [bomb_png(30000, 30000)]}, 413, "too many pixels"),
         ({"prompt": "x", "seed": "abc"}, 422, "seed"),
+        # issue 12: PostScript would run in Ghostscript where it is installed; only plain formats decode
+        ({"prompt": "x", "init_images": [EPS]}, 422, "accepted: PNG, JPEG, WEBP, BMP, GIF"),
+        ({"prompt": "x", "init_images": [TIFF]}, 422, "accepted: PNG, JPEG, WEBP, BMP, GIF"),
     ],
 )
 def test_bad_requests_get_a_4xx_that_says_why(client, body, status, message):

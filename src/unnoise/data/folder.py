@@ -45,6 +45,7 @@ T = TypeVar("T")  # what a scan's `decode` makes of each usable image
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 PIL_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")  # the decoders tried, whatever the file name
 DEFAULT_MAX_PIXELS = 8192 * 8192  # larger images are skipped as "too large" before they are decoded
+SIDECARS = (".txt", ".caption")  # caption files beside an image, looked for in this order (kohya-ss)
 EXAMPLES_PER_REASON = 5  # kept in the report
 EXAMPLES_IN_SUMMARY = 3  # shown in its summary line
 
@@ -54,7 +55,10 @@ SkipReason = Literal[
     "truncated",
     "too large",
     "missing caption",
+    "unreadable caption",
     "missing file",
+    "not a regular file",
+    "outside the folder",
     "bad metadata line",
 ]
 SKIP_REASONS: tuple[SkipReason, ...] = typing.get_args(SkipReason)
@@ -65,7 +69,10 @@ _REASON_WORDS: dict[SkipReason, tuple[str, str]] = {
     "truncated": ("truncated", "truncated"),
     "too large": ("too large", "too large"),
     "missing caption": ("without caption", "without caption"),
+    "unreadable caption": ("with an unreadable caption", "with unreadable captions"),
     "missing file": ("listed but missing", "listed but missing"),
+    "not a regular file": ("not a regular file", "not regular files"),
+    "outside the folder": ("listed outside the folder", "listed outside the folder"),
     "bad metadata line": ("bad metadata line", "bad metadata lines"),
 }
 EMPTY_CAPTION = "empty caption"  # a key of `ScanReport.examples`, but not a reason to skip
@@ -212,13 +219,18 @@ def image_files(root: Path) -> list[Path]:
 
 
 def sidecar_candidates(root: Path, report: ScanReport) -> Iterator[tuple[Path, str]]:
-    """kohya-ss style: each image's caption is the .txt file with the same stem beside it."""
+    """kohya-ss style: each image's caption is the .txt (or .caption) file with the same stem beside it."""
     for path in image_files(root):
-        caption_file = path.with_suffix(".txt")
-        if caption_file.is_file():
-            yield path, caption_file.read_text(encoding="utf-8", errors="replace").strip()
-        else:
+        caption_file = next((f for f in map(path.with_suffix, SIDECARS) if f.is_file()), None)
+        if caption_file is None:
             report.skip("missing caption", relative(path, root))
+            continue
+        try:  # utf-8-sig: a byte-order mark, as Windows editors write, is not part of the caption
+            caption = caption_file.read_text(encoding="utf-8-sig", errors="replace").strip()
+        except OSError:  # unreadable (permissions, I/O): skipped and counted like any other fault
+            report.skip("unreadable caption", relative(caption_file, root))
+            continue
+        yield path, caption
 
 
 def metadata_candidates(
@@ -233,7 +245,11 @@ def metadata_candidates(
         if not isinstance(file_name, str) or not file_name.strip():
             report.skip("bad metadata line", f"{source} line {line_number} (no file_name)")
             continue
-        path = root / file_name.strip()
+        name = Path(file_name.strip())
+        if name.is_absolute() or ".." in name.parts:  # file_name names a file inside the folder, no more
+            report.skip("outside the folder", f"{source} line {line_number} ({file_name.strip()})")
+            continue
+        path = root / name
         listed.add(path)
         if caption is None:
             report.skip("missing caption", relative(path, root))
@@ -281,8 +297,14 @@ class TooLargeError(Exception):
     """An image with more pixels than `max_pixels`, refused before decoding."""
 
 
+class NotRegularFileError(OSError):
+    """A FIFO, socket or device with an image's name: opening it could block for ever."""
+
+
 def open_within_limit(path: Path, max_pixels: int, decode: Callable[[Image.Image], T]) -> T:
     """Open `path` with the decoders of the accepted formats, refuse it if too large, else decode it."""
+    if path.exists() and not path.is_file():  # is_file: a regular file (or a link to one)
+        raise NotRegularFileError(str(path))
     with Image.open(path, formats=PIL_FORMATS) as image:
         width, height = image.size
         if width * height > max_pixels:
@@ -300,6 +322,8 @@ def failure_reason(error: Exception) -> SkipReason:
         return "too large"
     if isinstance(error, FileNotFoundError):
         return "missing file"
+    if isinstance(error, NotRegularFileError):
+        return "not a regular file"
     if isinstance(error, UnidentifiedImageError):
         return "not an image"
     if "truncated" in str(error).lower():

@@ -125,6 +125,9 @@ class OpenAIImages(BaseModel):
 # --- turning a request into a job ----------------------------------------------------------------------
 
 
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")  # the only decoders a client's bytes reach
+
+
 def decode_image(data: str, what: str) -> Image.Image:
     """A base64 image (optionally a data: URL), bounded in bytes and pixels before it is decoded."""
     if data.startswith("data:"):
@@ -133,7 +136,7 @@ def decode_image(data: str, what: str) -> Image.Image:
         raise HTTPException(413, f"the {what} is larger than {MAX_IMAGE_BYTES // 2**20} MB")
     try:
         raw = base64.b64decode(data, validate=True)
-        image = Image.open(io.BytesIO(raw))
+        image = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)  # never EPS (Ghostscript) and the like
         width, height = image.size
         if width * height > MAX_PIXELS:
             raise HTTPException(413, f"the {what} has {width}x{height} pixels; at most {MAX_PIXELS} allowed")
@@ -143,7 +146,9 @@ def decode_image(data: str, what: str) -> Image.Image:
     except (binascii.Error, ValueError):
         raise HTTPException(422, f"the {what} is not valid base64") from None
     except (OSError, SyntaxError):
-        raise HTTPException(422, f"the {what} is not a readable image") from None
+        raise HTTPException(
+            422, f"the {what} is not a readable image (accepted: {', '.join(IMAGE_FORMATS)})"
+        ) from None
     return image
 
 
@@ -293,7 +298,7 @@ def create_app(
     # --- AUTOMATIC1111 --------------------------------------------------------------------------------
 
     async def a1111(body: Txt2Img) -> dict[str, Any]:
-        job = await finished(submit(job_for(body, pipe)))
+        job = await finished(submit(await run_in_threadpool(job_for, body, pipe)))  # decoding off the loop
         pngs = checked_result(job)
         infotexts = [parameters_of(png) for png in pngs]
         seed = job.seed
@@ -378,7 +383,7 @@ def create_app(
 
     @app.post("/jobs", status_code=202)
     async def create_job(body: JobRequest) -> dict[str, Any]:
-        job = submit(job_for(body, pipe))
+        job = submit(await run_in_threadpool(job_for, body, pipe))  # images decode off the event loop
         return {**job.summary(), "events": f"/jobs/{job.id}/events"}
 
     @app.get("/jobs/{job_id}")
