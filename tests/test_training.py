@@ -89,6 +89,50 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path):
     assert "skipping damaged checkpoint" in messages[0] and "model.safetensors" in messages[0]
 
 
+@pytest.mark.parametrize(
+    "edit, reason",
+    [
+        (lambda meta: meta.pop("extra"), "lacks extra"),
+        (lambda meta: meta["sha256"].pop("ema.safetensors"), "does not give a checksum"),
+        (lambda meta: meta.update(step=1000), "says step 1000"),
+    ],
+)
+def test_a_state_json_that_parses_but_is_wrong_falls_back_too(tmp_path, edit, reason):
+    """Issue 12: a renamed key or a missing checksum was a KeyError, an edited step was followed."""
+    train(
+        TrainConfig(
+            preset="tiny", batch_size=4, steps=4, checkpoint_every=2, sample_every=0, out=str(tmp_path)
+        )
+    )
+    newest = list_states(tmp_path)[0] / "state.json"
+    meta = json.loads(newest.read_text())
+    edit(meta)
+    newest.write_text(json.dumps(meta))
+    messages = []
+    assert latest_good_state(tmp_path, report=messages.append)["step"] == 2
+    assert reason in messages[0]
+
+
+def test_resume_repairs_a_stale_release_and_removes_temporaries(tmp_path):
+    """Issue 12: a kill during the final release write left model/ a checkpoint behind for good."""
+    config = dict(preset="tiny", batch_size=4, checkpoint_every=2, sample_every=0, out=str(tmp_path))
+    train(TrainConfig(steps=2, **config))
+    stale = (tmp_path / "model" / "config.json").read_text()
+    stale_weights = (tmp_path / "model" / "model.safetensors").read_bytes()
+    train(TrainConfig(steps=4, **config), resume=True)
+    # as if killed after state-00000004 was renamed into place but before model/ was rewritten
+    (tmp_path / "model" / "config.json").write_text(stale)
+    (tmp_path / "model" / "model.safetensors").write_bytes(stale_weights)
+    (tmp_path / ".tmp-state-00000006-123").mkdir()
+    (tmp_path / "model" / ".tmp-model-123.safetensors").write_bytes(b"half")
+    messages = []
+    train(TrainConfig(steps=4, **config), resume=True, log=messages.append)
+    assert any("was at step 2" in m for m in messages), messages
+    _, release = load_release(tmp_path / "model")
+    assert release["training"]["steps"] == 4
+    assert not list(tmp_path.glob(".tmp-*")) and not list((tmp_path / "model").glob(".tmp-*"))
+
+
 def test_the_release_loads_without_training_code_and_detects_tampering(tmp_path):
     train(
         TrainConfig(

@@ -19,6 +19,7 @@ import torch
 from ..release import CorruptCheckpointError, fsync_dir, fsync_file, load_tensors, save_tensors, sha256
 
 STATE_PREFIX = "state-"
+STATE_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors")
 
 
 # --- optimizer state without pickle -------------------------------------------------------------------
@@ -118,12 +119,13 @@ def load_training_state(state_dir: Path) -> dict:
     state_dir = Path(state_dir)
     try:
         meta = json.loads((state_dir / "state.json").read_text())
-        checksums = meta["sha256"]
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError) as error:
         raise CorruptCheckpointError(
             f"{state_dir / 'state.json'} is missing or unreadable ({error})"
         ) from None
-    tensors = {name: load_tensors(state_dir / name, checksums.get(name)) for name in checksums}
+    check_state_meta(meta, state_dir)
+    checksums = meta["sha256"]
+    tensors = {name: load_tensors(state_dir / name, checksums[name]) for name in STATE_FILES}
     return {
         "step": meta["step"],
         "model": tensors["model.safetensors"],
@@ -131,6 +133,40 @@ def load_training_state(state_dir: Path) -> dict:
         "optimizer": optimizer_from_safe(tensors["optimizer.safetensors"], meta["optimizer"]),
         "extra": meta["extra"],
     }
+
+
+def check_state_meta(meta, state_dir: Path) -> None:
+    """A state.json that parses but is wrong (a key renamed, a checksum missing, the step edited) is as
+    damaged as a truncated one: CorruptCheckpointError, so the previous checkpoint is used instead."""
+    where = state_dir / "state.json"
+    if not isinstance(meta, dict):
+        raise CorruptCheckpointError(f"{where} holds a {type(meta).__name__}, not a checkpoint's description")
+    missing = [key for key in ("step", "sha256", "optimizer", "extra") if key not in meta]
+    if missing:
+        raise CorruptCheckpointError(f"{where} lacks {', '.join(missing)}")
+    checksums = meta["sha256"]
+    if not isinstance(checksums, dict) or any(not isinstance(checksums.get(n), str) for n in STATE_FILES):
+        raise CorruptCheckpointError(f"{where} does not give a checksum for each of {', '.join(STATE_FILES)}")
+    if meta["step"] != state_step(state_dir):
+        raise CorruptCheckpointError(
+            f"{where} says step {meta['step']!r}, but its folder is {state_dir.name}"
+        )
+
+
+def state_step(state_dir: Path) -> int | None:
+    """The step in a state folder's name (state-00001000 -> 1000), None if the name has none."""
+    digits = state_dir.name.removeprefix(STATE_PREFIX)
+    return int(digits) if digits.isdigit() else None
+
+
+def remove_temporaries(run_dir: Path) -> int:
+    """Delete the `.tmp-*` files and folders a killed or failed write left in the run and its release."""
+    removed = 0
+    for folder in (Path(run_dir), Path(run_dir) / "model"):
+        for tmp in folder.glob(".tmp-*") if folder.is_dir() else ():
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+            removed += 1
+    return removed
 
 
 def latest_good_state(run_dir: Path, report=print) -> dict | None:

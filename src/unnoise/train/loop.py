@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import math
 import time
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from ..nn.presets import PRESETS
 from ..nn.unet import count_parameters
 from ..release import save_release
 from ..text.encoders import CachedTextEncoder, load_text_encoder
-from .checkpoint import latest_good_state, load_optimizer_state, save_training_state
+from .checkpoint import latest_good_state, load_optimizer_state, remove_temporaries, save_training_state
 from .config import TrainConfig
 from .data import Batch, make_batch, open_source
 from .distributed import Distributed, barrier, init_distributed, mean_across, shutdown
@@ -131,7 +132,20 @@ class Run:
                 f" --resolution?): {str(error).splitlines()[0]}"
             ) from None
         self.log(f"resumed from step {state['step']}")
+        self.repair_release(int(state["step"]))
         return int(state["step"])
+
+    def repair_release(self, step: int) -> None:
+        """A run killed while writing its release leaves model/ a checkpoint behind: write it again."""
+        if not self.setup.is_main:
+            return
+        try:
+            released = json.loads((self.dir / "model" / "config.json").read_text())["training"]["steps"]
+        except (OSError, ValueError, KeyError, TypeError):
+            released = None
+        if released != step:
+            self.log(f"the release in {self.dir / 'model'} was at step {released}: writing step {step}'s")
+            self.write_release(step)
 
     def save(self, step: int) -> None:
         if self.setup.is_main:
@@ -145,10 +159,13 @@ class Run:
                 extra=extra,
                 keep=self.config.keep_checkpoints,
             )
-            release = model_config(self.config, self.network_config, self.text)
-            release["training"] = {"steps": step, "images_seen": step * self.config.batch_size}
-            save_release(self.dir / "model", self.ema.module, release)
+            self.write_release(step)
         barrier(self.setup)
+
+    def write_release(self, step: int) -> None:
+        release = model_config(self.config, self.network_config, self.text)
+        release["training"] = {"steps": step, "images_seen": step * self.config.batch_size}
+        save_release(self.dir / "model", self.ema.module, release)
 
     # --- one step --------------------------------------------------------------------------------------
 
@@ -274,6 +291,8 @@ def _train(config: TrainConfig, setup: Distributed, resume: bool, log) -> Path:
             raise UnnoiseError(
                 f"{run_dir} already holds a training run: pass --resume, or choose another --out"
             )
+        if remove_temporaries(run_dir):  # what a killed write left; only rank 0 ever writes here
+            log(f"removed the half-written files a stopped run left in {run_dir}")
     barrier(setup)
     run = Run(config, setup, log)
     log(run.describe())
