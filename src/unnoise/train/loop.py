@@ -20,6 +20,7 @@ from ..errors import UnnoiseError
 from ..nn.presets import PRESETS
 from ..nn.unet import count_parameters
 from ..release import save_release
+from ..settings import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
 from ..text.encoders import CachedTextEncoder, load_text_encoder
 from .checkpoint import latest_good_state, load_optimizer_state, remove_temporaries, save_training_state
 from .config import TrainConfig
@@ -377,31 +378,19 @@ def progress_bar(start: int, total: int, enabled: bool):
 
 
 @torch.no_grad()
-def save_sample_grid(run: Run, path: Path, steps: int = 20, guidance: float = 3.0) -> None:
-    """The EMA model's images for fixed prompts and seeds, to watch training progress."""
-    from ..diffusion.guidance import cfg
-    from ..diffusion.samplers import sample
-    from ..diffusion.schedules import default_sigmas
-    from ..images import contact_sheet, to_pil
+def save_sample_grid(run: Run, path: Path, steps: int = DEFAULT_STEPS) -> None:
+    """The EMA model's images for fixed prompts and seeds (prompt i, seed i), to watch training progress."""
+    from ..images import contact_sheet
+    from ..pipeline import Pipeline
 
     prompts = SAMPLE_PROMPTS.get(run.config.data) or list(dict.fromkeys(run.source.captions))[:8]
     resolution = run.network_config.resolution
-    device = run.setup.device
-    ema = Denoiser(run.ema.module, run.formulation)
-    text = run.text.encode(prompts).to(device)
-    uncond = run.text.encode([""] * len(prompts)).to(device)
-    noise = torch.stack(
+    pipe = Pipeline(Denoiser(run.ema.module, run.formulation), run.text, resolution, name=run.dir.name)
+    images = pipe.render_each(
         [
-            torch.randn(3, resolution, resolution, generator=torch.Generator().manual_seed(i))
-            for i in range(len(prompts))
+            pipe.settings(p, "", DEFAULT_SAMPLER, None, steps, DEFAULT_GUIDANCE, i)
+            for i, p in enumerate(prompts)
         ]
-    ).to(device)
-    x = sample(
-        cfg(ema, guidance, uncond),
-        noise,
-        default_sigmas(run.formulation, steps),
-        sampler="dpmpp_2m",
-        cond=text,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    contact_sheet(to_pil(x), prompts, scale=max(1, 96 // resolution), columns=4).save(path)
+    contact_sheet(images, prompts, scale=max(1, 96 // resolution), columns=4).save(path)
