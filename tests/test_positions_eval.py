@@ -46,3 +46,23 @@ def test_cell_prompts_read_like_the_data_sets_captions():
     assert cell_prompt(0)[0] == "a red circle in the top left"
     assert len({cell_prompt(c)[0] for c in range(9)}) == 9
     assert prompts  # the prompt set exists; cell prompts use its grammar, not its exact list
+
+
+def test_placement_reads_the_largest_object_of_the_colour_when_there_are_extras():
+    def two_objects(prompt: str, seed: int, n: int):
+        cell = next(c for c in range(9) if cell_prompt(c)[0] == prompt)
+        colour = cell_prompt(cell)[1]
+        extra_cell = (cell + 4) % 9
+        spec = PromptSpec(
+            prompt,
+            "binding",
+            (
+                ExpectedObject(colour, prompt.split()[2], "large", POSITIONS[cell]),
+                ExpectedObject(colour, prompt.split()[2], "small", POSITIONS[extra_cell]),
+            ),
+        )
+        return [render(reference_scene(spec, 32, seed=seed + i)) for i in range(n)]
+
+    report = evaluate_positions(two_objects, samples_per_cell=1)
+    assert report.horizontal == 0.0  # never exactly one object
+    assert report.placement == (1.0, 1.0)
