@@ -147,7 +147,8 @@ def write(results: dict, args, steps: int) -> None:
         lines.append(
             f"| {name} | {RECIPES[name][0]} | {r['train_s'] / 60:.1f} min | {r['images_per_s']:.1f} |"
             f" {r['loss']:.4f} | {c['single']:.0%} | {c['two_objects']:.0%} | {c['counting']:.0%} |"
-            f" {c['binding']:.0%} | {r['overall']:.0%} | {h:.0%} | {v:.0%} | {ph:.0%} | {pv:.0%} | {ratio:.2f} |"
+            f" {c['binding']:.0%} | {r['overall']:.0%} | {h:.0%} | {v:.0%} | {ph:.0%} | {pv:.0%} |"
+            f" {ratio:.2f} |"
         )
     threads = os.environ.get("OMP_NUM_THREADS", "all")
     text = [
