@@ -150,3 +150,59 @@ def test_score_from_the_ideal_denoiser_is_the_gradient_of_the_log_density():
     sigma = torch.full((16,), 0.7, dtype=torch.float64)
     (autograd_score,) = torch.autograd.grad(mixture.log_prob(x, sigma).sum(), x)
     torch.testing.assert_close(score_from_x0(mixture(x, sigma), x, sigma), autograd_score)
+
+
+SIGMAS = torch.tensor([0.002, 0.05, 0.5, 1.0, 3.0, 20.0, 80.0], dtype=torch.float64)
+
+
+def test_edm_scalings_are_karras_table_1():
+    """Karras et al. 2022, Table 1, "ours": c_skip = sd^2 / (s^2 + sd^2), c_out = s sd / sqrt(s^2 + sd^2),
+    c_in = 1 / sqrt(s^2 + sd^2), c_noise = ln(s) / 4, with sigma_data = 0.5."""
+    c_skip, c_out, c_in, c_noise = FORMULATIONS["edm"].scalings(SIGMAS)
+    s, sd = SIGMAS, 0.5
+    torch.testing.assert_close(c_skip, sd**2 / (s**2 + sd**2))
+    torch.testing.assert_close(c_out, s * sd / (s**2 + sd**2) ** 0.5)
+    torch.testing.assert_close(c_in, 1 / (s**2 + sd**2) ** 0.5)
+    torch.testing.assert_close(c_noise, torch.log(s) / 4)
+
+
+def test_vp_scalings_are_karras_table_1():
+    """Table 1, VP: c_skip = 1, c_out = -s, c_in = 1 / sqrt(s^2 + 1), c_noise = (M - 1) sigma^-1(s) with
+    M = 1000 and sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1), beta_d = 19.9, beta_min = 0.1."""
+    s = SIGMAS[SIGMAS <= FORMULATIONS["vp"].sigma_max]
+    c_skip, c_out, c_in, c_noise = FORMULATIONS["vp"].scalings(s)
+    beta_d, beta_min = 19.9, 0.1
+    t = ((beta_min**2 + 2 * beta_d * torch.log(s**2 + 1)).sqrt() - beta_min) / beta_d  # the root for t
+    torch.testing.assert_close(c_skip, torch.ones_like(s))
+    torch.testing.assert_close(c_out, -s)
+    torch.testing.assert_close(c_in, 1 / (s**2 + 1).sqrt())
+    torch.testing.assert_close(c_noise, 999 * t)
+
+
+def test_ve_scalings_are_karras_table_1():
+    """Table 1, VE: c_skip = 1, c_out = s, c_in = 1, c_noise = ln(s / 2)."""
+    c_skip, c_out, c_in, c_noise = FORMULATIONS["ve"].scalings(SIGMAS)
+    torch.testing.assert_close(c_skip, torch.ones_like(SIGMAS))
+    torch.testing.assert_close(c_out.abs(), SIGMAS)  # the sign is the parametrisation's (eps: -s)
+    torch.testing.assert_close(c_in, torch.ones_like(SIGMAS))
+    torch.testing.assert_close(c_noise, torch.log(0.5 * SIGMAS))
+
+
+def test_a_small_network_overfits_a_fixed_batch():
+    """The whole training path (network, denoiser loss, AdamW) learns: the loss on one batch falls."""
+    from unnoise.nn.presets import PRESETS
+
+    torch.manual_seed(0)
+    network = PRESETS["tiny"].build()
+    denoiser = Denoiser(network, FORMULATIONS["edm"])
+    optimizer = torch.optim.AdamW(network.parameters(), lr=2e-3)
+    x0 = torch.rand(4, 3, 16, 16) * 2 - 1
+    sigma, noise = torch.tensor([0.3, 0.6, 1.0, 2.0]), torch.randn(4, 3, 16, 16)
+    losses = []
+    for _ in range(60):
+        loss = denoiser.loss(x0, sigma, noise).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0], (losses[0], losses[-1])
