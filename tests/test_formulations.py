@@ -169,7 +169,7 @@ def test_edm_scalings_are_karras_table_1():
 def test_vp_scalings_are_karras_table_1():
     """Table 1, VP: c_skip = 1, c_out = -s, c_in = 1 / sqrt(s^2 + 1), c_noise = (M - 1) sigma^-1(s) with
     M = 1000 and sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1), beta_d = 19.9, beta_min = 0.1."""
-    s = SIGMAS[SIGMAS <= FORMULATIONS["vp"].sigma_max]
+    s = SIGMAS[FORMULATIONS["vp"].sigma_max >= SIGMAS]
     c_skip, c_out, c_in, c_noise = FORMULATIONS["vp"].scalings(s)
     beta_d, beta_min = 19.9, 0.1
     t = ((beta_min**2 + 2 * beta_d * torch.log(s**2 + 1)).sqrt() - beta_min) / beta_d  # the root for t
