@@ -159,3 +159,27 @@ def test_guidance_in_one_batch_equals_two_calls(model):
         conditional, unconditional = pipe.denoiser(x, sigma, cond), pipe.denoiser(x, sigma, uncond)
     expected = unconditional + 2.5 * (conditional - unconditional)
     torch.testing.assert_close(batched, expected, atol=1e-5, rtol=0)
+
+
+def test_a_config_that_asks_for_a_huge_network_is_refused_before_any_allocation(tmp_path):
+    """Issue 12: a 2 KB config.json next to the shipped weights asked for 386 GiB before they were checked."""
+    import json
+    import resource
+    import shutil
+
+    from unnoise.release import MODELS_DIR
+
+    folder = tmp_path / "hostile"
+    shutil.copytree(MODELS_DIR / "shapes-32", folder)
+    config = json.loads((folder / "config.json").read_text())
+    network = config.get("network") or config.pop("unet")
+    config["network"] = {**network, "channels": 8192, "channel_mult": [1, 2, 4, 8]}  # about 100 GB in fp32
+    (folder / "config.json").write_text(json.dumps(config))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(UnnoiseError, match="the weights do not match config.json"):
+        unnoise.load(folder)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: nothing huge made
+    for broken in ([1, 2], {"network": {"kind": "mamba"}}, {"network": {"channels": "many"}}):
+        (folder / "config.json").write_text(json.dumps(broken))
+        with pytest.raises(UnnoiseError):
+            unnoise.load(folder)

@@ -79,18 +79,38 @@ def save_release(folder: Path, network: torch.nn.Module, config: dict, *, dtype=
     return folder
 
 
-def load_release(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(float32 state dict, config) of a release folder, checked against the checksum in its config."""
-    folder = Path(folder)
-    config_path = folder / "config.json"
+def read_release_config(folder: Path) -> dict:
+    """A release folder's config.json, which must be a JSON object."""
+    config_path = Path(folder) / "config.json"
     try:
         config = json.loads(config_path.read_text())
     except FileNotFoundError:
         raise UnnoiseError(f"{folder} is not a model folder: {config_path.name} is missing") from None
     except ValueError as error:
         raise CorruptCheckpointError(f"{config_path} is not valid JSON ({error})") from None
-    tensors = load_tensors(folder / "model.safetensors", config.get("weights_sha256"))
+    if not isinstance(config, dict):
+        raise CorruptCheckpointError(f"{config_path} holds a {type(config).__name__}, not a model's config")
+    return config
+
+
+def load_release(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(float32 state dict, config) of a release folder, checked against the checksum in its config."""
+    config = read_release_config(folder)
+    tensors = load_tensors(Path(folder) / "model.safetensors", config.get("weights_sha256"))
     return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, config
+
+
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor in a safetensors file, from its header alone (nothing is read or made)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{path} is missing") from None
+    except Exception as error:  # safetensors raises its own error types for damaged headers
+        raise CorruptCheckpointError(f"{path} is not a readable safetensors file: {error}") from None
 
 
 def resolve_model(name_or_path: str | Path) -> Path:
@@ -113,19 +133,30 @@ def resolve_model(name_or_path: str | Path) -> Path:
 
 
 def load_network(folder: Path) -> tuple[torch.nn.Module, dict]:
-    """(network with the release's weights, the release's config); a mismatch is a clear error."""
+    """(network with the release's weights, the release's config); a mismatch is a clear error.
+
+    The config is checked before anything is allocated: the network is built on the meta device (no
+    memory) and its tensor shapes compared with the safetensors header, so a config that asks for a
+    huge network next to small weights is refused at once; only then are the weights read and checked."""
     from .nn.presets import network_config_from_dict
 
-    weights, config = load_release(folder)
+    folder = Path(folder)
+    config = read_release_config(folder)
     try:  # "network" since issue 11; earlier releases hold a UNet's shape under "unet"
         network_config = network_config_from_dict(config.get("network") or config["unet"])
-    except (KeyError, TypeError, ValueError) as error:
+        with torch.device("meta"):
+            network = network_config.build()
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
         raise UnnoiseError(f"{folder}: config.json does not describe a network ({error})") from None
-    network = network_config.build()
-    try:
-        network.load_state_dict(weights)
-    except RuntimeError as error:
+    expected = {name: tuple(t.shape) for name, t in network.state_dict().items()}
+    found = tensor_shapes(folder / "model.safetensors")
+    if expected != found:
+        name = next(n for n in sorted({*expected, *found}) if expected.get(n) != found.get(n))
         raise UnnoiseError(
-            f"{folder}: the weights do not match config.json ({str(error).splitlines()[0]})"
-        ) from None
+            f"{folder}: the weights do not match config.json ({name}: the config makes"
+            f" {expected.get(name, 'nothing')}, the weights hold {found.get(name, 'nothing')})"
+        )
+    weights, config = load_release(folder)
+    network = network.to_empty(device="cpu")
+    network.load_state_dict(weights)
     return network, config
