@@ -176,7 +176,7 @@ def test_a_config_that_asks_for_a_huge_network_is_refused_before_any_allocation(
     config["network"] = {**network, "channels": 8192, "channel_mult": [1, 2, 4, 8]}  # about 100 GB in fp32
     (folder / "config.json").write_text(json.dumps(config))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    with pytest.raises(UnnoiseError, match="the weights do not match config.json"):
+    with pytest.raises(UnnoiseError, match=r"the weights do not match config\.json"):
         unnoise.load(folder)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: nothing huge made
     for broken in ([1, 2], {"network": {"kind": "mamba"}}, {"network": {"channels": "many"}}):
