@@ -39,8 +39,8 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
         ["--preset", "small-pos", "--lr", "2e-4"],
     ),
     "unet-pos-recipe": (
-        "unet-pos, lr 5e-4 with a final decay, more high noise",
-        ["--preset", "small-pos", "--lr", "5e-4", "--lr-decay-fraction", "0.3", "--sigma-p-mean", "-0.6"],
+        "unet-pos, lr 3e-4 with a final decay, more high noise",
+        ["--preset", "small-pos", "--lr", "3e-4", "--lr-decay-fraction", "0.2", "--sigma-p-mean", "-0.6"],
     ),
     "dit": (
         "transformer, 2x2 patches, text in the sequence",
@@ -49,20 +49,47 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
 }
 
 
-def train(name: str, flags: list[str], steps: int, workdir: Path) -> dict:
-    """Train (or resume) one recipe; returns its wall time of training, images/s and last loss."""
+def train_command(name: str, flags: list[str], steps: int, workdir: Path) -> list[str] | None:
+    """The command that trains (or resumes) one recipe, None when its run is complete."""
     out = workdir / name
     done = out / "model" / "config.json"
-    if not (done.is_file() and json.loads(done.read_text())["training"]["steps"] >= steps):
-        command = [sys.executable, "-m", "unnoise", "train", *COMMON, *flags, "--steps", str(steps)]
-        command += ["--out", str(out), "--checkpoint-every", str(max(1, steps // 4)), "--sample-every", "0"]
-        if any(out.glob("state-*")):
-            command.append("--resume")
+    if done.is_file() and json.loads(done.read_text())["training"]["steps"] >= steps:
+        return None
+    command = [sys.executable, "-m", "unnoise", "train", *COMMON, *flags, "--steps", str(steps)]
+    command += ["--out", str(out), "--checkpoint-every", str(max(1, steps // 8)), "--sample-every", "0"]
+    if any(out.glob("state-*")):
+        command.append("--resume")
+    return command
+
+
+def train_all(names: list[str], steps: int, workdir: Path, parallel: bool) -> None:
+    """One process per recipe: one after another with every core, or all at once with a core share each
+    (two torch processes that both use every core slow each other down many times over)."""
+    commands = [c for n in names if (c := train_command(n, RECIPES[n][1], steps, workdir))]
+    threads = max(1, (os.cpu_count() or 1) // len(commands)) if parallel and commands else None
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+    running = []
+    for command in commands:
         print(" ".join(command[1:]), flush=True)
-        subprocess.run(command, check=True)
+        out = Path(command[command.index("--out") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        log = open(out / "train.out", "a")  # noqa: SIM115  (closed when the process is waited for)
+        running.append((subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        if not parallel:
+            running[-1][0].wait()
+    for process, log in running:
+        if process.wait() != 0:
+            sys.exit(f"training failed: see {log.name}")
+        log.close()
+
+
+def summary(name: str, workdir: Path) -> dict:
+    """A finished recipe's wall time of training, images/s and last loss, from its log.csv."""
+    out = workdir / name
     with open(out / "log.csv") as f:
         rows = list(csv.DictReader(f))
     seconds = sum(25 * BATCH / float(r["images_per_s"]) for r in rows)  # logged every 25 steps
+    steps = int(rows[-1]["step"])
     return {
         "train_s": seconds,
         "images_per_s": steps * BATCH / seconds,
@@ -100,6 +127,9 @@ def main() -> None:
     parser.add_argument("--cell-samples", type=int, default=4, help="images per grid cell")
     parser.add_argument("--out", default=str(RESULTS / "time_to_quality"))
     parser.add_argument("--report-only", action="store_true", help="rewrite the table from --out's JSON")
+    parser.add_argument(
+        "--parallel", action="store_true", help="train the recipes at once, each on its share of the cores"
+    )
     args = parser.parse_args()
     if args.report_only:
         saved = json.loads(Path(args.out + ".json").read_text())
@@ -114,9 +144,8 @@ def main() -> None:
         sys.exit(f"unknown recipes {unknown}; known: {', '.join(RECIPES)}")
     steps = args.images // BATCH
     workdir = Path(args.workdir)
-    results = {}
-    for name in names:
-        results[name] = train(name, RECIPES[name][1], steps, workdir)
+    train_all(names, steps, workdir, args.parallel)
+    results = {name: summary(name, workdir) for name in names}
     for name in names:
         results[name] |= judge(workdir / name / "model", args.prompts, args.samples, args.cell_samples)
         print(name, json.dumps({k: v for k, v in results[name].items() if k != "position_table"}), flush=True)
@@ -150,7 +179,11 @@ def write(results: dict, args, steps: int) -> None:
             f" {c['binding']:.0%} | {r['overall']:.0%} | {h:.0%} | {v:.0%} | {ph:.0%} | {pv:.0%} |"
             f" {ratio:.2f} |"
         )
-    threads = os.environ.get("OMP_NUM_THREADS", "all")
+    threads = (
+        f"{os.cpu_count() // len(results)} per recipe, in parallel"
+        if args.parallel
+        else "all, one recipe at a time"
+    )
     text = [
         "# Time to quality",
         "",

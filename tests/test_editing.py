@@ -339,3 +339,33 @@ def test_inpainting_at_strength_zero_returns_the_input(pipe):
     for resample in (1, 5):
         out = pipe.inpaint(image, mask, "x", strength=0, resample=resample, steps=4)[0]
         assert np.array_equal(np.asarray(out), np.asarray(image))
+
+
+A1111_TEXT = (
+    "a cat\nNegative prompt: blurry\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7,"
+    " Seed: 1234, Size: 512x512, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Version: v1.10.1"
+)
+
+
+def test_png_text_speaks_automatic1111s_sampler_names_and_reads_its_pngs():
+    """Issue 13: our PNGs named samplers in our spelling, without a schedule type or a model hash."""
+    settings = ImageSettings(
+        "a dog", sampler="euler_ancestral", seed=3, width=32, height=32, model_hash="abc"
+    )
+    text = settings.parameters()
+    assert "Sampler: Euler a, Schedule type: Karras" in text and "Model hash: abc" in text
+    assert ImageSettings.from_parameters(text) == settings
+    theirs = ImageSettings.from_parameters(A1111_TEXT)
+    assert (theirs.sampler, theirs.guidance, theirs.seed, theirs.model_hash) == (
+        "dpmpp_2m",
+        7.0,
+        1234,
+        "6ce0161689",
+    )
+    older = ImageSettings.from_parameters(
+        A1111_TEXT.replace("DPM++ 2M, Schedule type: Karras", "DPM++ 2M Karras")
+    )
+    assert older.sampler == "dpmpp_2m"
+    with pytest.raises(UnnoiseError, match="'Exponential' schedule"):
+        ImageSettings.from_parameters(A1111_TEXT.replace("Karras", "Exponential"))
+    assert ImageSettings("x", sampler="pc").parameters().count("Sampler: pc,") == 1  # no A1111 label: ours

@@ -94,7 +94,11 @@ def test_txt2img_answers_like_automatic1111_with_the_library_s_images(client, pi
     images = [png_of(x) for x in data["images"]]
     assert len(images) == 2 and images[0].size == (32, 32)
     assert json.loads(data["info"])["all_seeds"] == [11, 12]
-    assert images[1].info["parameters"].startswith("a red circle\nSteps: 5, Sampler: dpmpp_2m")
+    assert (
+        images[1]
+        .info["parameters"]
+        .startswith("a red circle\nSteps: 5, Sampler: DPM++ 2M, Schedule type: Karras")
+    )
     direct = pipe.generate("a red circle", steps=5, seed=11, num_images=2)
     assert all(
         np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b))
@@ -122,7 +126,9 @@ def test_samplers_and_models_are_listed(client):
     samplers = client.get("/sdapi/v1/samplers").json()
     names = {s["name"] for s in samplers}
     assert {"Euler a", "DPM++ 2M", "UniPC"} <= names
-    assert client.get("/sdapi/v1/sd-models").json()[0]["model_name"] == "shapes-32"
+    model = client.get("/sdapi/v1/sd-models").json()[0]
+    assert model["model_name"] == "shapes-32" and len(model["hash"]) == 10  # issue 13: webuiapi reads it
+    assert model["title"] == f"shapes-32 [{model['hash']}]"
     assert client.get("/sdapi/v1/progress").json()["state"]["sampling_steps"] >= 0
 
 

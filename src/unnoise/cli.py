@@ -42,10 +42,12 @@ def _settings(args: argparse.Namespace) -> dict:
     """The sampling flags every image command shares, as the Pipeline methods' keywords."""
     import secrets
 
+    from .settings import sampler_name
+
     seed = secrets.randbelow(2**31) if args.seed is None else args.seed  # image i: seed + i
     return dict(
         negative_prompt=args.negative,
-        sampler=args.sampler,
+        sampler=sampler_name(args.sampler),  # ours or AUTOMATIC1111's label ("Euler a")
         sampler_options=_sampler_options(args.sampler_option),
         steps=args.steps,
         guidance=args.guidance,

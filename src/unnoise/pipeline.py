@@ -58,8 +58,11 @@ class Inpainting:
 class Pipeline:
     """A released model ready to generate and edit: its denoiser, its text encoder and its name."""
 
-    def __init__(self, denoiser: Denoiser, text: CachedTextEncoder, resolution: int, name: str):
+    def __init__(
+        self, denoiser: Denoiser, text: CachedTextEncoder, resolution: int, name: str, model_hash: str = ""
+    ):
         self.denoiser, self.text, self.resolution, self.name = denoiser, text, resolution, name
+        self.model_hash = model_hash  # first 10 hex digits of the weights' SHA-256 (A1111's "Model hash")
 
     @property
     def device(self) -> torch.device:
@@ -243,7 +246,7 @@ class Pipeline:
         seed = secrets.randbelow(2**31) if seed is None else seed
         return ImageSettings(
             prompt, negative_prompt, sampler, dict(sampler_options or {}), steps, guidance, seed,
-            width=r, height=r, model=self.name, **edit,
+            width=r, height=r, model=self.name, model_hash=self.model_hash, **edit,
         ).check()  # fmt: skip
 
     def render(
@@ -345,4 +348,5 @@ def load(name_or_path: str | Path, *, device: str = "cpu") -> Pipeline:
         load_text_encoder(encoder["name"], device=device, max_tokens=encoder["max_tokens"]),
         max_entries=PROMPT_CACHE,
     )
-    return Pipeline(denoiser, text, network.config.resolution, name=folder.name)
+    model_hash = str(config.get("weights_sha256", ""))[:10]
+    return Pipeline(denoiser, text, network.config.resolution, name=folder.name, model_hash=model_hash)

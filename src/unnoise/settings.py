@@ -30,6 +30,45 @@ MAX_IMAGES = 64
 
 InpaintArea = Literal["whole", "masked"]
 
+# AUTOMATIC1111's sampler labels -> ours, one map for the CLI, the PNG text and the server. A1111 writes
+# the schedule apart ("Schedule type: Karras"); its older labels carry it (" Karras"), both are read.
+A1111_SAMPLERS: dict[str, str] = {
+    "Euler": "euler",
+    "Euler a": "euler_ancestral",
+    "Heun": "heun",
+    "DDIM": "ddim",
+    "DDPM": "ddpm",
+    "DPM++ 2M": "dpmpp_2m",
+    "DPM++ 3M": "dpmpp_3m",
+    "DPM++ 2M SDE": "dpmpp_2m_sde",
+    "DPM++ 3M SDE": "dpmpp_3m_sde",
+    "UniPC": "unipc",
+}
+A1111_LABELS: dict[str, str] = {ours: label for label, ours in A1111_SAMPLERS.items()}
+SCHEDULE_TYPE = "Karras"  # what A1111 calls the default schedule of every formulation here (rho = 7)
+SCHEDULE_TYPES = ("Automatic", "Karras")  # the A1111 schedule types that name it
+
+
+def sampler_name(name: str | None) -> str:
+    """Our name for a sampler given by an AUTOMATIC1111 label ("Euler a", "DPM++ 2M Karras") or by ours;
+    None or "" is the default. An unknown name is an UnnoiseError listing the known ones."""
+    from .diffusion.samplers import SAMPLERS
+
+    if not name:
+        return DEFAULT_SAMPLER
+    base = name.removesuffix(" Karras")
+    if base in A1111_SAMPLERS:
+        return A1111_SAMPLERS[base]
+    if name in SAMPLERS:
+        return name
+    known = ", ".join(sorted({*A1111_SAMPLERS, *SAMPLERS}))
+    raise UnnoiseError(f"unknown sampler {name!r}; known: {known}")
+
+
+def a1111_label(sampler: str) -> str:
+    """The AUTOMATIC1111 label of one of our samplers, or our name where A1111 has none (pc, rk45)."""
+    return A1111_LABELS.get(sampler, sampler)
+
 
 def sampler_options(sampler: str) -> dict[str, object]:
     """The options `sampler` takes beyond the common arguments, with their defaults (eta, s_churn, ...)."""
@@ -54,6 +93,7 @@ class ImageSettings:
     width: int | None = None  # None: the model's own size
     height: int | None = None
     model: str = ""
+    model_hash: str = ""  # the first 10 hex digits of the weights' SHA-256, as AUTOMATIC1111 writes it
     variation_seed: int | None = None  # the noise is slerped variation_strength of the way to this seed's
     variation_strength: float = 0.0
     mix_prompt: str = ""  # the condition is lerped prompt_mix of the way to this prompt's
@@ -117,11 +157,13 @@ class ImageSettings:
             lines.append(f"Mix prompt: {self.mix_prompt}")
         pairs = [
             f"Steps: {self.steps}",
-            f"Sampler: {self.sampler}",
+            f"Sampler: {a1111_label(self.sampler)}",
+            f"Schedule type: {SCHEDULE_TYPE}",
             *(f"{_option_key(k)}: {_number(v)}" for k, v in sorted(self.sampler_options.items())),
             f"CFG scale: {self.guidance:g}",
             f"Seed: {self.seed}",
             f"Size: {self.width}x{self.height}",
+            *([f"Model hash: {self.model_hash}"] if self.model_hash else []),
             f"Model: {self.model}",
         ]
         if self.variation_seed is not None and self.variation_strength:
@@ -163,7 +205,13 @@ class ImageSettings:
 
         try:
             width, height = (int(v) for v in values["Size"].split("x")) if "Size" in values else (None, None)
-            sampler = values.get("Sampler", DEFAULT_SAMPLER)
+            sampler = sampler_name(values.get("Sampler"))
+            schedule = values.get("Schedule type", SCHEDULE_TYPE)
+            if schedule not in SCHEDULE_TYPES and not values.get("Sampler", "").endswith(" Karras"):
+                raise UnnoiseError(
+                    f"the PNG was made with the {schedule!r} schedule; unnoise samples on Karras' schedule"
+                    " only, so it cannot make that image again"
+                )
             options = {k: float(values[_option_key(k)]) for k in _all_options() if _option_key(k) in values}
             return cls(
                 prompt="\n".join(prompt_lines),
@@ -176,6 +224,7 @@ class ImageSettings:
                 width=width,
                 height=height,
                 model=values.get("Model", ""),
+                model_hash=values.get("Model hash", ""),
                 variation_seed=optional("Variation seed", int),
                 variation_strength=float(values.get("Variation seed strength", 0.0)),
                 mix_prompt=labelled["Mix prompt:"],

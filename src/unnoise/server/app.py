@@ -33,7 +33,14 @@ from starlette.concurrency import run_in_threadpool
 from ..diffusion.samplers import SAMPLERS
 from ..errors import UnnoiseError
 from ..pipeline import Pipeline
-from ..settings import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, REPAINT_RESAMPLE
+from ..settings import (
+    A1111_LABELS,
+    DEFAULT_GUIDANCE,
+    DEFAULT_SAMPLER,
+    DEFAULT_STEPS,
+    REPAINT_RESAMPLE,
+    sampler_name,
+)
 from .jobs import FINISHED, INTERNAL_ERROR, Job, QueueFullError, Worker, log
 from .security import Guard
 
@@ -46,31 +53,13 @@ MAX_IMAGE_BYTES = 8 * 1024 * 1024  # one decoded input image
 MAX_PIXELS = 2048 * 2048  # one input image, checked before it is decoded
 MAX_BODY = 24 * 1024 * 1024  # a whole request
 
-# AUTOMATIC1111's sampler names (its " Karras" variants too: our default schedule is Karras') -> ours
-A1111_SAMPLERS = {
-    "Euler": "euler",
-    "Euler a": "euler_ancestral",
-    "Heun": "heun",
-    "DDIM": "ddim",
-    "DDPM": "ddpm",
-    "DPM++ 2M": "dpmpp_2m",
-    "DPM++ 3M": "dpmpp_3m",
-    "DPM++ 2M SDE": "dpmpp_2m_sde",
-    "DPM++ 3M SDE": "dpmpp_3m_sde",
-    "UniPC": "unipc",
-}
-
 
 def our_sampler(name: str | None) -> str:
-    if name is None or name == "":
-        return DEFAULT_SAMPLER
-    base = name.removesuffix(" Karras")
-    if base in A1111_SAMPLERS:
-        return A1111_SAMPLERS[base]
-    if name in SAMPLERS:
-        return name
-    known = sorted({*A1111_SAMPLERS, *SAMPLERS})
-    raise HTTPException(422, f"unknown sampler {name!r}; known: {', '.join(known)}")
+    """Ours for an AUTOMATIC1111 label or one of our names; a 422 that lists the known ones otherwise."""
+    try:
+        return sampler_name(name)
+    except UnnoiseError as error:
+        raise HTTPException(422, str(error)) from None
 
 
 # --- request bodies -----------------------------------------------------------------------------------
@@ -347,12 +336,13 @@ def create_app(
 
     @app.get("/sdapi/v1/samplers")
     async def samplers() -> list[dict[str, Any]]:
-        named = {ours: a1111_name for a1111_name, ours in A1111_SAMPLERS.items()}
+        named = A1111_LABELS
         return [{"name": named.get(s, s), "aliases": [s], "options": {}} for s in sorted(SAMPLERS)]
 
     @app.get("/sdapi/v1/sd-models")
     async def sd_models() -> list[dict[str, Any]]:
-        return [{"title": pipe.name, "model_name": pipe.name, "hash": None, "sha256": None,
+        title = f"{pipe.name} [{pipe.model_hash}]" if pipe.model_hash else pipe.name  # as A1111 titles them
+        return [{"title": title, "model_name": pipe.name, "hash": pipe.model_hash or None, "sha256": None,
                  "filename": pipe.name, "config": None}]  # fmt: skip
 
     # --- OpenAI ---------------------------------------------------------------------------------------
