@@ -183,3 +183,44 @@ def test_a_config_that_asks_for_a_huge_network_is_refused_before_any_allocation(
         (folder / "config.json").write_text(json.dumps(broken))
         with pytest.raises(UnnoiseError):
             unnoise.load(folder)
+
+
+def unnoise_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "unnoise", *args], capture_output=True, text=True)
+
+
+def test_the_cli_never_overwrites_an_earlier_image(model, tmp_path):
+    """Issue 13: a second `generate --seed 1` silently overwrote out/1.png made with another prompt."""
+    first = unnoise_cli("generate", "a red circle", "--seed", "1", "--steps", "2", "--model", str(model),
+                        "--out", str(tmp_path))  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    before = (tmp_path / "1.png").read_bytes()
+    second = unnoise_cli("generate", "a blue square", "--seed", "1", "--steps", "2", "--sampler", "Euler a",
+                         "--model", str(model), "--out", str(tmp_path))  # fmt: skip
+    assert second.returncode == 0, second.stderr
+    assert (tmp_path / "1.png").read_bytes() == before
+    again = read_png_parameters(tmp_path / "1-2.png")
+    assert again.prompt == "a blue square" and again.sampler == "euler_ancestral"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--out", "README.md"], "is a file"),
+        (["--sampler", "eulr"], "unknown sampler 'eulr'"),
+        (["--sampler-option", "eta=0.5"], "has no option eta"),
+        (["--seed", str(2**70)], "seed must be in 0.."),
+        (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
+    ],
+)
+def test_cli_mistakes_are_named_before_the_model_loads(tmp_path, flags, message):
+    """Issue 13: `--out README.md` ran every step and then failed; a misspelt sampler failed after loading."""
+    (tmp_path / "README.md").write_text("a file")
+    run = subprocess.run(
+        [sys.executable, "-m", "unnoise", "generate", "x", "--model", str(tmp_path / "no-model"), *flags],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert "no model" not in run.stderr  # named before the (missing) model would have been looked for

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -42,18 +43,52 @@ def _settings(args: argparse.Namespace) -> dict:
     """The sampling flags every image command shares, as the Pipeline methods' keywords."""
     import secrets
 
-    from .settings import sampler_name
+    from .settings import ImageSettings, sampler_name
 
     seed = secrets.randbelow(2**31) if args.seed is None else args.seed  # image i: seed + i
-    return dict(
+    settings = dict(
         negative_prompt=args.negative,
         sampler=sampler_name(args.sampler),  # ours or AUTOMATIC1111's label ("Euler a")
         sampler_options=_sampler_options(args.sampler_option),
         steps=args.steps,
         guidance=args.guidance,
         seed=seed,
-        num_images=args.n,
     )
+    ImageSettings(args.prompt or "", **settings).check()  # a mistake is named before the model loads
+    return {**settings, "num_images": args.n}
+
+
+def _load(args: argparse.Namespace, model: str):
+    """The model, once the output folder is known to be usable (a mistake there costs no loading)."""
+    from .pipeline import load
+
+    _output_folder(args.out)
+    return load(model, device=args.device)
+
+
+def _output_folder(out: str) -> Path:
+    """--out as a folder we can write to, made if missing; a file or an unwritable place is an error."""
+    from .errors import UnnoiseError
+
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise UnnoiseError(f"--out {out} is a file; --out names a folder for the PNGs")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UnnoiseError(f"--out {out}: cannot make the folder ({error.strerror})") from None
+    if not os.access(folder, os.W_OK):
+        raise UnnoiseError(f"--out {out}: the folder is not writable")
+    return folder
+
+
+def free_path(folder: Path, stem: str) -> Path:
+    """folder/stem.png, or stem-2.png, stem-3.png, ... : an earlier image is never overwritten."""
+    path, k = folder / f"{stem}.png", 1
+    while path.exists():
+        k += 1
+        path = folder / f"{stem}-{k}.png"
+    return path
 
 
 def _sampler_options(pairs: list[str]) -> dict[str, float]:
@@ -84,24 +119,24 @@ def _save(images, out: str, names: list[str]) -> int:
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     for image, name in zip(images, names, strict=True):
-        print(save_png(image, folder / f"{name}.png"))
+        print(save_png(image, free_path(folder, name)))
     if len(images) > 1:
         scale = max(1, 128 // images[0].width)
-        print(save_png(contact_sheet(images, scale=scale, columns=min(8, len(images))), folder / "sheet.png"))
+        sheet = contact_sheet(images, scale=scale, columns=min(8, len(images)))
+        print(save_png(sheet, free_path(folder, "sheet")))
     return 0
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .errors import UnnoiseError
     from .images import read_png_parameters
-    from .pipeline import load
 
     if args.from_png:
         return _generate_from_png(args, read_png_parameters(args.from_png))
     if args.prompt is None:
         raise UnnoiseError("give a PROMPT, or --from-png FILE")
-    pipe = load(args.model or "shapes-32")
     settings = _settings(args)
+    pipe = _load(args, args.model or "shapes-32")
     images = _with_progress(
         args.steps,
         lambda callback: pipe.generate(
@@ -120,24 +155,22 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _generate_from_png(args: argparse.Namespace, settings) -> int:
     """The image a PNG's parameters describe, again (its model, unless --model names another)."""
     from .errors import UnnoiseError
-    from .pipeline import load
 
     if settings.denoising_strength is not None:
         raise UnnoiseError(
             f"{args.from_png} is an edit (img2img or inpainting) of an input image the PNG does not hold;"
             " run `unnoise edit` or `unnoise inpaint` with that image instead"
         )
-    pipe = load(args.model or settings.model or "shapes-32")
+    pipe = _load(args, args.model or settings.model or "shapes-32")
     settings = settings.replace(width=pipe.resolution, height=pipe.resolution, model=pipe.name)
     images = _with_progress(settings.steps, lambda callback: pipe.render(settings, callback=callback))
     return _save(images, args.out, [str(settings.seed)])
 
 
 def _cmd_edit(args: argparse.Namespace) -> int:
-    from .pipeline import load
 
-    pipe = load(args.model or "shapes-32")
     settings = _settings(args)
+    pipe = _load(args, args.model or "shapes-32")
     images = _with_progress(
         round(args.steps * args.strength),
         lambda callback: pipe.edit(
@@ -153,11 +186,10 @@ def _cmd_edit(args: argparse.Namespace) -> int:
 
 
 def _cmd_inpaint(args: argparse.Namespace) -> int:
-    from .pipeline import load
     from .settings import REPAINT_RESAMPLE
 
-    pipe = load(args.model or "shapes-32")
     settings = _settings(args)
+    pipe = _load(args, args.model or "shapes-32")
     images = _with_progress(
         round(args.steps * args.strength) * (args.resample or REPAINT_RESAMPLE),
         lambda callback: pipe.inpaint(
@@ -177,10 +209,9 @@ def _cmd_inpaint(args: argparse.Namespace) -> int:
 
 
 def _cmd_interpolate(args: argparse.Namespace) -> int:
-    from .pipeline import load
 
-    pipe = load(args.model or "shapes-32")
     settings = _settings(args)
+    pipe = _load(args, args.model or "shapes-32")
     del settings["num_images"]
     frames = pipe.interpolate(
         args.prompt, to_prompt=args.to_prompt, to_seed=args.to_seed, frames=args.frames, **settings
@@ -211,6 +242,7 @@ def _cmd_eval_shapes(args: argparse.Namespace) -> int:
         guidance=args.guidance,
         seed=args.seed,
         prompts_per_category=args.prompts_per_category,
+        device=args.device,
     )
     print(report.table())
     return _write_report(report.to_dict(), args.report)
@@ -227,6 +259,7 @@ def _cmd_eval_inpaint(args: argparse.Namespace) -> int:
         guidance=args.guidance,
         area=args.area,
         seed=args.seed,
+        device=args.device,
         **_repaint(args),
     )
     print(table(report))
@@ -243,6 +276,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         queue_size=args.queue_size,
         allowed_hosts=tuple(args.allow_host),
+        device=args.device,
     )
     return 0
 
@@ -308,8 +342,21 @@ def add_sampling_arguments(p: argparse.ArgumentParser, *, count: bool = True) ->
     )
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument("--model", default=None, help="a shipped model's name or a release folder")
-    p.add_argument("--out", default="out", help="folder for the PNGs (default ./out)")
+    add_device_argument(p)
+    p.add_argument(
+        "--out",
+        default="out",
+        help="folder for the PNGs (default ./out); earlier images are never overwritten",
+    )
     p.set_defaults(n=1)
+
+
+def add_device_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="where the model runs: auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps (default auto)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -382,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
         "shapes", help="ShapesEval: exact prompt alignment on the shapes grammar, no judge model"
     )
     p.add_argument("--model", default="shapes-32", help="a shipped model's name or a release folder")
+    add_device_argument(p)
     p.add_argument("--samples", type=int, default=4, help="images per prompt (default 4)")
     p.add_argument("--sampler", default=DEFAULT_SAMPLER)
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
@@ -399,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
         "inpaint", help="InpaintEval: recolour or reshape a masked object; judged by ShapesEval's checker"
     )
     p.add_argument("--model", default="shapes-32", help="a shipped model's name or a release folder")
+    add_device_argument(p)
     p.add_argument("--samples", type=int, default=2, help="images per trial, 36 trials (default 2)")
     p.add_argument("--sampler", default=DEFAULT_SAMPLER)
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
@@ -413,12 +462,16 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="serve a model over HTTP: a web page, AUTOMATIC1111 and OpenAI APIs, jobs"
     )
     p.add_argument("--model", default="shapes-32", help="a shipped model's name or a release folder")
+    add_device_argument(p)
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
     p.add_argument("--port", type=int, default=7860)
     p.add_argument(
-        "--api-key", default=None, help="require 'Authorization: Bearer KEY' (needed off loopback)"
+        "--api-key",
+        default=os.environ.get("UNNOISE_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (needed off loopback); better: set UNNOISE_API_KEY,"
+        " which `ps` does not show",
     )
     p.add_argument("--queue-size", type=int, default=16, help="requests that may wait; more get HTTP 429")
     p.add_argument(

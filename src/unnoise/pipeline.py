@@ -335,11 +335,29 @@ class Pipeline:
         return cond.to(self.device)
 
 
-def load(name_or_path: str | Path, *, device: str = "cpu") -> Pipeline:
+def resolve_device(name: str | torch.device) -> torch.device:
+    """The device named, or for "auto": CUDA if there is a GPU, else Apple's MPS if there is one, else CPU."""
+    if str(name) != "auto":
+        try:
+            device = torch.device(name)
+        except RuntimeError as error:
+            raise UnnoiseError(f"unknown device {name!r} ({error}); try auto, cpu, cuda or mps") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UnnoiseError(f"device {name!r}: this PyTorch sees no CUDA GPU; use --device cpu or auto")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def load(name_or_path: str | Path, *, device: str | torch.device = "auto") -> Pipeline:
     """Load a released model (safetensors + config.json) with its text encoder; nothing is unpickled."""
+    device = resolve_device(device)
     folder = resolve_model(name_or_path)
     network, config = load_network(folder)
-    if torch.device(device).type == "cpu":  # the layout PyTorch's CPU convolutions are fastest in
+    if device.type == "cpu":  # the layout PyTorch's CPU convolutions are fastest in
         network = network.to(memory_format=torch.channels_last)
     formulation = FORMULATIONS[config["formulation"]]
     denoiser = Denoiser(network.eval().requires_grad_(False), formulation).to(device)

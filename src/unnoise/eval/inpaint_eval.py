@@ -125,11 +125,12 @@ def run_inpaint_eval(
     resample: int | None = None,
     area: str = "whole",
     seed: int = 0,
+    device: str = "auto",
 ) -> dict[str, Any]:
     from ..pipeline import load
     from ..settings import REPAINT_JUMP, REPAINT_RESAMPLE
 
-    pipe = load(model_path)
+    pipe = load(model_path, device=device)
     jump = REPAINT_JUMP if jump is None else jump
     resample = REPAINT_RESAMPLE if resample is None else resample
 

@@ -461,6 +461,7 @@ def run_shapes_eval(
     guidance: float = DEFAULT_GUIDANCE,
     seed: int = 0,
     prompts_per_category: int = PROMPTS_PER_CATEGORY,
+    device: str = "auto",
 ) -> Report:
     """ShapesEval of a released model: every prompt (or the first `prompts_per_category` of each category,
     for a quick look), images seed, seed + 1, ... through `generate`."""
@@ -471,7 +472,7 @@ def run_shapes_eval(
             f"prompts per category must be in 1..{PROMPTS_PER_CATEGORY}, got {prompts_per_category}"
         )
 
-    pipe = load(model_path)
+    pipe = load(model_path, device=device)
 
     def generate(prompt: str, image_seed: int, n: int) -> list[Image.Image]:
         return pipe.generate(

@@ -448,6 +448,7 @@ def serve(
     api_key: str | None,
     queue_size: int,
     allowed_hosts: tuple[str, ...] = (),
+    device: str = "auto",
 ) -> None:
     """`unnoise serve`: load the model and run uvicorn until interrupted."""
     import uvicorn
@@ -462,7 +463,7 @@ def serve(
         raise UnnoiseError(f"--queue-size must be at least 1, got {queue_size}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     app = create_app(
-        lambda: load(model),
+        lambda: load(model, device=device),
         host=host,
         port=port,
         api_key=api_key,
