@@ -425,3 +425,53 @@ def test_serve_refuses_a_port_out_of_range_and_an_unbounded_queue():
         serve("shapes-32", host="127.0.0.1", port=70000, api_key=None, queue_size=4)
     with pytest.raises(UnnoiseError, match="--queue-size must be at least 1, got 0"):
         serve("shapes-32", host="127.0.0.1", port=7860, api_key=None, queue_size=0)
+
+
+# --- issue 13: what AUTOMATIC1111's and OpenAI's clients expect ------------------------------------------
+
+
+def test_a1111_fields_are_honoured_or_refused_by_name(client):
+    base = {"prompt": "a red circle", "steps": 3, "seed": 2**32 - 1}  # A1111's largest seed
+    reply = client.post("/sdapi/v1/txt2img", json={**base, "sampler_index": "Euler a", "scheduler": "Karras"})
+    assert reply.status_code == 200, reply.text
+    assert "Sampler: Euler a" in png_of(reply.json()["images"][0]).info["parameters"]
+    assert json.loads(reply.json()["info"])["seed"] == 2**32 - 1
+    for extra, named in (
+        ({"enable_hr": True}, "enable_hr"),
+        ({"styles": ["cinematic"]}, "styles"),
+        ({"override_settings": {"CLIP_stop_at_last_layers": 2}}, "override_settings"),
+        ({"scheduler": "Exponential"}, "Exponential"),
+        ({"seed": 2**32}, "seed"),
+    ):
+        refused = client.post("/sdapi/v1/txt2img", json={**base, **extra})
+        assert refused.status_code == 422 and named in refused.json()["error"], (extra, refused.text)
+
+
+def test_an_inverted_mask_regenerates_the_black_part(client):
+    rng = np.random.default_rng(1)
+    source = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (0, 0, 16, 32))
+    body = {"prompt": "x", "steps": 3, "seed": 1, "init_images": [b64_png(source)], "mask": b64_png(mask),
+            "denoising_strength": 1.0, "inpainting_mask_invert": 1}  # fmt: skip
+    reply = client.post("/sdapi/v1/img2img", json=body)
+    assert reply.status_code == 200, reply.text
+    out, src = np.asarray(png_of(reply.json()["images"][0]).convert("RGB")), np.asarray(source)
+    assert np.array_equal(out[:, :16], src[:, :16])  # the white part of the mask is kept when inverted
+    assert not np.array_equal(out[:, 16:], src[:, 16:])
+
+
+def test_options_schedulers_png_info_and_openai_models(client, server):
+    import openai
+
+    options = client.get("/sdapi/v1/options").json()
+    assert options["sd_model_checkpoint"].startswith("shapes-32") and len(options["sd_checkpoint_hash"]) == 10
+    assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "shapes-32"}).status_code == 200
+    other = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "sd-1.5"})
+    assert other.status_code == 422 and "runs shapes-32 only" in other.json()["error"]
+    assert client.get("/sdapi/v1/schedulers").json()[0]["label"] == "Karras"
+    made = client.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "steps": 2, "seed": 5}).json()
+    info = client.post("/sdapi/v1/png-info", json={"image": made["images"][0]}).json()
+    assert info["info"].startswith("a red circle\nSteps: 2") and info["parameters"]["Seed"] == 5
+    api = openai.OpenAI(base_url=f"{server.url}/v1", api_key="not-needed-on-loopback", max_retries=0)
+    assert [m.id for m in api.models.list()] == ["shapes-32"]

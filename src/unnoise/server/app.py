@@ -26,7 +26,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from PIL import Image
+from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -39,6 +39,10 @@ from ..settings import (
     DEFAULT_SAMPLER,
     DEFAULT_STEPS,
     REPAINT_RESAMPLE,
+    SCHEDULE_TYPE,
+    SCHEDULE_TYPES,
+    ImageSettings,
+    a1111_label,
     sampler_name,
 )
 from .jobs import FINISHED, INTERNAL_ERROR, Job, QueueFullError, Worker, log
@@ -74,14 +78,35 @@ class Txt2Img(BaseModel):
     negative_prompt: str = Field("", max_length=MAX_PROMPT)
     steps: int = Field(DEFAULT_STEPS, ge=1, le=MAX_STEPS)
     cfg_scale: float = Field(DEFAULT_GUIDANCE, ge=0.0, le=30.0)
-    seed: int = Field(-1, ge=-1, le=2**31 - 1)
-    subseed: int = Field(-1, ge=-1, le=2**31 - 1)  # AUTOMATIC1111's variation seed
+    seed: int = Field(-1, ge=-1, le=2**32 - 1)  # AUTOMATIC1111's range; -1 is random
+    subseed: int = Field(-1, ge=-1, le=2**32 - 1)  # AUTOMATIC1111's variation seed
     subseed_strength: float = Field(0.0, ge=0.0, le=1.0)
     width: int | None = Field(None, ge=1, le=4096)
     height: int | None = Field(None, ge=1, le=4096)
     sampler_name: str | None = Field(None, max_length=64)
+    sampler_index: str | None = Field(None, max_length=64)  # AUTOMATIC1111's older name for the sampler
+    scheduler: str | None = Field(None, max_length=64)  # the schedule type: Karras (or Automatic) only
     batch_size: int = Field(1, ge=1, le=MAX_IMAGES)
     n_iter: int = Field(1, ge=1, le=MAX_IMAGES)
+    # AUTOMATIC1111 features unnoise does not have: given with anything but their off value, a 422 names
+    # them, so a client never gets an image that silently ignored what it asked for
+    enable_hr: bool = False
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    styles: list[str] = Field(default_factory=list, max_length=64)
+    override_settings: dict[str, Any] = Field(default_factory=dict)
+    script_name: str | None = Field(None, max_length=256)
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+
+    def unhonoured(self) -> list[str]:
+        """The fields set to something unnoise cannot do."""
+        off = {"enable_hr": False, "restore_faces": (None, False), "tiling": (None, False), "styles": [],
+               "override_settings": {}, "script_name": (None, ""), "alwayson_scripts": {}}  # fmt: skip
+        return [name for name, value in off.items() if getattr(self, name) not in _as_tuple(value)]
+
+
+def _as_tuple(value) -> tuple:
+    return value if isinstance(value, tuple) else (value,)
 
 
 class Img2Img(Txt2Img):
@@ -91,12 +116,17 @@ class Img2Img(Txt2Img):
     mask_blur: int = Field(0, ge=0, le=64)
     inpaint_full_res: bool = False  # AUTOMATIC1111's "only masked"
     inpaint_full_res_padding: int = Field(4, ge=0, le=256)
+    inpainting_mask_invert: int = Field(0, ge=0, le=1)  # 1: regenerate the black part of the mask
 
 
 class JobRequest(Img2Img):
     """POST /jobs: txt2img fields, plus init_images (img2img) and mask (inpainting) when given."""
 
     init_images: list[str] | None = Field(None, min_length=1, max_length=1)
+
+
+class PngInfo(BaseModel):
+    image: str = Field(..., max_length=MAX_IMAGE_BYTES * 4 // 3 + 64)  # base64 PNG (a data URL is fine)
 
 
 class OpenAIImages(BaseModel):
@@ -150,10 +180,17 @@ def job_for(body: Txt2Img, pipe: Pipeline) -> Job:
     count = body.batch_size * body.n_iter
     if count > MAX_IMAGES:
         raise HTTPException(422, f"batch_size x n_iter is {count}; at most {MAX_IMAGES} images per request")
+    if body.unhonoured():
+        raise HTTPException(422, f"unnoise cannot honour {', '.join(body.unhonoured())}: leave them off")
+    if body.scheduler not in (None, "", *SCHEDULE_TYPES):
+        raise HTTPException(
+            422,
+            f"unknown scheduler {body.scheduler!r}: unnoise samples on Karras' schedule ({SCHEDULE_TYPE})",
+        )
     settings: dict[str, Any] = dict(
         prompt=body.prompt,
         negative_prompt=body.negative_prompt,
-        sampler=our_sampler(body.sampler_name),
+        sampler=our_sampler(body.sampler_name or body.sampler_index),
         steps=body.steps,
         guidance=body.cfg_scale,
         seed=_seed(body.seed),
@@ -185,6 +222,8 @@ def job_for(body: Txt2Img, pipe: Pipeline) -> Job:
             seed=settings["seed"],
         )
     mask = decode_image(body.mask, "mask")
+    if getattr(body, "inpainting_mask_invert", 0):
+        mask = ImageOps.invert(mask.convert("L"))
     if mask.size != image.size:
         raise HTTPException(
             422, f"the mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}"
@@ -339,13 +378,58 @@ def create_app(
         named = A1111_LABELS
         return [{"name": named.get(s, s), "aliases": [s], "options": {}} for s in sorted(SAMPLERS)]
 
+    def model_title() -> str:
+        return f"{pipe.name} [{pipe.model_hash}]" if pipe.model_hash else pipe.name  # as A1111 titles them
+
     @app.get("/sdapi/v1/sd-models")
     async def sd_models() -> list[dict[str, Any]]:
-        title = f"{pipe.name} [{pipe.model_hash}]" if pipe.model_hash else pipe.name  # as A1111 titles them
-        return [{"title": title, "model_name": pipe.name, "hash": pipe.model_hash or None, "sha256": None,
-                 "filename": pipe.name, "config": None}]  # fmt: skip
+        return [{"title": model_title(), "model_name": pipe.name, "hash": pipe.model_hash or None,
+                 "sha256": None, "filename": pipe.name, "config": None}]  # fmt: skip
+
+    @app.get("/sdapi/v1/schedulers")
+    async def schedulers() -> list[dict[str, Any]]:
+        return [{"name": SCHEDULE_TYPE.lower(), "label": SCHEDULE_TYPE, "aliases": ["Automatic"]}]
+
+    @app.get("/sdapi/v1/options")
+    async def options() -> dict[str, Any]:
+        """The few AUTOMATIC1111 options that mean something here (webuiapi reads the model's from them)."""
+        return {"sd_model_checkpoint": model_title(), "sd_checkpoint_hash": pipe.model_hash or None}
+
+    @app.post("/sdapi/v1/options")
+    async def set_options(body: dict[str, Any]) -> dict[str, Any]:
+        """Options may be set only to what they are: this server runs the one model it was started with."""
+        wanted = body.get("sd_model_checkpoint")
+        if wanted not in (None, pipe.name, model_title()):
+            raise HTTPException(422, f"this server runs {pipe.name} only (start another for {wanted!r})")
+        others = sorted(set(body) - {"sd_model_checkpoint"})
+        if others:
+            raise HTTPException(422, f"unnoise has no options {', '.join(others)}")
+        return {}
+
+    @app.post("/sdapi/v1/png-info")
+    async def png_info(body: PngInfo) -> dict[str, Any]:
+        """The `parameters` text of a PNG and its fields, as AUTOMATIC1111 answers."""
+        image = await run_in_threadpool(decode_image, body.image, "image")
+        text = image.info.get("parameters", "")
+        items = {"parameters": text} if text else {}
+        try:
+            settings = ImageSettings.from_parameters(text) if text else None
+        except UnnoiseError:
+            settings = None
+        parameters = {} if settings is None else {"Prompt": settings.prompt, "Seed": settings.seed,
+                                                   "Steps": settings.steps, "CFG scale": settings.guidance,
+                                                   "Sampler": a1111_label(settings.sampler)}  # fmt: skip
+        return {"info": text, "items": items, "parameters": parameters}
 
     # --- OpenAI ---------------------------------------------------------------------------------------
+
+    @app.get("/v1/models")
+    async def openai_models() -> dict[str, Any]:
+        """OpenAI's model list: the one model this server runs."""
+        return {
+            "object": "list",
+            "data": [{"id": pipe.name, "object": "model", "created": 0, "owned_by": "unnoise"}],
+        }
 
     @app.post("/v1/images/generations")
     async def openai_images(body: OpenAIImages) -> dict[str, Any]:
