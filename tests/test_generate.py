@@ -224,3 +224,17 @@ def test_cli_mistakes_are_named_before_the_model_loads(tmp_path, flags, message)
     )
     assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
     assert "no model" not in run.stderr  # named before the (missing) model would have been looked for
+
+
+def test_sizes_other_than_the_models_keep_the_aspect_within_the_pixel_budget(model):
+    """Issue 13: width and height other than the model's size (the tiny model: 16x16, stride 2)."""
+    pipe = unnoise.load(model)
+    assert pipe.size_for(None, None) == (16, 16)
+    assert pipe.size_for(24, 16) == (24, 16)  # within 4x the pixels: as asked
+    assert pipe.size_for(25, 17) == (24, 16)  # rounded down to the stride
+    assert pipe.size_for(512, 512) == (32, 32)  # 4x the pixels at most, aspect kept
+    assert pipe.size_for(1024, 256) == (64, 16)
+    image = pipe.generate("a red circle", width=24, height=16, steps=3, seed=1)[0]
+    assert image.size == (24, 16) and "Size: 24x16" in image.info["parameters"]
+    with pytest.raises(UnnoiseError, match="must be positive"):
+        pipe.size_for(0, 16)

@@ -141,8 +141,10 @@ def test_the_official_openai_client_gets_images(server):
     api = openai.OpenAI(base_url=f"{server.url}/v1", api_key="not-needed-on-loopback", max_retries=0)
     result = api.images.generate(prompt="a green triangle", n=2, size="32x32", response_format="b64_json")
     assert len(result.data) == 2 and png_of(result.data[0].b64_json).size == (32, 32)
-    with pytest.raises(openai.BadRequestError, match="this model makes 32x32 images"):
-        api.images.generate(prompt="x", size="1024x1024")
+    big = api.images.generate(prompt="x", size="1024x1024")  # the client's usual size: the largest we make
+    assert png_of(big.data[0].b64_json).size == (64, 64)
+    with pytest.raises(openai.BadRequestError, match="is not WIDTHxHEIGHT"):
+        api.images.generate(prompt="x", size="large")
 
 
 # --- jobs ------------------------------------------------------------------------------------------------
@@ -268,7 +270,6 @@ TIFF = _tiff()
     "body, status, message",
     [
         ({"prompt": "x", "steps": 500}, 422, "steps"),
-        ({"prompt": "x", "width": 512, "height": 512}, 422, "this model makes 32x32 images"),
         ({"prompt": "x", "sampler_name": "Euler b"}, 422, "unknown sampler 'Euler b'"),
         ({"prompt": "x", "batch_size": 8, "n_iter": 2}, 422, "at most 8 images per request"),
         ({"prompt": "x" * 3000}, 422, "prompt"),
@@ -475,3 +476,18 @@ def test_options_schedulers_png_info_and_openai_models(client, server):
     assert info["info"].startswith("a red circle\nSteps: 2") and info["parameters"]["Seed"] == 5
     api = openai.OpenAI(base_url=f"{server.url}/v1", api_key="not-needed-on-loopback", max_retries=0)
     assert [m.id for m in api.models.list()] == ["shapes-32"]
+
+
+def test_webuiapi_with_its_default_arguments_gets_images(server):
+    """Issue 13: webuiapi sends 512x512 by default, which was a 422; now the largest size this model makes,
+    with a note in the info, never a silent stretch."""
+    import webuiapi
+
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
+    result = api.txt2img(prompt="a red circle", steps=4)
+    assert result.image.size == (64, 64)
+    assert "asked for 512x512; made 64x64" in result.info["comments"]["size"]
+    assert result.info["width"] == 64 and "Size: 64x64" in result.info["infotexts"][0]
+    assert api.util_get_current_model().startswith("shapes-32")
+    wide = api.txt2img(prompt="a red circle", steps=4, width=48, height=32, sampler_name="Euler a", seed=3)
+    assert wide.image.size == (48, 32) and "comments" not in wide.info

@@ -137,10 +137,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise UnnoiseError("give a PROMPT, or --from-png FILE")
     settings = _settings(args)
     pipe = _load(args, args.model or "shapes-32")
+    width, height = pipe.size_for(args.width, args.height)
+    if (args.width or width, args.height or height) != (width, height):
+        print(
+            f"unnoise: {width}x{height}, not {args.width}x{args.height}: at most {pipe.size_note()}",
+            file=sys.stderr,
+        )
     images = _with_progress(
         args.steps,
         lambda callback: pipe.generate(
             args.prompt,
+            width=width,
+            height=height,
             variation_seed=args.variation_seed,
             variation_strength=args.variation_strength,
             mix_prompt=args.mix_prompt,
@@ -162,7 +170,8 @@ def _generate_from_png(args: argparse.Namespace, settings) -> int:
             " run `unnoise edit` or `unnoise inpaint` with that image instead"
         )
     pipe = _load(args, args.model or settings.model or "shapes-32")
-    settings = settings.replace(width=pipe.resolution, height=pipe.resolution, model=pipe.name)
+    width, height = pipe.size_for(settings.width, settings.height)
+    settings = settings.replace(width=width, height=height, model=pipe.name, model_hash=pipe.model_hash)
     images = _with_progress(settings.steps, lambda callback: pipe.render(settings, callback=callback))
     return _save(images, args.out, [str(settings.seed)])
 
@@ -382,6 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate images from a prompt with a released model")
     p.add_argument("prompt", nargs="?", help="what to draw")
     add_sampling_arguments(p)
+    p.add_argument(
+        "--width", type=int, default=None, help="default: the model's size (see docs/generation.md)"
+    )
+    p.add_argument("--height", type=int, default=None, help="default: the model's size")
     p.add_argument("--variation-seed", type=int, default=None, help="move each image towards this seed's")
     p.add_argument("--variation-strength", type=float, default=0.0, help="how far, 0..1 (default 0)")
     p.add_argument("--mix-prompt", default="", help="move the text condition towards this prompt's")

@@ -43,6 +43,7 @@ from .text.encoders import CachedTextEncoder, TextEmbedding, load_text_encoder
 
 Callback = Callable[[Step], None] | None
 PROMPT_CACHE = 1024  # prompts whose encodings a loaded model keeps (about 60 KB each)
+MAX_SIZE_FACTOR = 4  # a request may ask for up to this many times the model's own pixels
 
 
 @dataclass(frozen=True)
@@ -59,10 +60,35 @@ class Pipeline:
     """A released model ready to generate and edit: its denoiser, its text encoder and its name."""
 
     def __init__(
-        self, denoiser: Denoiser, text: CachedTextEncoder, resolution: int, name: str, model_hash: str = ""
+        self,
+        denoiser: Denoiser,
+        text: CachedTextEncoder,
+        resolution: int,
+        name: str,
+        model_hash: str = "",
+        stride: int = 1,
     ):
         self.denoiser, self.text, self.resolution, self.name = denoiser, text, resolution, name
         self.model_hash = model_hash  # first 10 hex digits of the weights' SHA-256 (A1111's "Model hash")
+        self.stride = stride  # image sides are multiples of this (the network's downsampling or patch)
+
+    def size_note(self) -> str:
+        """The rule of `size_for`, in words, for the CLI's and the server's notes."""
+        r = self.resolution
+        return f"{MAX_SIZE_FACTOR}x the pixels of this model's {r}x{r}, sides in multiples of {self.stride}"
+
+    def size_for(self, width: int | None, height: int | None) -> tuple[int, int]:
+        """The (width, height) this model makes for a request: the model's size for None; otherwise the
+        requested aspect within MAX_SIZE_FACTOR times the model's pixels, sides rounded down to the stride.
+
+        A model trained at one size draws worse at others (objects keep their trained size in pixels), so
+        the budget is small; a client's 512x512 becomes 64x64 for a 32x32 model, and says so."""
+        r, s = self.resolution, self.stride
+        width, height = r if width is None else width, r if height is None else height
+        if width < 1 or height < 1:
+            raise UnnoiseError(f"width and height must be positive, got {width}x{height}")
+        shrink = min(1.0, (MAX_SIZE_FACTOR * r * r / (width * height)) ** 0.5)
+        return max(s, int(width * shrink) // s * s), max(s, int(height * shrink) // s * s)
 
     @property
     def device(self) -> torch.device:
@@ -79,6 +105,8 @@ class Pipeline:
         guidance: float = DEFAULT_GUIDANCE,
         seed: int | None = None,
         num_images: int = 1,
+        width: int | None = None,
+        height: int | None = None,
         variation_seed: int | None = None,
         variation_strength: float = 0.0,
         mix_prompt: str = "",
@@ -87,12 +115,14 @@ class Pipeline:
     ) -> list[Image.Image]:
         """num_images images for the prompt. A variation seed moves each image's starting noise
         `variation_strength` of the way (on the sphere) to that seed's noise; `prompt_mix` moves the text
-        condition that far towards `mix_prompt`'s. sampler_options: e.g. {"eta": 0.5} for ddim."""
+        condition that far towards `mix_prompt`'s. sampler_options: e.g. {"eta": 0.5} for ddim. width and
+        height: see `size_for` (the images' size is what it gives, written in their PNG text)."""
+        width, height = self.size_for(width, height)
         settings = self.settings(
             prompt, negative_prompt, sampler, sampler_options, steps, guidance, seed,
             variation_seed=variation_seed, variation_strength=variation_strength,
             mix_prompt=mix_prompt, prompt_mix=prompt_mix,
-        )  # fmt: skip
+        ).replace(width=width, height=height)  # fmt: skip
         return self.render(settings, num_images, callback=callback)
 
     def edit(
@@ -318,12 +348,12 @@ class Pipeline:
         return images
 
     def noise(self, settings: ImageSettings, generator: torch.Generator) -> torch.Tensor:
-        """The image's unit starting noise (3, R, R), drawn first from its own generator."""
-        r = self.resolution
-        noise = torch.randn(3, r, r, generator=generator)
+        """The image's unit starting noise (3, H, W), drawn first from its own generator."""
+        shape = (3, settings.height or self.resolution, settings.width or self.resolution)
+        noise = torch.randn(shape, generator=generator)
         if settings.variation_seed is None or not settings.variation_strength:
             return noise
-        other = torch.randn(3, r, r, generator=torch.Generator().manual_seed(settings.variation_seed))
+        other = torch.randn(shape, generator=torch.Generator().manual_seed(settings.variation_seed))
         return variation_noise(noise[None], other[None], settings.variation_strength)[0]
 
     def condition(self, each: list[ImageSettings]) -> TextEmbedding:
@@ -367,4 +397,6 @@ def load(name_or_path: str | Path, *, device: str | torch.device = "auto") -> Pi
         max_entries=PROMPT_CACHE,
     )
     model_hash = str(config.get("weights_sha256", ""))[:10]
-    return Pipeline(denoiser, text, network.config.resolution, name=folder.name, model_hash=model_hash)
+    return Pipeline(
+        denoiser, text, network.config.resolution, folder.name, model_hash, stride=network.config.stride
+    )

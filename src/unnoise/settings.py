@@ -207,7 +207,8 @@ class ImageSettings:
             width, height = (int(v) for v in values["Size"].split("x")) if "Size" in values else (None, None)
             sampler = sampler_name(values.get("Sampler"))
             schedule = values.get("Schedule type", SCHEDULE_TYPE)
-            if schedule not in SCHEDULE_TYPES and not values.get("Sampler", "").endswith(" Karras"):
+            known = {t.lower() for t in SCHEDULE_TYPES}
+            if schedule.lower() not in known and not values.get("Sampler", "").endswith(" Karras"):
                 raise UnnoiseError(
                     f"the PNG was made with the {schedule!r} schedule; unnoise samples on Karras' schedule"
                     " only, so it cannot make that image again"

@@ -45,6 +45,11 @@ class TransformerConfig:
         if self.long_skips and self.depth % 2:
             raise ValueError(f"long skips pair blocks, so the depth must be even, got {self.depth}")
 
+    @property
+    def stride(self) -> int:
+        """Image sides must be multiples of the patch."""
+        return self.patch
+
     def to_dict(self) -> dict:
         return {"kind": self.kind, **asdict(self)}
 

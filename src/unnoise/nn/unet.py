@@ -54,6 +54,11 @@ class UNetConfig:
                 f"the resolution {self.resolution} is not a multiple of the UNet's stride {stride}"
             )
 
+    @property
+    def stride(self) -> int:
+        """Image sides must be multiples of this (one halving per level below the first)."""
+        return 2 ** (len(self.channel_mult) - 1)
+
     def to_dict(self) -> dict:
         return {"kind": self.kind, **asdict(self)}
 

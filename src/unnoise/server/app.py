@@ -182,7 +182,7 @@ def job_for(body: Txt2Img, pipe: Pipeline) -> Job:
         raise HTTPException(422, f"batch_size x n_iter is {count}; at most {MAX_IMAGES} images per request")
     if body.unhonoured():
         raise HTTPException(422, f"unnoise cannot honour {', '.join(body.unhonoured())}: leave them off")
-    if body.scheduler not in (None, "", *SCHEDULE_TYPES):
+    if (body.scheduler or "automatic").lower() not in {t.lower() for t in SCHEDULE_TYPES}:
         raise HTTPException(
             422,
             f"unknown scheduler {body.scheduler!r}: unnoise samples on Karras' schedule ({SCHEDULE_TYPE})",
@@ -198,11 +198,12 @@ def job_for(body: Txt2Img, pipe: Pipeline) -> Job:
     )
     init = getattr(body, "init_images", None)
     if not init:
-        r = pipe.resolution
-        if (body.width or r, body.height or r) != (r, r):
-            raise HTTPException(
-                422, f"this model makes {r}x{r} images; got width {body.width}, height {body.height}"
-            )
+        width, height = pipe.size_for(body.width, body.height)
+        settings.update(width=width, height=height)
+        asked = (body.width or pipe.resolution, body.height or pipe.resolution)
+        note = None
+        if asked != (width, height):
+            note = f"asked for {asked[0]}x{asked[1]}; made {width}x{height}: at most {pipe.size_note()}"
         if body.subseed_strength > 0:
             settings.update(variation_seed=_seed(body.subseed), variation_strength=body.subseed_strength)
         return Job(
@@ -210,6 +211,7 @@ def job_for(body: Txt2Img, pipe: Pipeline) -> Job:
             lambda pipe, callback: pipe.generate(**settings, callback=callback),
             total_steps=body.steps,
             seed=settings["seed"],
+            note=note,
         )
     image = decode_image(init[0], "init image")
     strength = body.denoising_strength
@@ -331,6 +333,10 @@ def create_app(
         infotexts = [parameters_of(png) for png in pngs]
         seed = job.seed
         info = {"infotexts": infotexts, "seed": seed, "all_seeds": [seed + i for i in range(len(pngs))]}
+        if pngs:
+            info["width"], info["height"] = Image.open(io.BytesIO(pngs[0])).size
+        if job.note:
+            info["comments"] = {"size": job.note}  # where A1111 puts its own remarks
         return {
             "images": [b64(png) for png in pngs],
             "parameters": body.model_dump(exclude={"init_images", "mask"}),
@@ -435,10 +441,16 @@ def create_app(
     async def openai_images(body: OpenAIImages) -> dict[str, Any]:
         if body.response_format not in (None, "b64_json"):
             raise HTTPException(400, "only response_format b64_json is supported: this server keeps no files")
-        r = pipe.resolution
-        if body.size not in (None, "auto", f"{r}x{r}"):
-            raise HTTPException(400, f"size {body.size!r} is not supported: this model makes {r}x{r} images")
-        job = await finished(submit(job_for(Txt2Img(prompt=body.prompt, batch_size=body.n), pipe)))
+        width = height = None
+        if body.size not in (None, "auto"):
+            try:
+                width, height = (int(v) for v in body.size.lower().split("x"))
+            except ValueError:
+                raise HTTPException(400, f"size {body.size!r} is not WIDTHxHEIGHT (e.g. 1024x1024)") from None
+            if not (1 <= width <= 4096 and 1 <= height <= 4096):
+                raise HTTPException(400, f"size {body.size!r}: each side must be in 1..4096")
+        request = Txt2Img(prompt=body.prompt, batch_size=body.n, width=width, height=height)
+        job = await finished(submit(job_for(request, pipe)))
         return {"created": int(time.time()), "data": [{"b64_json": b64(png)} for png in checked_result(job)]}
 
     # --- jobs -------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ class Job:
     call: Callable[..., list[Image.Image]]  # call(pipe, callback): the Pipeline method with its arguments
     total_steps: int  # sampler steps expected (for progress; the sampler may report a few more)
     seed: int  # of the first image
+    note: str | None = None  # what the client should know of how the request was read (e.g. its size)
     id: str = field(default_factory=lambda: secrets.token_hex(8))
     state: State = "queued"
     step: int = 0
