@@ -87,7 +87,7 @@ def summary(name: str, workdir: Path) -> dict:
     """A finished recipe's wall time of training, images/s and last loss, from its log.csv."""
     out = workdir / name
     with open(out / "log.csv") as f:
-        rows = list(csv.DictReader(f))
+        rows = list({int(r["step"]): r for r in csv.DictReader(f)}.values())  # a resumed run logs steps again
     seconds = sum(25 * BATCH / float(r["images_per_s"]) for r in rows)  # logged every 25 steps
     steps = int(rows[-1]["step"])
     return {
@@ -134,8 +134,10 @@ def main() -> None:
     if args.report_only:
         saved = json.loads(Path(args.out + ".json").read_text())
         results = saved["results"]
-        for r in results.values():  # the confusion tables again, from the saved counts
+        for name, r in results.items():  # the confusion tables again, from the saved counts
             r["position_table"] = position_table(r["positions"])
+            if (Path(args.workdir) / name / "log.csv").is_file():
+                r |= summary(name, Path(args.workdir))
         write(results, args, saved["images"] // BATCH)
         return
     names = args.recipes.split(",")
