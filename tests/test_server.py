@@ -214,7 +214,12 @@ def test_interrupt_stops_the_running_request(client, server):
     assert client.get("/sdapi/v1/progress").json()["current_image"]  # the preview of x0_hat
     client.post("/sdapi/v1/interrupt")
     thread.join(timeout=60)
-    assert result["reply"].status_code == 409
+    # issue 13: as in AUTOMATIC1111, the interrupted request returns the image as it is (it was a 409)
+    reply = result["reply"]
+    assert reply.status_code == 200, reply.text
+    assert png_of(reply.json()["images"][0]).size == (32, 32)
+    assert "at step" in json.loads(reply.json()["info"])["comments"]["interrupted"]
+    assert wait_until(lambda: not client.get("/health").json()["busy"])
 
 
 def test_a_full_queue_answers_429_with_retry_after(pipe):
@@ -491,3 +496,28 @@ def test_webuiapi_with_its_default_arguments_gets_images(server):
     assert api.util_get_current_model().startswith("shapes-32")
     wide = api.txt2img(prompt="a red circle", steps=4, width=48, height=32, sampler_name="Euler a", seed=3)
     assert wide.image.size == (48, 32) and "comments" not in wide.info
+
+
+def test_a_cancelled_queued_job_gives_its_place_back_and_finished_jobs_keep_no_inputs(pipe):
+    """Issue 12: cancelled queued jobs kept their slots; finished jobs kept their decoded input images."""
+    port = free_port()
+    app = create_app(pipe, port=port, queue_size=1)
+    running = Server(app, port)
+    try:
+        with httpx.Client(base_url=running.url, timeout=30) as c:
+            first = c.post("/jobs", json={"prompt": "x", "steps": 200}).json()["id"]
+            assert wait_until(lambda: c.get(f"/jobs/{first}").json()["state"] == "running")
+            second = c.post("/jobs", json={"prompt": "x", "steps": 200}).json()["id"]
+            assert c.post("/jobs", json={"prompt": "x", "steps": 200}).status_code == 429
+            c.delete(f"/jobs/{second}")
+            third = c.post("/jobs", json={"prompt": "x", "steps": 200})
+            assert third.status_code == 202, third.text  # the cancelled job's place is free again
+            for job_id in (first, third.json()["id"]):
+                c.delete(f"/jobs/{job_id}")
+            assert wait_until(lambda: not c.get("/health").json()["busy"])
+            image = b64_png(Image.new("RGB", (512, 512)))
+            done = c.post("/jobs", json={"prompt": "x", "steps": 2, "init_images": [image]}).json()["id"]
+            assert wait_until(lambda: c.get(f"/jobs/{done}").json()["state"] == "done")
+        assert app.state.worker.get(done).call is None
+    finally:
+        running.stop()

@@ -201,9 +201,11 @@ def job_for(body: Txt2Img, pipe: Pipeline) -> Job:
         width, height = pipe.size_for(body.width, body.height)
         settings.update(width=width, height=height)
         asked = (body.width or pipe.resolution, body.height or pipe.resolution)
-        note = None
+        notes = {}
         if asked != (width, height):
-            note = f"asked for {asked[0]}x{asked[1]}; made {width}x{height}: at most {pipe.size_note()}"
+            notes["size"] = (
+                f"asked for {asked[0]}x{asked[1]}; made {width}x{height}: at most {pipe.size_note()}"
+            )
         if body.subseed_strength > 0:
             settings.update(variation_seed=_seed(body.subseed), variation_strength=body.subseed_strength)
         return Job(
@@ -211,7 +213,7 @@ def job_for(body: Txt2Img, pipe: Pipeline) -> Job:
             lambda pipe, callback: pipe.generate(**settings, callback=callback),
             total_steps=body.steps,
             seed=settings["seed"],
-            note=note,
+            notes=notes,
         )
     image = decode_image(init[0], "init image")
     strength = body.denoising_strength
@@ -335,8 +337,8 @@ def create_app(
         info = {"infotexts": infotexts, "seed": seed, "all_seeds": [seed + i for i in range(len(pngs))]}
         if pngs:
             info["width"], info["height"] = Image.open(io.BytesIO(pngs[0])).size
-        if job.note:
-            info["comments"] = {"size": job.note}  # where A1111 puts its own remarks
+        if job.notes:
+            info["comments"] = job.notes  # where AUTOMATIC1111 puts its own remarks
         return {
             "images": [b64(png) for png in pngs],
             "parameters": body.model_dump(exclude={"init_images", "mask"}),
@@ -367,17 +369,24 @@ def create_app(
                 "job_count": worker.queue_length() + 1,
                 "sampling_step": job.step,
                 "sampling_steps": job.total_steps,
-                "interrupted": job.cancel_requested.is_set(),
+                "interrupted": job.cancel_requested.is_set() or job.interrupt_requested.is_set(),
                 "job": job.id,
             },
         }
 
     @app.post("/sdapi/v1/interrupt")
     async def interrupt() -> dict[str, Any]:
+        """As in AUTOMATIC1111: the running request returns at once with the images as they are."""
         job = worker.current
         if job is not None:
-            worker.cancel(job)
+            worker.interrupt(job)
         return {}
+
+    @app.post("/sdapi/v1/skip")
+    async def skip() -> dict[str, Any]:
+        """AUTOMATIC1111 skips the current image of a batch; a batch here is one sampling run, so skip is
+        interrupt: the request returns with what it has."""
+        return await interrupt()
 
     @app.get("/sdapi/v1/samplers")
     async def samplers() -> list[dict[str, Any]]:

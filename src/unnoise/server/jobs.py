@@ -36,6 +36,14 @@ class CancelledError(Exception):
     """Raised inside the sampler's callback to stop a job at the next step."""
 
 
+class SamplingInterruptedError(Exception):
+    """Raised inside the sampler's callback to end a job early with its current x0_hat as the images."""
+
+    def __init__(self, denoised):
+        super().__init__("interrupted")
+        self.denoised = denoised  # (N, 3, H, W): the denoiser's current estimate of every image
+
+
 class QueueFullError(Exception):
     def __init__(self, retry_after: int):
         super().__init__(f"the queue is full; retry in {retry_after} s")
@@ -45,10 +53,12 @@ class QueueFullError(Exception):
 @dataclass
 class Job:
     kind: Literal["generate", "edit", "inpaint"]
-    call: Callable[..., list[Image.Image]]  # call(pipe, callback): the Pipeline method with its arguments
+    # call(pipe, callback): the Pipeline method with its arguments; None once finished, so a finished job
+    # keeps no decoded input images (a large img2img held about 10 MB per kept job)
+    call: Callable[..., list[Image.Image]] | None
     total_steps: int  # sampler steps expected (for progress; the sampler may report a few more)
     seed: int  # of the first image
-    note: str | None = None  # what the client should know of how the request was read (e.g. its size)
+    notes: dict[str, str] = field(default_factory=dict)  # what the client should know: "size", "interrupted"
     id: str = field(default_factory=lambda: secrets.token_hex(8))
     state: State = "queued"
     step: int = 0
@@ -61,6 +71,7 @@ class Job:
     finished: float | None = None
     version: int = 0
     cancel_requested: threading.Event = field(default_factory=threading.Event)
+    interrupt_requested: threading.Event = field(default_factory=threading.Event)  # A1111: keep what is there
     ended: threading.Event = field(default_factory=threading.Event)  # set once the job is finished
     changed: threading.Condition = field(default_factory=threading.Condition)
 
@@ -120,7 +131,8 @@ class Worker:
         self.load = None if self.pipe is not None else model
         self.ready = threading.Event()
         self.load_error: str | None = None
-        self.waiting: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
+        self.waiting: queue.Queue[Job] = queue.Queue()  # bounded by counting the jobs still queued
+        self.queue_size = queue_size
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.keep = keep
         self.current: Job | None = None
@@ -138,10 +150,10 @@ class Worker:
 
     def submit(self, job: Job) -> Job:
         with self.lock:
-            try:
-                self.waiting.put_nowait(job)
-            except queue.Full:
-                raise QueueFullError(max(1, round(self.seconds_per_job * self.waiting.qsize()))) from None
+            queued = self.queue_length()  # cancelled jobs still in the queue hold no place
+            if queued >= self.queue_size:
+                raise QueueFullError(max(1, round(self.seconds_per_job * queued)))
+            self.waiting.put_nowait(job)
             self.jobs[job.id] = job
             while len(self.jobs) > self.keep:
                 oldest = next(iter(self.jobs.values()))
@@ -166,7 +178,11 @@ class Worker:
                 self.cancel(job)
 
     def queue_length(self) -> int:
-        return self.waiting.qsize()
+        return sum(1 for job in list(self.jobs.values()) if job.state == "queued")
+
+    def interrupt(self, job: Job) -> None:
+        """AUTOMATIC1111's interrupt: the running job ends at its next step with what it has drawn."""
+        job.interrupt_requested.set()
 
     def _loop(self) -> None:
         try:
@@ -191,6 +207,11 @@ class Worker:
         job.update(state="running", started=time.time())
         try:
             images = job.call(self.pipe, self._reporter(job))
+        except SamplingInterruptedError as stop:
+            images = to_pil(stop.denoised)
+            job.notes["interrupted"] = (
+                f"at step {job.step} of {job.total_steps}: the images are its x0 estimates"
+            )
         except CancelledError:
             job.update(state="cancelled", finished=time.time())
             return
@@ -201,6 +222,8 @@ class Worker:
             log.exception("job %s (%s) failed with an internal error", job.id, job.kind)
             job.update(state="failed", error=INTERNAL_ERROR, internal=True, finished=time.time())
             return
+        finally:
+            job.call = None
         job.update(state="done", images=[png_bytes(im) for im in images], finished=time.time())
         took = job.finished - job.started
         self.seconds_per_job = 0.8 * self.seconds_per_job + 0.2 * took
@@ -210,6 +233,8 @@ class Worker:
         def report(step) -> None:
             if job.cancel_requested.is_set():
                 raise CancelledError
+            if job.interrupt_requested.is_set():
+                raise SamplingInterruptedError(step.denoised)
             preview = png_bytes(to_pil(step.denoised[:1])[0])  # (1, 3, R, R) -> the first image's x0_hat
             job.update(step=job.step + 1, preview=preview)
 
