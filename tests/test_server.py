@@ -406,6 +406,9 @@ def test_a_bug_is_a_500_logged_for_the_operator_and_a_users_mistake_a_422(pipe, 
         def __init__(self, error):
             self.error, self.name, self.resolution = error, "faulty", pipe.resolution
 
+        def size_for(self, width, height):
+            return self.resolution, self.resolution
+
         def generate(self, *args, **kwargs):
             raise self.error
 
@@ -521,3 +524,23 @@ def test_a_cancelled_queued_job_gives_its_place_back_and_finished_jobs_keep_no_i
         assert app.state.worker.get(done).call is None
     finally:
         running.stop()
+
+
+def test_every_answer_forbids_framing_and_each_request_is_logged_once_without_its_key(pipe, caplog):
+    """Issue 12: the page could be framed by another site; issue 13: the server logged no requests."""
+    port = free_port()
+    running = Server(create_app(pipe, port=port, queue_size=2, api_key="sekrit-key"), port)
+    try:
+        with caplog.at_level("INFO", logger="unnoise.server.access"):
+            page = httpx.get(f"{running.url}/", headers={"Authorization": "Bearer sekrit-key"})
+            refused = httpx.get(f"{running.url}/sdapi/v1/sd-models")
+    finally:
+        running.stop()
+    for reply in (page, refused):
+        assert reply.headers["x-frame-options"] == "DENY"
+        assert "frame-ancestors 'none'" in reply.headers["content-security-policy"]
+    assert refused.status_code == 401
+    lines = [r.getMessage() for r in caplog.records if r.name == "unnoise.server.access"]
+    assert any(line.startswith("GET / 200") for line in lines), lines
+    assert any(line.startswith("GET /sdapi/v1/sd-models 401") for line in lines), lines
+    assert "sekrit-key" not in caplog.text

@@ -576,6 +576,5 @@ def serve(
         allowed_hosts=allowed_hosts,
     )
     print(f"unnoise: serving {app.state.worker.pipe.name} on http://{host}:{port}/ (API docs at /docs)")
-    uvicorn.run(
-        app, host=host, port=port, log_level="info", limit_concurrency=256
-    )  # info: one line a request
+    # one line a request comes from our access log (security.Guard), with the duration; not uvicorn's
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, limit_concurrency=256)
