@@ -544,3 +544,27 @@ def test_every_answer_forbids_framing_and_each_request_is_logged_once_without_it
     assert any(line.startswith("GET / 200") for line in lines), lines
     assert any(line.startswith("GET /sdapi/v1/sd-models 401") for line in lines), lines
     assert "sekrit-key" not in caplog.text
+
+
+def test_a_client_that_hangs_up_cancels_its_job(client, server):
+    """Issue 12: 17 clients that disconnected filled the queue with jobs nobody would receive."""
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": "x", "steps": 200}, timeout=1.5)
+    assert wait_until(lambda: not client.get("/health").json()["busy"], timeout=20)
+    assert client.get("/health").json()["queued"] == 0
+
+
+def test_many_watchers_hold_no_threads(client):
+    """Issue 12: each SSE watcher held a worker thread: 60 on one job made `GET /` take 16 s."""
+    job = client.post("/jobs", json={"prompt": "x", "steps": 60}).json()["id"]
+    threads = threading.active_count()
+    streams = [httpx.Client(base_url=str(client.base_url), timeout=30) for _ in range(60)]
+    opened = [s.stream("GET", f"/jobs/{job}/events").__enter__() for s in streams]
+    try:
+        assert all(r.status_code == 200 for r in opened) and client.get("/").status_code == 200
+        assert threading.active_count() - threads < 10  # the server's threads, not one per watcher
+    finally:
+        client.delete(f"/jobs/{job}")
+        for response, s in zip(opened, streams, strict=True):
+            response.close()
+            s.close()

@@ -51,6 +51,7 @@ from .security import Guard
 STATIC = Path(__file__).resolve().parent / "static"
 
 MAX_STEPS = 200
+POLL_SECONDS = 0.05  # how often a waiting request looks at its job
 MAX_IMAGES = 8  # per request: batch_size x n_iter, or n
 MAX_PROMPT = 2000  # characters
 MAX_IMAGE_BYTES = 8 * 1024 * 1024  # one decoded input image
@@ -315,10 +316,24 @@ def create_app(
         except QueueFullError as full:
             raise HTTPException(429, str(full), headers={"Retry-After": str(full.retry_after)}) from None
 
-    async def finished(job: Job) -> Job:
-        while not job.ended.is_set():  # wakes at the end only, not at every step as watchers do
-            await run_in_threadpool(job.ended.wait, 1.0)
+    async def finished(job: Job, request: Request) -> Job:
+        """The job once it ends, waited for on the event loop (a waiting client holds no thread). A client
+        that hangs up cancels its job: nobody would receive the images."""
+        while not job.ended.is_set():
+            await asyncio.sleep(POLL_SECONDS)
+            if job.state in ("queued", "running") and await request.is_disconnected():
+                worker.cancel(job)
+                log.info("job %s cancelled: its client disconnected", job.id)
         return job
+
+    async def changed(job: Job, version: int, timeout: float) -> int:
+        """The job's version once it passes `version` (or after `timeout` s), waited for on the event loop:
+        a watcher holds no thread (60 watchers on one job made the page wait 16 s when each held one)."""
+        waited = 0.0
+        while job.version == version and waited < timeout:
+            await asyncio.sleep(POLL_SECONDS)
+            waited += POLL_SECONDS
+        return job.version
 
     def checked_result(job: Job) -> list[bytes]:
         if job.state == "failed":
@@ -329,8 +344,9 @@ def create_app(
 
     # --- AUTOMATIC1111 --------------------------------------------------------------------------------
 
-    async def a1111(body: Txt2Img) -> dict[str, Any]:
-        job = await finished(submit(await run_in_threadpool(job_for, body, pipe)))  # decoding off the loop
+    async def a1111(body: Txt2Img, request: Request) -> dict[str, Any]:
+        job = submit(await run_in_threadpool(job_for, body, pipe))  # images decode off the event loop
+        job = await finished(job, request)
         pngs = checked_result(job)
         infotexts = [parameters_of(png) for png in pngs]
         seed = job.seed
@@ -346,12 +362,12 @@ def create_app(
         }
 
     @app.post("/sdapi/v1/txt2img")
-    async def txt2img(body: Txt2Img) -> dict[str, Any]:
-        return await a1111(body)
+    async def txt2img(body: Txt2Img, request: Request) -> dict[str, Any]:
+        return await a1111(body, request)
 
     @app.post("/sdapi/v1/img2img")
-    async def img2img(body: Img2Img) -> dict[str, Any]:
-        return await a1111(body)
+    async def img2img(body: Img2Img, request: Request) -> dict[str, Any]:
+        return await a1111(body, request)
 
     @app.get("/sdapi/v1/progress")
     async def progress() -> dict[str, Any]:
@@ -447,7 +463,7 @@ def create_app(
         }
 
     @app.post("/v1/images/generations")
-    async def openai_images(body: OpenAIImages) -> dict[str, Any]:
+    async def openai_images(body: OpenAIImages, http: Request) -> dict[str, Any]:
         if body.response_format not in (None, "b64_json"):
             raise HTTPException(400, "only response_format b64_json is supported: this server keeps no files")
         width = height = None
@@ -459,7 +475,7 @@ def create_app(
             if not (1 <= width <= 4096 and 1 <= height <= 4096):
                 raise HTTPException(400, f"size {body.size!r}: each side must be in 1..4096")
         request = Txt2Img(prompt=body.prompt, batch_size=body.n, width=width, height=height)
-        job = await finished(submit(job_for(request, pipe)))
+        job = await finished(submit(job_for(request, pipe)), http)
         return {"created": int(time.time()), "data": [{"b64_json": b64(png)} for png in checked_result(job)]}
 
     # --- jobs -------------------------------------------------------------------------------------------
@@ -503,7 +519,7 @@ def create_app(
             while True:
                 if await request.is_disconnected():
                     return
-                version = await run_in_threadpool(job.wait_for_change, version, 10.0)
+                version = await changed(job, version, 10.0)
                 if job.state in FINISHED:
                     yield f"event: {job.state}\ndata: {json.dumps(job_view(job))}\n\n"
                     return
@@ -577,4 +593,7 @@ def serve(
     )
     print(f"unnoise: serving {app.state.worker.pipe.name} on http://{host}:{port}/ (API docs at /docs)")
     # one line a request comes from our access log (security.Guard), with the duration; not uvicorn's
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, limit_concurrency=256)
+    uvicorn.run(
+        app, host=host, port=port, log_level="info", access_log=False, limit_concurrency=256,
+        timeout_graceful_shutdown=5,  # SIGTERM: the lifespan cancels every job; nothing waits for the queue
+    )  # fmt: skip
