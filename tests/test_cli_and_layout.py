@@ -117,3 +117,20 @@ def test_resume_names_a_damaged_run_config(tmp_path):
             text=True,
         )
         assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+def test_every_train_flag_says_what_it_does_and_names_the_choices():
+    """Issue 13: `unnoise train --help` was 32 flags whose only help was the default."""
+    import dataclasses
+
+    from unnoise.diffusion.formulations import FORMULATIONS
+    from unnoise.nn.presets import PRESETS
+    from unnoise.train.config import TrainConfig
+
+    for field in dataclasses.fields(TrainConfig):
+        assert len(field.metadata.get("help", "")) > 10, field.name
+    helps = {f.name: f.metadata["help"] for f in dataclasses.fields(TrainConfig)}
+    assert all(name in helps["preset"] for name in PRESETS)
+    assert all(name in helps["formulation"] for name in FORMULATIONS)
+    run = subprocess.run([sys.executable, "-m", "unnoise", "train", "--help"], capture_output=True, text=True)
+    assert "EMA half-life in training images" in run.stdout and "(default: 50000.0)" in run.stdout

@@ -413,3 +413,13 @@ def test_metadata_file_names_stay_inside_the_folder(tmp_path):
     assert [caption for _, caption in scan.items] == ["red"]
     assert scan.report.skipped == {"outside the folder": 2}
     assert "listed outside the folder" in scan.report.summary()
+
+
+def test_training_reads_the_caption_column_it_is_told(tmp_path):
+    """Issue 13: `unnoise train --caption-column`."""
+    from unnoise.train.data import open_source
+
+    save(solid(RED), tmp_path / "a.png")
+    (tmp_path / "metadata.csv").write_text('file_name,text,caption\na.png,ignored,"a red square"\n')
+    assert open_source(str(tmp_path), 8, 0, "#ffffff", caption_column="caption").captions == ["a red square"]
+    assert open_source(str(tmp_path), 8, 0, "#ffffff").captions == ["ignored"]

@@ -47,7 +47,12 @@ def test_the_card_command_is_the_recorded_training_configuration():
     assert {k: today[k] for k in recorded} == recorded
     # options added since it was trained: their defaults are what training did before they existed
     added = {k: v for k, v in today.items() if k not in recorded}
-    assert added == {"lr_decay_fraction": 0.0, "sigma_p_mean": None, "sigma_p_std": None}
+    assert added == {
+        "lr_decay_fraction": 0.0,
+        "sigma_p_mean": None,
+        "sigma_p_std": None,
+        "caption_column": "text",
+    }
     release = json.loads((MODEL / "config.json").read_text())
     assert release["training"]["steps"] == recorded["steps"]
 

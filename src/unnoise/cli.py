@@ -302,7 +302,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class) -> None:
     for field in dataclasses.fields(config_class):
         flag = "--" + field.name.replace("_", "-")
         hint, default = hints[field.name], field.default
-        shown = {"default": argparse.SUPPRESS, "help": f"(default: {default})"}
+        help_text = field.metadata.get("help", "")
+        shown = {"default": argparse.SUPPRESS, "help": f"{help_text} (default: {default})".lstrip()}
         if typing.get_origin(hint) is typing.Literal:
             parser.add_argument(flag, choices=typing.get_args(hint), **shown)
         elif isinstance(default, bool):

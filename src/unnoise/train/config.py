@@ -3,58 +3,80 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
 from ..errors import UnnoiseError
 
 
+def option(default, help: str):
+    """A config field with its help text, which `unnoise train --help` shows."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
     # what to learn
-    data: str = "shapes"  # "shapes" (built in, procedural) or a folder of captioned images
-    preset: str = "small"  # network shape, see unnoise.nn.presets
-    formulation: str = "edm"  # see unnoise.diffusion.formulations.FORMULATIONS
-    text_encoder: str = "minilm"  # "minilm" (packaged all-MiniLM-L6-v2) or a local Hugging Face folder
-    max_tokens: int = 32
-    resolution: int | None = None  # default: the preset's
-    background: str = "#ffffff"  # colour behind transparent pixels of a folder's images
-    flip: bool = False  # random horizontal flips (off for shapes: captions name left and right)
-    cond_dropout: float = 0.1  # fraction of captions replaced by "" so classifier-free guidance works
+    data: str = option("shapes", "'shapes' (built in, procedural, unbounded) or a folder of captioned images")
+    preset: str = option(
+        "small",
+        "network: tiny, small (the UNet of shapes-32), small-pos (with 2-D positions and a text refiner),"
+        " dit-small (a transformer), dit-tiny, large (64x64); see docs/training.md",
+    )
+    formulation: str = option("edm", "edm, vp, vp-cosine, ddpm, ddpm-cosine, ve or flow (see docs/math.md)")
+    text_encoder: str = option(
+        "minilm", "'minilm' (the packaged all-MiniLM-L6-v2) or a local Hugging Face encoder folder"
+    )
+    max_tokens: int = option(32, "caption tokens kept, special tokens included")
+    resolution: int | None = option(None, "image side in pixels (default: the preset's)")
+    background: str = option("#ffffff", "colour behind transparent pixels of a folder's images")
+    caption_column: str = option("text", "the caption column of a folder's metadata.jsonl or .csv")
+    flip: bool = option(False, "random horizontal flips (off for shapes: captions name left and right)")
+    cond_dropout: float = option(0.1, "fraction of captions replaced by '' so classifier-free guidance works")
 
     # how long and how fast
-    steps: int = 10_000
-    batch_size: int = 64  # global batch: split over processes, times accumulation
-    grad_accumulation: int = 1
-    lr: float = 2e-4
-    warmup_steps: int = 500
-    lr_decay_fraction: float = 0.0  # the last fraction of the steps decays the learning rate linearly to 0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ema_half_life: float = 50_000.0  # in training images; the EMA forgets half its past after this many
-    ema_warmup: float = 0.1  # half-life is at most this fraction of the images seen so far
-    loss_weighting: Literal["native", "min_snr"] = "native"
-    # EDM's training density of log sigma, N(p_mean, p_std^2) (default: the formulation's, -1.2 and 1.2);
-    # a higher mean spends more of training at the noise levels where the layout is decided
-    sigma_p_mean: float | None = None
-    sigma_p_std: float | None = None
-    min_snr_gamma: float = 5.0
-    # auto: bf16 autocast where the hardware multiplies bf16 natively (a GPU, a CPU with AVX-512 BF16 or
-    # AMX), else fp32: on a CPU without them bf16 is emulated, measured 400x slower than fp32 (AVX2 EPYC)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    compile: bool = False
-    device: str = "auto"
-    data_workers: int = 0  # processes that make batches ahead of the model (0: the training process)
-    seed: int = 0
+    steps: int = option(10_000, "optimizer steps in all (a resumed run stops there too)")
+    batch_size: int = option(64, "images per step, over all processes and accumulation steps")
+    grad_accumulation: int = option(1, "micro-batches per step")
+    lr: float = option(2e-4, "AdamW's peak learning rate")
+    warmup_steps: int = option(500, "steps of linear warm-up to --lr")
+    lr_decay_fraction: float = option(
+        0.0, "the last fraction of the steps decays the learning rate linearly to 0 (0: constant)"
+    )
+    weight_decay: float = option(0.0, "AdamW's decoupled weight decay")
+    grad_clip: float = option(1.0, "the gradient's norm is clipped to this")
+    ema_half_life: float = option(
+        50_000.0, "EMA half-life in training images: the EMA forgets half its past after this many"
+    )
+    ema_warmup: float = option(0.1, "the half-life is at most this fraction of the images seen so far")
+    loss_weighting: Literal["native", "min_snr"] = option(
+        "native", "the formulation's own loss weight, or min-SNR-gamma (Hang et al. 2023)"
+    )
+    sigma_p_mean: float | None = option(
+        None,
+        "EDM's training density of log sigma is N(mean, std^2), default -1.2; a higher mean trains more"
+        " at the noise levels where the layout is decided",
+    )
+    sigma_p_std: float | None = option(None, "the std of that density, default 1.2")
+    min_snr_gamma: float = option(5.0, "min-SNR's gamma")
+    precision: Literal["auto", "fp32", "bf16"] = option(
+        "auto",
+        "auto: bf16 autocast where the hardware multiplies bf16 natively (CUDA, a CPU with AVX-512 BF16 or"
+        " AMX), else fp32 (bf16 without them is emulated: 400x slower on an AVX2 CPU)",
+    )
+    compile: bool = option(False, "torch.compile the network")
+    device: str = option("auto", "auto (cuda when there is a GPU, else cpu), cpu, cuda, cuda:1, ...")
+    data_workers: int = option(0, "processes that make batches ahead of the model (0: the training process)")
+    seed: int = option(0, "seeds the data, the noise and the initial weights")
 
     # what to write
-    out: str = "runs/shapes"
-    log_every: int = 50
-    sample_every: int = 1000
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 3
-    max_bad_steps: int = 20  # this many non-finite losses in a row stop the run
+    out: str = option("runs/shapes", "the run's folder: model/, state-*/, log.csv, samples/, config.json")
+    log_every: int = option(50, "steps between rows of log.csv")
+    sample_every: int = option(1000, "steps between sample grids in samples/ (0: none)")
+    checkpoint_every: int = option(500, "steps between resumable checkpoints and releases")
+    keep_checkpoints: int = option(3, "the newest this many checkpoints are kept")
+    max_bad_steps: int = option(20, "this many non-finite losses in a row stop the run")
 
     def validate(self) -> TrainConfig:
         at_least_one = (

@@ -48,7 +48,7 @@ class ShapesSource:
 class FolderSource:
     """A folder of captioned images, reshuffled each epoch by a permutation seeded with (seed, epoch)."""
 
-    def __init__(self, root: str, resolution: int, seed: int, background: str):
+    def __init__(self, root: str, resolution: int, seed: int, background: str, caption_column: str = "text"):
         from ..data.folder import ImageFolderDataset
 
         try:
@@ -57,7 +57,9 @@ class FolderSource:
             raise UnnoiseError(
                 f"--background {background!r} is not a colour (try '#ffffff' or 'white')"
             ) from None
-        self.dataset = ImageFolderDataset(root, resolution=resolution, background=rgb)
+        self.dataset = ImageFolderDataset(
+            root, resolution=resolution, background=rgb, caption_column=caption_column
+        )
         self.seed = seed
         self.captions = self.dataset.captions
         self.description = f"{root}: {self.dataset.report.summary()}"
@@ -75,12 +77,12 @@ class FolderSource:
         return torch.stack([image for image, _ in items]), [caption for _, caption in items]
 
 
-def open_source(data: str, resolution: int, seed: int, background: str):
+def open_source(data: str, resolution: int, seed: int, background: str, caption_column: str = "text"):
     if data == "shapes":
         return ShapesSource(resolution, seed)
     if not Path(data).exists():
         raise UnnoiseError(f"--data {data!r}: no such folder (use 'shapes' for the built-in data set)")
-    return FolderSource(data, resolution, seed, background)
+    return FolderSource(data, resolution, seed, background, caption_column)
 
 
 def position_generator(seed: int, position: int) -> torch.Generator:
