@@ -139,6 +139,10 @@ def test_eval_shapes_command_runs_on_a_model(model, tmp_path):
             "2",
             "--report",
             str(report),
+            "--prompts-per-category",
+            "2",
+            "--save-images",
+            str(tmp_path / "images"),
         ],
         capture_output=True,
         text=True,
@@ -146,6 +150,15 @@ def test_eval_shapes_command_runs_on_a_model(model, tmp_path):
     assert run.returncode == 0, run.stderr
     assert "counting" in run.stdout
     assert set(json.loads(report.read_text())) >= {"settings"}
+    saved = sorted(
+        p.relative_to(tmp_path / "images").as_posix() for p in (tmp_path / "images").rglob("*.png")
+    )
+    assert (
+        len(saved) == 8
+        and saved[0].startswith("binding/00-0-")
+        and saved[0].endswith(("pass.png", "fail.png"))
+    )
+    assert read_png_parameters(tmp_path / "images" / saved[0]).steps == 2
 
 
 def test_guidance_in_one_batch_equals_two_calls(model):

@@ -218,13 +218,17 @@ def _cmd_inpaint(args: argparse.Namespace) -> int:
 
 
 def _cmd_interpolate(args: argparse.Namespace) -> int:
-
     settings = _settings(args)
     pipe = _load(args, args.model or "shapes-32")
     del settings["num_images"]
-    frames = pipe.interpolate(
-        args.prompt, to_prompt=args.to_prompt, to_seed=args.to_seed, frames=args.frames, **settings
-    )
+
+    def strip(callback):
+        return pipe.interpolate(
+            args.prompt, to_prompt=args.to_prompt, to_seed=args.to_seed, frames=args.frames,
+            callback=callback, **settings,
+        )  # fmt: skip
+
+    frames = _with_progress(args.steps, strip)  # the frames are one batch: one pass of the sampler
     return _save(frames, args.out, [f"frame-{k:02d}" for k in range(len(frames))])
 
 
@@ -252,6 +256,8 @@ def _cmd_eval_shapes(args: argparse.Namespace) -> int:
         seed=args.seed,
         prompts_per_category=args.prompts_per_category,
         device=args.device,
+        save_images=args.save_images,
+        progress=True,
     )
     print(report.table())
     return _write_report(report.to_dict(), args.report)
@@ -456,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the first K prompts of each category, for a quick look (default: all 24)",
     )
     p.add_argument("--report", default="shapes_eval.json", help="where the JSON report goes")
+    p.add_argument(
+        "--save-images", default=None, metavar="FOLDER", help="save every image, named by prompt and verdict"
+    )
     p.set_defaults(run=_cmd_eval_shapes)
     p = suites.add_parser(
         "inpaint", help="InpaintEval: recolour or reshape a masked object; judged by ShapesEval's checker"

@@ -438,17 +438,25 @@ def evaluate(
     samples_per_prompt: int = 4,
     *,
     seed: int = 0,
+    observe: Callable[[int, PromptSpec, list, list[bool]], None] | None = None,
+    progress: bool = False,
 ) -> Report:
-    """Judge `generate(prompt, seed, n) -> n images` (image i from seed + i) on every prompt, same seeds."""
+    """Judge `generate(prompt, seed, n) -> n images` (image i from seed + i) on every prompt, same seeds.
+    `observe(k, spec, images, correct)` sees each prompt's images and marks (to save them, say)."""
+    from tqdm import tqdm
+
     if samples_per_prompt < 1:
         raise UnnoiseError(f"--samples (images per prompt) must be at least 1, got {samples_per_prompt}")
     results = []
-    for spec in prompt_set() if prompts is None else prompts:
+    specs = prompt_set() if prompts is None else prompts
+    for k, spec in enumerate(tqdm(specs, unit="prompt", disable=not progress, leave=False)):
         images = list(generate(spec.prompt, seed, samples_per_prompt))
         if len(images) != samples_per_prompt:
             raise UnnoiseError(f"asked for {samples_per_prompt} images of {spec.prompt!r}, got {len(images)}")
         marks = [check(image, spec) for image in images]
         results.append(PromptResult(spec, [m[0] for m in marks], [m[1] for m in marks]))
+        if observe is not None:
+            observe(k, spec, images, [m[0] for m in marks])
     return Report(results, samples_per_prompt, settings={"seed": seed})
 
 
@@ -462,9 +470,12 @@ def run_shapes_eval(
     seed: int = 0,
     prompts_per_category: int = PROMPTS_PER_CATEGORY,
     device: str = "auto",
+    save_images: str | Path | None = None,
+    progress: bool = False,
 ) -> Report:
     """ShapesEval of a released model: every prompt (or the first `prompts_per_category` of each category,
-    for a quick look), images seed, seed + 1, ... through `generate`."""
+    for a quick look), images seed, seed + 1, ... through `generate`. With `save_images`, each image is
+    saved there as <category>/<prompt number>-<seed>-<pass|fail>.png, carrying its settings."""
     from ..pipeline import load
 
     if not 1 <= prompts_per_category <= PROMPTS_PER_CATEGORY:
@@ -481,7 +492,18 @@ def run_shapes_eval(
 
     # prompt_set() lists each category's prompts in a run of PROMPTS_PER_CATEGORY
     chosen = [s for k, s in enumerate(prompt_set()) if k % PROMPTS_PER_CATEGORY < prompts_per_category]
-    report = evaluate(generate, chosen, samples_per_prompt, seed=seed)
+    observe = None
+    if save_images is not None:
+        from ..images import save_png
+
+        def observe(k: int, spec: PromptSpec, images: list, correct: list[bool]) -> None:
+            folder = Path(save_images) / spec.category
+            folder.mkdir(parents=True, exist_ok=True)
+            number = sum(1 for other in chosen[:k] if other.category == spec.category)  # within its category
+            for i, (image, ok) in enumerate(zip(images, correct, strict=True)):
+                save_png(image, folder / f"{number:02d}-{seed + i}-{'pass' if ok else 'fail'}.png")
+
+    report = evaluate(generate, chosen, samples_per_prompt, seed=seed, observe=observe, progress=progress)
     report.settings.update(
         model=str(model_path),
         sampler=sampler,
