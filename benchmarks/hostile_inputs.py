@@ -1,0 +1,240 @@
+"""Hostile and unlucky requests against a real `unnoise serve`: every one must be answered with a status
+that says whose fault it is (4xx: the client's), none may be lost or crash the server, and the server must
+stay healthy and still generate afterwards.
+
+The requests (each a named case, sent in order, then again from many clients at once): malformed JSON,
+wrong types, out-of-range numbers, unknown samplers and schedulers, fields unnoise cannot honour,
+oversized prompts and bodies, bad base64, images that are not images, PostScript (EPS), TIFF,
+decompression bombs, mismatched masks, enormous sizes, unknown jobs and endpoints, wrong Host and Origin
+headers, bodies that lie about their length. The baseline is the same server's answer to a plain request,
+before and after: it must be 200 both times.
+
+    .venv/bin/python benchmarks/hostile_inputs.py [--repeat 3] [--json benchmarks/results/hostile_inputs.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+from PIL import Image
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def image_bytes(size=(32, 32), fmt="PNG", mode="RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height pixels (a decompression bomb's shape)."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+
+
+def cases() -> list[tuple[str, str, str, dict]]:
+    """(name, method, path, httpx keyword arguments)."""
+    ok = b64(image_bytes())
+    post = lambda body: {"json": body}  # noqa: E731
+    return [
+        (
+            "malformed JSON",
+            "POST",
+            "/sdapi/v1/txt2img",
+            {"content": b"{not json", "headers": {"content-type": "application/json"}},
+        ),
+        ("JSON list body", "POST", "/sdapi/v1/txt2img", post([1, 2, 3])),
+        ("steps as a string", "POST", "/sdapi/v1/txt2img", post({"prompt": "x", "steps": "many"})),
+        ("steps 10^9", "POST", "/sdapi/v1/txt2img", post({"prompt": "x", "steps": 10**9})),
+        ("negative steps", "POST", "/sdapi/v1/txt2img", post({"prompt": "x", "steps": -1})),
+        (
+            "cfg_scale NaN",
+            "POST",
+            "/sdapi/v1/txt2img",
+            {
+                "content": b'{"prompt": "x", "cfg_scale": NaN}',
+                "headers": {"content-type": "application/json"},
+            },
+        ),
+        ("seed 2^64", "POST", "/sdapi/v1/txt2img", post({"prompt": "x", "seed": 2**64})),
+        ("batch 10^6", "POST", "/sdapi/v1/txt2img", post({"prompt": "x", "batch_size": 10**6})),
+        ("unknown sampler", "POST", "/sdapi/v1/txt2img", post({"prompt": "x", "sampler_name": "Euler z"})),
+        ("unknown scheduler", "POST", "/sdapi/v1/txt2img", post({"prompt": "x", "scheduler": "Bogus"})),
+        ("enable_hr", "POST", "/sdapi/v1/txt2img", post({"prompt": "x", "enable_hr": True})),
+        ("prompt of 1 MB", "POST", "/sdapi/v1/txt2img", post({"prompt": "x" * 2**20})),
+        (
+            "size 10^6 x 10^6",
+            "POST",
+            "/sdapi/v1/txt2img",
+            post({"prompt": "x", "width": 10**6, "height": 10**6}),
+        ),
+        ("bad base64", "POST", "/sdapi/v1/img2img", post({"prompt": "x", "init_images": ["%%%"]})),
+        ("not an image", "POST", "/sdapi/v1/img2img", post({"prompt": "x", "init_images": [b64(b"hello")]})),
+        (
+            "PostScript",
+            "POST",
+            "/sdapi/v1/img2img",
+            post({"prompt": "x", "init_images": [b64(b"%!PS-Adobe-3.0 EPSF-3.0\n{ } loop\n")]}),
+        ),
+        (
+            "TIFF",
+            "POST",
+            "/sdapi/v1/img2img",
+            post({"prompt": "x", "init_images": [b64(image_bytes(fmt="TIFF"))]}),
+        ),
+        (
+            "bomb 30000^2",
+            "POST",
+            "/sdapi/v1/img2img",
+            post({"prompt": "x", "init_images": [b64(png_claiming(30000, 30000))]}),
+        ),
+        (
+            "mask of another size",
+            "POST",
+            "/sdapi/v1/img2img",
+            post({"prompt": "x", "init_images": [ok], "mask": b64(image_bytes((8, 8)))}),
+        ),
+        ("two init images", "POST", "/sdapi/v1/img2img", post({"prompt": "x", "init_images": [ok, ok]})),
+        (
+            "strength 2",
+            "POST",
+            "/sdapi/v1/img2img",
+            post({"prompt": "x", "init_images": [ok], "denoising_strength": 2}),
+        ),
+        ("png-info of junk", "POST", "/sdapi/v1/png-info", post({"image": b64(b"junk")})),
+        ("options: another model", "POST", "/sdapi/v1/options", post({"sd_model_checkpoint": "sdxl"})),
+        ("OpenAI size 'huge'", "POST", "/v1/images/generations", post({"prompt": "x", "size": "huge"})),
+        (
+            "OpenAI url format",
+            "POST",
+            "/v1/images/generations",
+            post({"prompt": "x", "response_format": "url"}),
+        ),
+        ("OpenAI n 10^6", "POST", "/v1/images/generations", post({"prompt": "x", "n": 10**6})),
+        ("unknown job", "GET", "/jobs/0123456789abcdef", {}),
+        ("unknown job events", "GET", "/jobs/../../etc/passwd/events", {}),
+        ("delete unknown job", "DELETE", "/jobs/nope", {}),
+        ("unknown endpoint", "GET", "/sdapi/v1/does-not-exist", {}),
+        ("path traversal", "GET", "/static/../../pyproject.toml", {}),
+        ("foreign Host", "GET", "/health", {"headers": {"host": "evil.example"}}),
+        (
+            "foreign Origin",
+            "POST",
+            "/sdapi/v1/txt2img",
+            {"json": {"prompt": "x"}, "headers": {"origin": "http://evil.example"}},
+        ),
+        (
+            "body over 24 MB",
+            "POST",
+            "/sdapi/v1/txt2img",
+            {"content": b"{" + b" " * (25 * 2**20) + b"}", "headers": {"content-type": "application/json"}},
+        ),
+        (
+            "Content-Length that lies",
+            "POST",
+            "/sdapi/v1/txt2img",
+            {"content": b'{"prompt": "x"}', "headers": {"content-length": "abc"}},
+        ),
+    ]
+
+
+def send(url: str, case) -> tuple[str, int | str]:
+    name, method, path, options = case
+    try:
+        return name, httpx.request(method, url + path, timeout=60, **options).status_code
+    except httpx.HTTPError as error:
+        return name, f"lost: {type(error).__name__}"
+    except Exception as error:  # the client library refused to send it (a header it will not write, say)
+        return name, f"not sent: {type(error).__name__}"
+
+
+def plain(url: str) -> int:
+    return httpx.post(
+        f"{url}/sdapi/v1/txt2img", json={"prompt": "a red circle", "steps": 4}, timeout=60
+    ).status_code
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of every case from 8 clients at once")
+    parser.add_argument("--json", default=str(RESULTS / "hostile_inputs.json"))
+    args = parser.parse_args()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "unnoise", "serve", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        before = plain(url)
+        all_cases = cases()
+        answers = [send(url, case) for case in all_cases]  # one at a time, for the table
+        with ThreadPoolExecutor(8) as pool:  # then all of them again, at once
+            answers += list(pool.map(lambda case: send(url, case), all_cases * args.repeat))
+        after = plain(url)
+        health = httpx.get(f"{url}/health", timeout=10).json()
+    finally:
+        server.terminate()
+        log = server.communicate(timeout=30)[1]
+    statuses = [status for _, status in answers]
+    count = {
+        "tried": len(answers),
+        "4xx": sum(isinstance(s, int) and 400 <= s < 500 for s in statuses),
+        "5xx": sum(isinstance(s, int) and s >= 500 for s in statuses),
+        "2xx": sum(isinstance(s, int) and 200 <= s < 300 for s in statuses),
+        "lost": sum(isinstance(s, str) and s.startswith("lost") for s in statuses),
+        "not sent by the client": sum(isinstance(s, str) and s.startswith("not sent") for s in statuses),
+        "plain request before / after": f"{before} / {after}",
+        "healthy after": health["status"] == "ok" and health["worker_alive"],
+        "tracebacks in the server's log": log.count("Traceback"),
+    }
+    first = dict(answers[: len(all_cases)])
+    lines = ["| case | status |", "|---|---:|", *(f"| {name} | {status} |" for name, status in first.items())]
+    lines += ["", "| count | |", "|---|---:|", *(f"| {k} | {v} |" for k, v in count.items())]
+    print("\n".join(lines))
+    Path(args.json).write_text(json.dumps({"cases": first, "counts": count}, indent=1))
+    Path(args.json).with_suffix(".md").write_text(
+        "# Hostile inputs\n\n`.venv/bin/python benchmarks/hostile_inputs.py`\n\n" + "\n".join(lines) + "\n"
+    )
+    healthy = count["5xx"] == 0 and count["lost"] == 0 and count["healthy after"] and after == 200
+    return 0 if healthy else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
