@@ -568,3 +568,28 @@ def test_many_watchers_hold_no_threads(client):
         for response, s in zip(opened, streams, strict=True):
             response.close()
             s.close()
+
+
+def test_the_official_openai_client_edits_an_image(server):
+    """Issue 13: OpenAI's images.edit (inpainting where the mask is transparent) was a 404."""
+    import openai
+
+    rng = np.random.default_rng(2)
+    source = Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    mask = Image.new("RGBA", (40, 40), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (0, 0, 20, 20))  # transparent: edit here
+    files = {}
+    for name, picture in (("image", source), ("mask", mask)):
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        files[name] = (f"{name}.png", buffer.getvalue(), "image/png")
+    api = openai.OpenAI(base_url=f"{server.url}/v1", api_key="not-needed-on-loopback", max_retries=0)
+    result = api.images.edit(image=files["image"], mask=files["mask"], prompt="a blue square in the top left")
+    out = np.asarray(png_of(result.data[0].b64_json).convert("RGB"))
+    src = np.asarray(source)
+    keep = np.ones((40, 40), dtype=bool)
+    keep[:20, :20] = False
+    assert out.shape == (40, 40, 3) and np.array_equal(out[keep], src[keep])
+    assert not np.array_equal(out[:20, :20], src[:20, :20])
+    with pytest.raises(openai.BadRequestError, match="no transparent part"):
+        api.images.edit(image=files["image"], prompt="x")

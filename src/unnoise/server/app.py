@@ -20,9 +20,9 @@ import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -156,6 +156,16 @@ def decode_image(data: str, what: str) -> Image.Image:
         raise HTTPException(413, f"the {what} is larger than {MAX_IMAGE_BYTES // 2**20} MB")
     try:
         raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise HTTPException(422, f"the {what} is not valid base64") from None
+    return decode_bytes(raw, what)
+
+
+def decode_bytes(raw: bytes, what: str) -> Image.Image:
+    """An image file's bytes, bounded in bytes and pixels before it is decoded, by the plain decoders only."""
+    if len(raw) > MAX_IMAGE_BYTES:
+        raise HTTPException(413, f"the {what} is larger than {MAX_IMAGE_BYTES // 2**20} MB")
+    try:
         image = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)  # never EPS (Ghostscript) and the like
         width, height = image.size
         if width * height > MAX_PIXELS:
@@ -163,9 +173,7 @@ def decode_image(data: str, what: str) -> Image.Image:
         image.load()
     except Image.DecompressionBombError as error:  # Pillow's own guard, for sizes far beyond ours
         raise HTTPException(413, f"the {what} has too many pixels ({error})") from None
-    except (binascii.Error, ValueError):
-        raise HTTPException(422, f"the {what} is not valid base64") from None
-    except (OSError, SyntaxError):
+    except (OSError, SyntaxError, ValueError):
         raise HTTPException(
             422, f"the {what} is not a readable image (accepted: {', '.join(IMAGE_FORMATS)})"
         ) from None
@@ -476,6 +484,44 @@ def create_app(
                 raise HTTPException(400, f"size {body.size!r}: each side must be in 1..4096")
         request = Txt2Img(prompt=body.prompt, batch_size=body.n, width=width, height=height)
         job = await finished(submit(job_for(request, pipe)), http)
+        return {"created": int(time.time()), "data": [{"b64_json": b64(png)} for png in checked_result(job)]}
+
+    @app.post("/v1/images/edits")
+    async def openai_edits(
+        http: Request,
+        image: Annotated[UploadFile, File()],
+        prompt: Annotated[str, Form(max_length=MAX_PROMPT)],
+        mask: Annotated[UploadFile | None, File()] = None,
+        n: Annotated[int, Form(ge=1, le=MAX_IMAGES)] = 1,
+        size: Annotated[str | None, Form(max_length=16)] = None,
+        response_format: Annotated[str | None, Form(max_length=16)] = None,
+        model: Annotated[str | None, Form(max_length=128)] = None,
+    ) -> dict[str, Any]:
+        """OpenAI's image edit: the transparent part (alpha 0) of `mask`, or of the image when no mask is
+        given, is inpainted to fit the prompt; every other pixel is kept. The answer has the image's size."""
+        if response_format not in (None, "b64_json"):
+            raise HTTPException(400, "only response_format b64_json is supported: this server keeps no files")
+        picture = await run_in_threadpool(decode_bytes, await image.read(MAX_IMAGE_BYTES + 1), "image")
+        source = picture if mask is None else await run_in_threadpool(
+            decode_bytes, await mask.read(MAX_IMAGE_BYTES + 1), "mask"
+        )  # fmt: skip
+        if source.size != picture.size:
+            raise HTTPException(
+                400, f"the mask is {source.width}x{source.height}, the image {picture.width}x{picture.height}"
+            )
+        if "A" not in source.getbands() and "transparency" not in source.info:
+            raise HTTPException(
+                400, "the mask (or the image, without a mask) has no transparent part to edit"
+            )
+        regenerate = source.convert("RGBA").getchannel("A").point(lambda a: 255 if a == 0 else 0)
+        seed = _seed(-1)
+
+        def edit(pipe: Pipeline, callback) -> list[Image.Image]:
+            return pipe.inpaint(picture, regenerate, prompt, seed=seed, num_images=n, callback=callback)
+
+        job = await finished(
+            submit(Job("inpaint", edit, total_steps=DEFAULT_STEPS * REPAINT_RESAMPLE, seed=seed)), http
+        )
         return {"created": int(time.time()), "data": [{"b64_json": b64(png)} for png in checked_result(job)]}
 
     # --- jobs -------------------------------------------------------------------------------------------
