@@ -4,6 +4,7 @@ Skipped, with the reason, where chromium or Playwright is missing (`make browser
 apt where that is allowed). Screenshots go to test-output/.
 """
 
+import base64
 import io
 import shutil
 from pathlib import Path
@@ -113,3 +114,95 @@ def test_the_api_page_lists_the_endpoints_offline(page, server):
     assert "POST /sdapi/v1/txt2img" in headings and "POST /v1/images/generations" in headings
     assert "cfg_scale" in page.inner_text("#api")
     page.screenshot(path=str(OUTPUT / "web-page-docs.png"), full_page=True)
+
+
+# --- issue 13: what users of AUTOMATIC1111's and ComfyUI's pages expect --------------------------------
+
+
+def ready(page) -> None:
+    """The page has fetched its settings (so nothing typed is overwritten by the defaults)."""
+    page.wait_for_function("document.querySelectorAll('#sampler option').length > 0", timeout=30_000)
+
+
+def test_a_batch_shows_in_seed_order_and_survives_a_reload(page, server):
+    page.goto(server.url + "/")
+    ready(page)
+    page.uncheck("#random")
+    page.fill("#seed", "40")
+    page.fill("#guidance", "3.25")  # any guidance value: the field has no step
+    assert page.evaluate("document.getElementById('guidance').checkValidity()")
+    page.fill("#prompt", "two green circles")
+    page.fill("#count", "3")
+    page.fill("#steps", "6")
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('done')", timeout=60_000)
+    seeds = [
+        c.split("Seed: ")[1].split(",")[0]
+        for c in page.locator(".batch").first.locator("figcaption").all_inner_texts()
+    ]
+    assert seeds == ["40", "41", "42"]
+    before = page.locator("#gallery figure").count()
+    page.reload()
+    ready(page)
+    page.wait_for_function(
+        f"document.querySelectorAll('#gallery figure').length === {before}", timeout=30_000
+    )
+    assert "Seed: 40" in page.locator(".batch").first.locator("figcaption").first.inner_text()
+
+
+def test_reuse_seed_and_send_to_img2img(page, server):
+    page.goto(server.url + "/")
+    ready(page)
+    page.wait_for_selector("#gallery figure")
+    caption = page.locator("#gallery figcaption").first.inner_text()
+    page.check("#random")
+    page.locator("#gallery figure").first.get_by_text("reuse seed").click()
+    assert page.input_value("#seed") == caption.split("Seed: ")[1].split(",")[0]
+    assert not page.is_checked("#random")
+    page.locator("#gallery figure").first.get_by_text("img2img").click()
+    assert page.is_checked("input[name=mode][value=img2img]")
+    page.wait_for_function("document.getElementById('picture').width === 32")
+
+
+def test_dropping_a_png_restores_its_settings(page, server):
+    made = unnoise.load("shapes-32").generate(
+        "a small red circle in the top left", seed=77, steps=7, guidance=2.5
+    )[0]
+    from unnoise.images import png_bytes
+
+    data = base64.b64encode(png_bytes(made)).decode()
+    page.goto(server.url + "/")
+    ready(page)
+    page.evaluate(
+        """(data) => {
+            const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], "made.png", { type: "image/png" }));
+            document.body.dispatchEvent(new DragEvent("drop", { dataTransfer: transfer, bubbles: true }));
+        }""",
+        data,
+    )
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('settings restored')")
+    assert page.input_value("#prompt") == "a small red circle in the top left"
+    assert (page.input_value("#seed"), page.input_value("#steps"), page.input_value("#guidance")) == (
+        "77",
+        "7",
+        "2.5",
+    )
+
+
+def test_the_page_fits_a_phone(page, server):
+    phone = page.context.browser.new_page(
+        viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True
+    )
+    try:
+        phone.goto(server.url + "/")
+        phone.wait_for_function("document.querySelectorAll('#sampler option').length > 0")
+        width = phone.evaluate("document.documentElement.scrollWidth")
+        assert width <= 390, f"the page is {width} px wide on a 390 px phone"
+        box = phone.locator("#preview").bounding_box()
+        assert box["x"] >= 0 and box["x"] + box["width"] <= 390
+        OUTPUT.mkdir(exist_ok=True)
+        phone.screenshot(path=str(OUTPUT / "web-page-phone.png"), full_page=True)
+    finally:
+        phone.close()

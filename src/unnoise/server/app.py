@@ -458,7 +458,12 @@ def create_app(
         parameters = {} if settings is None else {"Prompt": settings.prompt, "Seed": settings.seed,
                                                    "Steps": settings.steps, "CFG scale": settings.guidance,
                                                    "Sampler": a1111_label(settings.sampler)}  # fmt: skip
-        return {"info": text, "items": items, "parameters": parameters}
+        ours = None if settings is None else {
+            "prompt": settings.prompt, "negative_prompt": settings.negative_prompt,
+            "sampler": settings.sampler, "steps": settings.steps, "guidance": settings.guidance,
+            "seed": settings.seed,
+        }  # fmt: skip
+        return {"info": text, "items": items, "parameters": parameters, "settings": ours}
 
     # --- OpenAI ---------------------------------------------------------------------------------------
 

@@ -40,19 +40,61 @@ async function start() {
   $("cancel").addEventListener("click", () => job && api(`/jobs/${job}`, { method: "DELETE" }));
   paintable($("mask"));
   showMode();
+  document.addEventListener("dragover", (e) => e.preventDefault());
+  document.addEventListener("drop", restoreFromDrop);
+  for (const batch of history()) showBatch(batch, false);  // newest first, as they were
+}
+
+// --- history: the gallery is kept in this browser across reloads (the newest HISTORY images) ---------
+const HISTORY = 64;
+function history() { try { return JSON.parse(localStorage.getItem("unnoise-history") || "[]"); } catch { return []; } }
+function remember(batch) {
+  const batches = [batch, ...history()];
+  let images = 0, kept = [];
+  for (const b of batches) { if (images + b.images.length > HISTORY) break; kept.push(b); images += b.images.length; }
+  try { localStorage.setItem("unnoise-history", JSON.stringify(kept)); } catch { /* storage full: keep the page */ }
+}
+
+// --- a PNG dropped on the page restores the settings it carries (its parameters text) ----------------
+async function restoreFromDrop(e) {
+  e.preventDefault();
+  const file = e.dataTransfer.files[0];
+  if (!file) return;
+  const data = await new Promise((done) => { const r = new FileReader(); r.onload = () => done(r.result); r.readAsDataURL(file); });
+  try {
+    const info = await api("/sdapi/v1/png-info", { method: "POST", body: JSON.stringify({ image: data }) });
+    if (!info.settings) throw new Error("this PNG carries no unnoise or AUTOMATIC1111 settings");
+    const s = info.settings;
+    $("prompt").value = s.prompt; $("negative").value = s.negative_prompt; $("sampler").value = s.sampler;
+    $("steps").value = s.steps; $("guidance").value = s.guidance; $("seed").value = s.seed; $("random").checked = false;
+    setStatus(`settings restored from ${file.name}`);
+  } catch (error) { setStatus(error.message, true); }
+}
+
+function seedOf(parameters) { return +((parameters.match(/Seed: (\d+)/) || [])[1] || 0); }
+
+function sendTo(target, src) {
+  document.querySelector(`input[name=mode][value=${target}]`).checked = true;
+  showMode();
+  const image = new Image();
+  image.onload = () => drawPicture(image);
+  image.src = src;
+  window.scrollTo(0, 0);
 }
 
 function loadPicture() {
   const file = $("file").files[0];
   if (!file) return;
   const image = new Image();
-  image.onload = () => {
-    for (const canvas of [$("picture"), $("mask")]) { canvas.width = image.width; canvas.height = image.height; }
-    $("picture").getContext("2d").drawImage(image, 0, 0);
-    clearMask();
-    picture = $("picture").toDataURL("image/png");
-  };
+  image.onload = () => drawPicture(image);
   image.src = URL.createObjectURL(file);
+}
+
+function drawPicture(image) {
+  for (const canvas of [$("picture"), $("mask")]) { canvas.width = image.width; canvas.height = image.height; }
+  $("picture").getContext("2d").drawImage(image, 0, 0);
+  clearMask();
+  picture = $("picture").toDataURL("image/png");
 }
 
 function clearMask() {
@@ -129,16 +171,33 @@ function finish(state, result) {
   $("progress").value = state === "done" ? 1 : 0;
   if (state !== "done") { setStatus(result.error || state, state === "failed"); return; }
   setStatus(`done: ${result.images.length} image(s)`);
-  result.images.forEach((data, i) => {
-    const figure = document.createElement("figure"), img = new Image(), link = document.createElement("a");
-    img.src = "data:image/png;base64," + data; img.alt = result.parameters[i];
-    link.href = img.src; link.download = `unnoise-${result.id}-${i}.png`; link.textContent = "download";
-    link.appendChild(img);
-    const caption = document.createElement("figcaption"); caption.textContent = result.parameters[i];
-    figure.append(link, caption);
-    $("gallery").prepend(figure);
-  });
+  const batch = { id: result.id, images: result.images, parameters: result.parameters };
+  showBatch(batch, true);
+  remember(batch);
   $("preview").src = "data:image/png;base64," + result.images[0];
+}
+
+// One group a request, newest first; inside it the images in seed order, at their own aspect ratio.
+function showBatch(batch, newest) {
+  const group = document.createElement("div");
+  group.className = "batch";
+  batch.images.forEach((data, i) => {
+    const figure = document.createElement("figure"), img = new Image(), link = document.createElement("a");
+    const parameters = batch.parameters[i];
+    img.src = "data:image/png;base64," + data; img.alt = parameters;
+    link.href = img.src; link.download = `unnoise-${batch.id}-${i}.png`; link.title = "download the PNG (its settings inside)";
+    link.appendChild(img);
+    const tools = document.createElement("div");
+    tools.className = "tools";
+    const button = (label, action) => { const b = document.createElement("button"); b.type = "button"; b.textContent = label; b.onclick = action; tools.append(b); };
+    button("reuse seed", () => { $("seed").value = seedOf(parameters); $("random").checked = false; });
+    button("img2img", () => sendTo("img2img", img.src));
+    button("inpaint", () => sendTo("inpaint", img.src));
+    const caption = document.createElement("figcaption"); caption.textContent = parameters;
+    figure.append(link, tools, caption);
+    group.append(figure);
+  });
+  if (newest) $("gallery").prepend(group); else $("gallery").append(group);
 }
 
 start();
