@@ -1,0 +1,283 @@
+"""The HTTP routes: AUTOMATIC1111's /sdapi/v1, OpenAI's /v1, and /jobs with live previews. Each is a thin
+adapter: the request becomes one Pipeline call (`requests.job_for`), the worker runs it, `Service` waits."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
+from fastapi.responses import StreamingResponse
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+
+from ..diffusion.samplers import SAMPLERS
+from ..errors import UnnoiseError
+from ..pipeline import Pipeline
+from ..settings import (
+    A1111_LABELS,
+    DEFAULT_STEPS,
+    REPAINT_RESAMPLE,
+    SCHEDULE_TYPE,
+    ImageSettings,
+    a1111_label,
+)
+from .jobs import FINISHED, Job
+from .requests import (
+    MAX_IMAGE_BYTES,
+    MAX_IMAGES,
+    MAX_PROMPT,
+    Img2Img,
+    JobRequest,
+    OpenAIImages,
+    PngInfo,
+    Txt2Img,
+    b64,
+    decode_bytes,
+    decode_image,
+    job_for,
+    parameters_of,
+    random_seed,
+)
+from .service import Service
+
+
+def a1111_routes(service: Service) -> APIRouter:
+    """AUTOMATIC1111's API, with its field names and answers."""
+    router = APIRouter()
+    pipe, worker = service.pipe, service.worker
+
+    async def a1111(body: Txt2Img, request: Request) -> dict[str, Any]:
+        job = service.submit(await run_in_threadpool(job_for, body, pipe))  # images decode off the event loop
+        job = await service.finished(job, request)
+        pngs = service.result(job)
+        infotexts = [parameters_of(png) for png in pngs]
+        seed = job.seed
+        info = {"infotexts": infotexts, "seed": seed, "all_seeds": [seed + i for i in range(len(pngs))]}
+        if pngs:
+            info["width"], info["height"] = Image.open(io.BytesIO(pngs[0])).size
+        if job.notes:
+            info["comments"] = job.notes  # where AUTOMATIC1111 puts its own remarks
+        return {
+            "images": [b64(png) for png in pngs],
+            "parameters": body.model_dump(exclude={"init_images", "mask"}),
+            "info": json.dumps(info),
+        }
+
+    @router.post("/sdapi/v1/txt2img")
+    async def txt2img(body: Txt2Img, request: Request) -> dict[str, Any]:
+        return await a1111(body, request)
+
+    @router.post("/sdapi/v1/img2img")
+    async def img2img(body: Img2Img, request: Request) -> dict[str, Any]:
+        return await a1111(body, request)
+
+    @router.get("/sdapi/v1/progress")
+    async def progress() -> dict[str, Any]:
+        job = worker.current
+        if job is None:
+            return {"progress": 0.0, "eta_relative": 0.0, "current_image": None, "textinfo": None,
+                    "state": {"job_count": worker.queue_length(), "sampling_step": 0, "sampling_steps": 0,
+                              "interrupted": False}}  # fmt: skip
+        return {
+            "progress": job.progress,
+            "eta_relative": job.eta() or 0.0,
+            "current_image": b64(job.preview) if job.preview else None,
+            "textinfo": None,
+            "state": {
+                "job_count": worker.queue_length() + 1,
+                "sampling_step": job.step,
+                "sampling_steps": job.total_steps,
+                "interrupted": job.cancel_requested.is_set() or job.interrupt_requested.is_set(),
+                "job": job.id,
+            },
+        }
+
+    @router.post("/sdapi/v1/interrupt")
+    async def interrupt() -> dict[str, Any]:
+        """As in AUTOMATIC1111: the running request returns at once with the images as they are."""
+        job = worker.current
+        if job is not None:
+            worker.interrupt(job)
+        return {}
+
+    @router.post("/sdapi/v1/skip")
+    async def skip() -> dict[str, Any]:
+        """AUTOMATIC1111 skips the current image of a batch; a batch here is one sampling run, so skip is
+        interrupt: the request returns with what it has."""
+        return await interrupt()
+
+    @router.get("/sdapi/v1/samplers")
+    async def samplers() -> list[dict[str, Any]]:
+        named = A1111_LABELS
+        return [{"name": named.get(s, s), "aliases": [s], "options": {}} for s in sorted(SAMPLERS)]
+
+    @router.get("/sdapi/v1/sd-models")
+    async def sd_models() -> list[dict[str, Any]]:
+        return [{"title": service.model_title(), "model_name": pipe.name, "hash": pipe.model_hash or None,
+                 "sha256": None, "filename": pipe.name, "config": None}]  # fmt: skip
+
+    @router.get("/sdapi/v1/schedulers")
+    async def schedulers() -> list[dict[str, Any]]:
+        return [{"name": SCHEDULE_TYPE.lower(), "label": SCHEDULE_TYPE, "aliases": ["Automatic"]}]
+
+    @router.get("/sdapi/v1/options")
+    async def options() -> dict[str, Any]:
+        """The few AUTOMATIC1111 options that mean something here (webuiapi reads the model's from them)."""
+        return {
+            "sd_model_checkpoint": service.model_title(),
+            "sd_checkpoint_hash": pipe.model_hash or None,
+        }
+
+    @router.post("/sdapi/v1/options")
+    async def set_options(body: dict[str, Any]) -> dict[str, Any]:
+        """Options may be set only to what they are: this server runs the one model it was started with."""
+        wanted = body.get("sd_model_checkpoint")
+        if wanted not in (None, pipe.name, service.model_title()):
+            raise HTTPException(422, f"this server runs {pipe.name} only (start another for {wanted!r})")
+        others = sorted(set(body) - {"sd_model_checkpoint"})
+        if others:
+            raise HTTPException(422, f"unnoise has no options {', '.join(others)}")
+        return {}
+
+    @router.post("/sdapi/v1/png-info")
+    async def png_info(body: PngInfo) -> dict[str, Any]:
+        """The `parameters` text of a PNG and its fields, as AUTOMATIC1111 answers."""
+        image = await run_in_threadpool(decode_image, body.image, "image")
+        text = image.info.get("parameters", "")
+        items = {"parameters": text} if text else {}
+        try:
+            settings = ImageSettings.from_parameters(text) if text else None
+        except UnnoiseError:
+            settings = None
+        parameters = {} if settings is None else {"Prompt": settings.prompt, "Seed": settings.seed,
+                                                   "Steps": settings.steps, "CFG scale": settings.guidance,
+                                                   "Sampler": a1111_label(settings.sampler)}  # fmt: skip
+        ours = None if settings is None else {
+            "prompt": settings.prompt, "negative_prompt": settings.negative_prompt,
+            "sampler": settings.sampler, "steps": settings.steps, "guidance": settings.guidance,
+            "seed": settings.seed,
+        }  # fmt: skip
+        return {"info": text, "items": items, "parameters": parameters, "settings": ours}
+
+    return router
+
+
+def openai_routes(service: Service) -> APIRouter:
+    """OpenAI's image API, as its official client calls it."""
+    router = APIRouter()
+    pipe = service.pipe
+
+    @router.get("/v1/models")
+    async def openai_models() -> dict[str, Any]:
+        """OpenAI's model list: the one model this server runs."""
+        return {
+            "object": "list",
+            "data": [{"id": pipe.name, "object": "model", "created": 0, "owned_by": "unnoise"}],
+        }
+
+    @router.post("/v1/images/generations")
+    async def openai_images(body: OpenAIImages, http: Request) -> dict[str, Any]:
+        if body.response_format not in (None, "b64_json"):
+            raise HTTPException(400, "only response_format b64_json is supported: this server keeps no files")
+        width = height = None
+        if body.size not in (None, "auto"):
+            try:
+                width, height = (int(v) for v in body.size.lower().split("x"))
+            except ValueError:
+                raise HTTPException(400, f"size {body.size!r} is not WIDTHxHEIGHT (e.g. 1024x1024)") from None
+            if not (1 <= width <= 4096 and 1 <= height <= 4096):
+                raise HTTPException(400, f"size {body.size!r}: each side must be in 1..4096")
+        request = Txt2Img(prompt=body.prompt, batch_size=body.n, width=width, height=height)
+        job = await service.finished(service.submit(job_for(request, pipe)), http)
+        return {"created": int(time.time()), "data": [{"b64_json": b64(png)} for png in service.result(job)]}
+
+    @router.post("/v1/images/edits")
+    async def openai_edits(
+        http: Request,
+        image: Annotated[UploadFile, File()],
+        prompt: Annotated[str, Form(max_length=MAX_PROMPT)],
+        mask: Annotated[UploadFile | None, File()] = None,
+        n: Annotated[int, Form(ge=1, le=MAX_IMAGES)] = 1,
+        size: Annotated[str | None, Form(max_length=16)] = None,
+        response_format: Annotated[str | None, Form(max_length=16)] = None,
+        model: Annotated[str | None, Form(max_length=128)] = None,
+    ) -> dict[str, Any]:
+        """OpenAI's image edit: the transparent part (alpha 0) of `mask`, or of the image when no mask is
+        given, is inpainted to fit the prompt; every other pixel is kept. The answer has the image's size."""
+        if response_format not in (None, "b64_json"):
+            raise HTTPException(400, "only response_format b64_json is supported: this server keeps no files")
+        picture = await run_in_threadpool(decode_bytes, await image.read(MAX_IMAGE_BYTES + 1), "image")
+        source = picture if mask is None else await run_in_threadpool(
+            decode_bytes, await mask.read(MAX_IMAGE_BYTES + 1), "mask"
+        )  # fmt: skip
+        if source.size != picture.size:
+            raise HTTPException(
+                400, f"the mask is {source.width}x{source.height}, the image {picture.width}x{picture.height}"
+            )
+        if "A" not in source.getbands() and "transparency" not in source.info:
+            raise HTTPException(
+                400, "the mask (or the image, without a mask) has no transparent part to edit"
+            )
+        regenerate = source.convert("RGBA").getchannel("A").point(lambda a: 255 if a == 0 else 0)
+        seed = random_seed(-1)
+
+        def edit(pipe: Pipeline, callback) -> list[Image.Image]:
+            return pipe.inpaint(picture, regenerate, prompt, seed=seed, num_images=n, callback=callback)
+
+        job = await service.finished(
+            service.submit(Job("inpaint", edit, total_steps=DEFAULT_STEPS * REPAINT_RESAMPLE, seed=seed)),
+            http,
+        )
+        return {"created": int(time.time()), "data": [{"b64_json": b64(png)} for png in service.result(job)]}
+
+    return router
+
+
+def job_routes(service: Service) -> APIRouter:
+    """/jobs: submit at once (202), then poll, watch (server-sent events) or cancel."""
+    router = APIRouter()
+    pipe, worker = service.pipe, service.worker
+
+    @router.post("/jobs", status_code=202)
+    async def create_job(body: JobRequest) -> dict[str, Any]:
+        job = service.submit(await run_in_threadpool(job_for, body, pipe))  # images decode off the event loop
+        return {**job.summary(), "events": f"/jobs/{job.id}/events"}
+
+    @router.get("/jobs/{job_id}")
+    async def get_job(job_id: str) -> dict[str, Any]:
+        return service.view(service.job(job_id))
+
+    @router.delete("/jobs/{job_id}")
+    async def cancel_job(job_id: str) -> dict[str, Any]:
+        job = service.job(job_id)
+        if job.state not in FINISHED:
+            worker.cancel(job)
+        return job.summary()
+
+    @router.get("/jobs/{job_id}/events")
+    async def job_events(job_id: str, request: Request) -> StreamingResponse:
+        """Server-sent events: `progress` at every step with a preview of x0_hat, then `done`, `failed` or
+        `cancelled` with the results. Any number of clients may watch one job."""
+        job = service.job(job_id)
+
+        async def stream():
+            version = -1
+            while True:
+                if await request.is_disconnected():
+                    return
+                version = await service.changed(job, version, 10.0)
+                if job.state in FINISHED:
+                    yield f"event: {job.state}\ndata: {json.dumps(service.view(job))}\n\n"
+                    return
+                event = {**job.summary(), "preview": b64(job.preview) if job.preview else None}
+                yield f"event: progress\ndata: {json.dumps(event)}\n\n"
+                await asyncio.sleep(0)
+
+        headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+
+    return router
