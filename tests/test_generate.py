@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import unnoise
 from unnoise.diffusion.guidance import cfg
@@ -251,3 +252,44 @@ def test_sizes_other_than_the_models_keep_the_aspect_within_the_pixel_budget(mod
     assert image.size == (24, 16) and "Size: 24x16" in image.info["parameters"]
     with pytest.raises(UnnoiseError, match="must be positive"):
         pipe.size_for(0, 16)
+
+
+def test_edit_inpaint_and_interpolate_commands_write_their_images(model, tmp_path):
+    """The editing commands, run as a user runs them (the tiny model, 2 steps)."""
+    image = tmp_path / "in.png"
+    Image.effect_noise((16, 16), 60).convert("RGB").save(image)
+    mask = tmp_path / "mask.png"
+    m = Image.new("L", (16, 16), 0)
+    m.paste(255, (0, 0, 8, 8))
+    m.save(mask)
+    common = ["--model", str(model), "--steps", "2", "--seed", "3", "--out", str(tmp_path / "out")]
+    for args in (
+        [
+            "edit",
+            str(image),
+            "a red circle",
+            "--strength",
+            "0.5",
+            "--sampler",
+            "ddim",
+            "--sampler-option",
+            "eta=0.5",
+        ],
+        ["inpaint", str(image), str(mask), "a blue square", "--resample", "1"],
+        ["interpolate", "a red circle", "--to-prompt", "a blue square", "--frames", "3"],
+    ):
+        run = unnoise_cli(*args, *common)
+        assert run.returncode == 0, (args, run.stderr)
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == [
+        "edit-3.png",
+        "frame-00.png",
+        "frame-01.png",
+        "frame-02.png",
+        "inpaint-3.png",
+        "sheet.png",
+    ]
+    edited = read_png_parameters(tmp_path / "out" / "edit-3.png")
+    assert (edited.sampler, edited.sampler_options, edited.denoising_strength) == ("ddim", {"eta": 0.5}, 0.5)
+    kept = np.asarray(Image.open(tmp_path / "out" / "inpaint-3.png").convert("RGB"))
+    assert np.array_equal(kept[8:, 8:], np.asarray(Image.open(image))[8:, 8:])

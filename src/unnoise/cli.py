@@ -39,23 +39,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _settings(args: argparse.Namespace) -> dict:
-    """The sampling flags every image command shares, as the Pipeline methods' keywords."""
+def _settings(args: argparse.Namespace):
+    """The sampling flags every image command shares, as checked ImageSettings of the first image: a
+    mistake is named before the model loads."""
     import secrets
 
     from .settings import ImageSettings, sampler_name
 
-    seed = secrets.randbelow(2**31) if args.seed is None else args.seed  # image i: seed + i
-    settings = dict(
+    return ImageSettings(
+        args.prompt or "",
         negative_prompt=args.negative,
         sampler=sampler_name(args.sampler),  # ours or AUTOMATIC1111's label ("Euler a")
         sampler_options=_sampler_options(args.sampler_option),
         steps=args.steps,
         guidance=args.guidance,
-        seed=seed,
-    )
-    ImageSettings(args.prompt or "", **settings).check()  # a mistake is named before the model loads
-    return {**settings, "num_images": args.n}
+        seed=secrets.randbelow(2**31) if args.seed is None else args.seed,  # image i: seed + i
+    ).check()
 
 
 def _load(args: argparse.Namespace, model: str):
@@ -135,7 +134,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         return _generate_from_png(args, read_png_parameters(args.from_png))
     if args.prompt is None:
         raise UnnoiseError("give a PROMPT, or --from-png FILE")
-    settings = _settings(args)
+    s = _settings(args)
     pipe = _load(args, args.model or "shapes-32")
     width, height = pipe.size_for(args.width, args.height)
     if (args.width or width, args.height or height) != (width, height):
@@ -146,7 +145,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     images = _with_progress(
         args.steps,
         lambda callback: pipe.generate(
-            args.prompt,
+            s.prompt,
+            negative_prompt=s.negative_prompt,
+            sampler=s.sampler,
+            sampler_options=s.sampler_options,
+            steps=s.steps,
+            guidance=s.guidance,
+            seed=s.seed,
+            num_images=args.n,
             width=width,
             height=height,
             variation_seed=args.variation_seed,
@@ -154,10 +160,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             mix_prompt=args.mix_prompt,
             prompt_mix=args.prompt_mix,
             callback=callback,
-            **settings,
         ),
     )
-    return _save(images, args.out, [str(settings["seed"] + i) for i in range(len(images))])
+    return _save(images, args.out, [str(s.seed + i) for i in range(len(images))])
 
 
 def _generate_from_png(args: argparse.Namespace, settings) -> int:
@@ -177,55 +182,67 @@ def _generate_from_png(args: argparse.Namespace, settings) -> int:
 
 
 def _cmd_edit(args: argparse.Namespace) -> int:
-
-    settings = _settings(args)
+    s = _settings(args)
     pipe = _load(args, args.model or "shapes-32")
     images = _with_progress(
         round(args.steps * args.strength),
         lambda callback: pipe.edit(
             args.image,
-            args.prompt,
+            s.prompt,
             strength=args.strength,
             resize_back=not args.model_size,
+            negative_prompt=s.negative_prompt,
+            sampler=s.sampler,
+            sampler_options=s.sampler_options,
+            steps=s.steps,
+            guidance=s.guidance,
+            seed=s.seed,
+            num_images=args.n,
             callback=callback,
-            **settings,
         ),
     )
-    return _save(images, args.out, [f"edit-{settings['seed'] + i}" for i in range(len(images))])
+    return _save(images, args.out, [f"edit-{s.seed + i}" for i in range(len(images))])
 
 
 def _cmd_inpaint(args: argparse.Namespace) -> int:
-    from .settings import REPAINT_RESAMPLE
+    from .settings import REPAINT_JUMP, REPAINT_RESAMPLE
 
-    settings = _settings(args)
+    s = _settings(args)
     pipe = _load(args, args.model or "shapes-32")
     images = _with_progress(
         round(args.steps * args.strength) * (args.resample or REPAINT_RESAMPLE),
         lambda callback: pipe.inpaint(
             args.image,
             args.mask,
-            args.prompt,
+            s.prompt,
             strength=args.strength,
             feather=args.feather,
             area=args.area,
             padding=args.padding,
+            jump=REPAINT_JUMP if args.jump is None else args.jump,
+            resample=REPAINT_RESAMPLE if args.resample is None else args.resample,
+            negative_prompt=s.negative_prompt,
+            sampler=s.sampler,
+            sampler_options=s.sampler_options,
+            steps=s.steps,
+            guidance=s.guidance,
+            seed=s.seed,
+            num_images=args.n,
             callback=callback,
-            **_repaint(args),
-            **settings,
         ),
     )
-    return _save(images, args.out, [f"inpaint-{settings['seed'] + i}" for i in range(len(images))])
+    return _save(images, args.out, [f"inpaint-{s.seed + i}" for i in range(len(images))])
 
 
 def _cmd_interpolate(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    s = _settings(args)
     pipe = _load(args, args.model or "shapes-32")
-    del settings["num_images"]
 
     def strip(callback):
         return pipe.interpolate(
-            args.prompt, to_prompt=args.to_prompt, to_seed=args.to_seed, frames=args.frames,
-            callback=callback, **settings,
+            s.prompt, to_prompt=args.to_prompt, seed=s.seed, to_seed=args.to_seed, frames=args.frames,
+            negative_prompt=s.negative_prompt, sampler=s.sampler, sampler_options=s.sampler_options,
+            steps=s.steps, guidance=s.guidance, callback=callback,
         )  # fmt: skip
 
     frames = _with_progress(args.steps, strip)  # the frames are one batch: one pass of the sampler
@@ -275,7 +292,8 @@ def _cmd_eval_inpaint(args: argparse.Namespace) -> int:
         area=args.area,
         seed=args.seed,
         device=args.device,
-        **_repaint(args),
+        jump=args.jump,
+        resample=args.resample,
     )
     print(table(report))
     return _write_report(report, args.report)
@@ -327,10 +345,6 @@ def add_repaint_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--resample", type=int, default=None, help="RePaint: runs of each block (default 5; 1 = off)"
     )
-
-
-def _repaint(args: argparse.Namespace) -> dict:
-    return {name: getattr(args, name) for name in ("jump", "resample") if getattr(args, name) is not None}
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, *, count: bool = True) -> None:

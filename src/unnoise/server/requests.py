@@ -21,6 +21,7 @@ from ..settings import (
     REPAINT_RESAMPLE,
     SCHEDULE_TYPE,
     SCHEDULE_TYPES,
+    ImageSettings,
     sampler_name,
 )
 from .jobs import Job
@@ -170,46 +171,49 @@ def job_for(body: Txt2Img, pipe: Pipeline) -> Job:
             422,
             f"unknown scheduler {body.scheduler!r}: unnoise samples on Karras' schedule ({SCHEDULE_TYPE})",
         )
-    settings: dict[str, Any] = dict(
-        prompt=body.prompt,
+    s = ImageSettings(  # the first image's: checked here, so a mistake is a 422 before the queue
+        body.prompt,
         negative_prompt=body.negative_prompt,
         sampler=our_sampler(body.sampler_name or body.sampler_index),
         steps=body.steps,
         guidance=body.cfg_scale,
         seed=random_seed(body.seed),
-        num_images=count,
     )
+    try:
+        s.check()
+    except UnnoiseError as error:
+        raise HTTPException(422, str(error)) from None
     init = getattr(body, "init_images", None)
     if not init:
         width, height = pipe.size_for(body.width, body.height)
-        settings.update(width=width, height=height)
         asked = (body.width or pipe.resolution, body.height or pipe.resolution)
         notes = {}
         if asked != (width, height):
             notes["size"] = (
                 f"asked for {asked[0]}x{asked[1]}; made {width}x{height}: at most {pipe.size_note()}"
             )
-        if body.subseed_strength > 0:
-            settings.update(
-                variation_seed=random_seed(body.subseed), variation_strength=body.subseed_strength
-            )
-        return Job(
-            "generate",
-            lambda pipe, callback: pipe.generate(**settings, callback=callback),
-            total_steps=body.steps,
-            seed=settings["seed"],
-            notes=notes,
-        )
+        variation_seed = random_seed(body.subseed) if body.subseed_strength > 0 else None
+
+        def generate(pipe: Pipeline, callback) -> list[Image.Image]:
+            return pipe.generate(
+                s.prompt, negative_prompt=s.negative_prompt, sampler=s.sampler, steps=s.steps,
+                guidance=s.guidance, seed=s.seed, num_images=count, width=width, height=height,
+                variation_seed=variation_seed, variation_strength=body.subseed_strength, callback=callback,
+            )  # fmt: skip
+
+        return Job("generate", generate, total_steps=body.steps, seed=s.seed, notes=notes)
     image = decode_image(init[0], "init image")
     strength = body.denoising_strength
     steps = max(1, round(body.steps * strength))
     if body.mask is None:
-        return Job(
-            "edit",
-            lambda pipe, callback: pipe.edit(image, strength=strength, **settings, callback=callback),
-            total_steps=steps,
-            seed=settings["seed"],
-        )
+
+        def edit(pipe: Pipeline, callback) -> list[Image.Image]:
+            return pipe.edit(
+                image, s.prompt, strength=strength, negative_prompt=s.negative_prompt, sampler=s.sampler,
+                steps=s.steps, guidance=s.guidance, seed=s.seed, num_images=count, callback=callback,
+            )  # fmt: skip
+
+        return Job("edit", edit, total_steps=steps, seed=s.seed)
     mask = decode_image(body.mask, "mask")
     if getattr(body, "inpainting_mask_invert", 0):
         mask = ImageOps.invert(mask.convert("L"))
@@ -222,12 +226,13 @@ def job_for(body: Txt2Img, pipe: Pipeline) -> Job:
 
     def inpaint(pipe: Pipeline, callback) -> list[Image.Image]:
         return pipe.inpaint(
-            image, mask, strength=strength, feather=feather, area=area, padding=padding, **settings,
-            callback=callback,
+            image, mask, s.prompt, strength=strength, feather=feather, area=area, padding=padding,
+            negative_prompt=s.negative_prompt, sampler=s.sampler, steps=s.steps, guidance=s.guidance,
+            seed=s.seed, num_images=count, callback=callback,
         )  # fmt: skip
 
     # RePaint runs each block again
-    return Job("inpaint", inpaint, total_steps=steps * REPAINT_RESAMPLE, seed=settings["seed"])
+    return Job("inpaint", inpaint, total_steps=steps * REPAINT_RESAMPLE, seed=s.seed)
 
 
 def b64(png: bytes) -> str:
