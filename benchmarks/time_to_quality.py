@@ -174,12 +174,12 @@ def write(results: dict, args, steps: int) -> None:
         p = r["positions"]
         h, v = p["horizontal"], p["vertical"]
         ph, pv = p.get("placement_horizontal", float("nan")), p.get("placement_vertical", float("nan"))
-        ratio = r["overall"] / base["overall"] if base["overall"] else float("nan")
+        ratio = f"{r['overall'] / base['overall']:.2f}" if base["overall"] else "n/a (baseline 0%)"
         lines.append(
             f"| {name} | {RECIPES[name][0]} | {r['train_s'] / 60:.1f} min | {r['images_per_s']:.1f} |"
             f" {r['loss']:.4f} | {c['single']:.0%} | {c['two_objects']:.0%} | {c['counting']:.0%} |"
             f" {c['binding']:.0%} | {r['overall']:.0%} | {h:.0%} | {v:.0%} | {ph:.0%} | {pv:.0%} |"
-            f" {ratio:.2f} |"
+            f" {ratio} |"
         )
     threads = (
         f"{os.cpu_count() // len(results)} per recipe, in parallel"
