@@ -235,7 +235,7 @@ def test_run_shapes_eval_generates_through_the_pipeline(monkeypatch):
             seen.append((seed, num_images, steps, sampler, guidance))
             return rendering_generator(32)(prompt, seed, num_images)
 
-    monkeypatch.setattr("unnoise.pipeline.load", lambda path: FakePipeline())
+    monkeypatch.setattr("unnoise.pipeline.load", lambda path, device="auto": FakePipeline())
     report = shapes_eval.run_shapes_eval("some/model", samples_per_prompt=1, steps=7, seed=3)
     assert set(seen) == {(3, 1, 7, "dpmpp_2m", 3.0)}
     assert report.overall >= 0.99
@@ -247,7 +247,7 @@ def test_a_quick_look_takes_the_first_prompts_of_each_category(monkeypatch):
         def generate(self, prompt, *, seed, num_images, steps, sampler, guidance):
             return rendering_generator(32)(prompt, seed, num_images)
 
-    monkeypatch.setattr("unnoise.pipeline.load", lambda path: FakePipeline())
+    monkeypatch.setattr("unnoise.pipeline.load", lambda path, device="auto": FakePipeline())
     report = shapes_eval.run_shapes_eval("some/model", samples_per_prompt=1, prompts_per_category=2)
     chosen = [r.spec for r in report.results]
     assert chosen == [s for c in CATEGORIES for s in [t for t in prompt_set() if t.category == c][:2]]
