@@ -13,3 +13,18 @@ def mixture():
 
 def seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def run_cli(*args: str):
+    """`unnoise ARGS` in this process (no interpreter start-up per call): its exit code, stdout, stderr.
+    An exception the CLI does not turn into a message propagates, so a traceback fails the test."""
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    from unnoise.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from unnoise.cli import main
 
+from .conftest import run_cli
+
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "unnoise"
 
 
@@ -98,11 +100,7 @@ def test_train_reports_bad_input_without_a_traceback(tmp_path):
         (["--resolution", "30"], "not a multiple of the UNet's stride 4"),
     ]
     for args, message in cases:
-        run = subprocess.run(
-            [sys.executable, "-m", "unnoise", "train", "--out", str(tmp_path / "run"), *args],
-            capture_output=True,
-            text=True,
-        )
+        run = run_cli("train", "--out", str(tmp_path / "run"), *args)
         assert run.returncode == 2, (args, run.stderr)
         assert message in run.stderr and "Traceback" not in run.stderr, (args, run.stderr)
 
@@ -111,11 +109,7 @@ def test_resume_names_a_damaged_run_config(tmp_path):
     """Issue 12: a truncated config.json, or one that holds a list, was a traceback."""
     for text, message in (('{"steps": 1', "is not valid JSON"), ("[1, 2]", "holds a list")):
         (tmp_path / "config.json").write_text(text)
-        run = subprocess.run(
-            [sys.executable, "-m", "unnoise", "train", "--out", str(tmp_path), "--resume"],
-            capture_output=True,
-            text=True,
-        )
+        run = run_cli("train", "--out", str(tmp_path), "--resume")
         assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
 
 

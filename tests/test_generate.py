@@ -16,6 +16,8 @@ from unnoise.settings import ImageSettings
 from unnoise.train.config import TrainConfig
 from unnoise.train.loop import train
 
+from .conftest import run_cli
+
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
@@ -199,8 +201,8 @@ def test_a_config_that_asks_for_a_huge_network_is_refused_before_any_allocation(
             unnoise.load(folder)
 
 
-def unnoise_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "unnoise", *args], capture_output=True, text=True)
+def unnoise_cli(*args: str):
+    return run_cli(*args)
 
 
 def test_the_cli_never_overwrites_an_earlier_image(model, tmp_path):
@@ -230,11 +232,9 @@ def test_the_cli_never_overwrites_an_earlier_image(model, tmp_path):
 def test_cli_mistakes_are_named_before_the_model_loads(tmp_path, flags, message):
     """Issue 13: `--out README.md` ran every step and then failed; a misspelt sampler failed after loading."""
     (tmp_path / "README.md").write_text("a file")
-    run = subprocess.run(
-        [sys.executable, "-m", "unnoise", "generate", "x", "--model", str(tmp_path / "no-model"), *flags],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
+    flags = [str(tmp_path / f) if f == "README.md" else f for f in flags]
+    run = run_cli(
+        "generate", "x", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "o"), *flags
     )
     assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
     assert "no model" not in run.stderr  # named before the (missing) model would have been looked for
