@@ -159,16 +159,31 @@ def cases() -> list[tuple[str, str, str, dict]]:
             {"content": b"{" + b" " * (25 * 2**20) + b"}", "headers": {"content-type": "application/json"}},
         ),
         (
-            "Content-Length that lies",
-            "POST",
-            "/sdapi/v1/txt2img",
-            {"content": b'{"prompt": "x"}', "headers": {"content-length": "abc"}},
+            "Content-Length that is not a number",
+            "RAW",
+            "",
+            {"raw": b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: abc\r\n\r\n{}"},
         ),
     ]
 
 
+def send_raw(url: str, data: bytes) -> int | str:
+    """Bytes a client library would refuse to write, straight onto a socket; the status the server sends."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(data)
+        reply = s.recv(4096)
+    status = reply.split(b" ", 2)[1:2]
+    return int(status[0]) if status and status[0].isdigit() else "lost: no status line"
+
+
 def send(url: str, case) -> tuple[str, int | str]:
     name, method, path, options = case
+    if method == "RAW":
+        try:
+            return name, send_raw(url, options["raw"])
+        except OSError as error:
+            return name, f"lost: {type(error).__name__}"
     try:
         return name, httpx.request(method, url + path, timeout=60, **options).status_code
     except httpx.HTTPError as error:
