@@ -49,23 +49,26 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
 }
 
 
-def train_command(name: str, flags: list[str], steps: int, workdir: Path) -> list[str] | None:
+def train_command(
+    name: str, flags: list[str], steps: int, workdir: Path, every: int | None = None
+) -> list[str] | None:
     """The command that trains (or resumes) one recipe, None when its run is complete."""
     out = workdir / name
     done = out / "model" / "config.json"
     if done.is_file() and json.loads(done.read_text())["training"]["steps"] >= steps:
         return None
     command = [sys.executable, "-m", "unnoise", "train", *COMMON, *flags, "--steps", str(steps)]
-    command += ["--out", str(out), "--checkpoint-every", str(max(1, steps // 8)), "--sample-every", "0"]
+    every = every or max(1, steps // 8)
+    command += ["--out", str(out), "--checkpoint-every", str(every), "--sample-every", "0"]
     if any(out.glob("state-*")):
         command.append("--resume")
     return command
 
 
-def train_all(names: list[str], steps: int, workdir: Path, parallel: bool) -> None:
+def train_all(names: list[str], steps: int, workdir: Path, parallel: bool, every: int | None = None) -> None:
     """One process per recipe: one after another with every core, or all at once with a core share each
     (two torch processes that both use every core slow each other down many times over)."""
-    commands = [c for n in names if (c := train_command(n, RECIPES[n][1], steps, workdir))]
+    commands = [c for n in names if (c := train_command(n, RECIPES[n][1], steps, workdir, every))]
     threads = max(1, (os.cpu_count() or 1) // len(commands)) if parallel and commands else None
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
     running = []
@@ -130,6 +133,9 @@ def main() -> None:
     parser.add_argument(
         "--parallel", action="store_true", help="train the recipes at once, each on its share of the cores"
     )
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=None, help="steps (default: an eighth of the run)"
+    )
     args = parser.parse_args()
     if args.report_only:
         saved = json.loads(Path(args.out + ".json").read_text())
@@ -146,7 +152,7 @@ def main() -> None:
         sys.exit(f"unknown recipes {unknown}; known: {', '.join(RECIPES)}")
     steps = args.images // BATCH
     workdir = Path(args.workdir)
-    train_all(names, steps, workdir, args.parallel)
+    train_all(names, steps, workdir, args.parallel, args.checkpoint_every)
     results = {name: summary(name, workdir) for name in names}
     for name in names:
         results[name] |= judge(workdir / name / "model", args.prompts, args.samples, args.cell_samples)
