@@ -16,9 +16,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .diffusion.samplers import DEFAULT_SAMPLER  # written once, beside the samplers
 from .errors import UnnoiseError
 
-DEFAULT_SAMPLER = "dpmpp_2m"
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 3.0  # classifier-free guidance: uncond + w (cond - uncond); 1 is no guidance
 # RePaint's default for inpainting: blocks of 2 steps, each run 5 times. On shapes-32 it took InpaintEval

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..errors import UnnoiseError
-from .samplers import check_sigmas, get_sampler
+from .samplers import DEFAULT_SAMPLER, check_sigmas, get_sampler
 from .tensors import Generators, append_dims, randn_like
 
 
@@ -44,7 +44,7 @@ def img2img(
     sigmas: torch.Tensor,
     *,
     strength: float,
-    sampler: str = "dpmpp_2m",
+    sampler: str = DEFAULT_SAMPLER,
     cond: Any = None,
     generator: Generators = None,
     callback=None,
@@ -99,7 +99,7 @@ def inpaint(
     sigmas: torch.Tensor,
     *,
     strength: float = 1.0,
-    sampler: str = "dpmpp_2m",
+    sampler: str = DEFAULT_SAMPLER,
     cond: Any = None,
     generator: Generators = None,
     callback=None,

@@ -38,6 +38,7 @@ class Step(NamedTuple):
 Denoiser = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 Callback = Callable[[Step], None] | None
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {}
+DEFAULT_SAMPLER = "dpmpp_2m"  # the one place it is written: settings.py, the CLI and the server take it
 STOCHASTIC: set[str] = set()  # samplers that draw fresh noise with their default options
 
 
@@ -112,7 +113,7 @@ def sample(
     noise: torch.Tensor,
     sigmas: torch.Tensor,
     *,
-    sampler: str = "dpmpp_2m",
+    sampler: str = DEFAULT_SAMPLER,
     cond: Any = None,
     generator: Generators = None,
     callback: Callback = None,
