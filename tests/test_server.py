@@ -593,3 +593,18 @@ def test_the_official_openai_client_edits_an_image(server):
     assert not np.array_equal(out[:20, :20], src[:20, :20])
     with pytest.raises(openai.BadRequestError, match="no transparent part"):
         api.images.edit(image=files["image"], prompt="x")
+
+
+def test_a_request_past_the_deadline_is_a_503_and_frees_the_worker(pipe):
+    """Issue 12: under a competing CPU-bound process there was no deadline, so clients waited for ever."""
+    port = free_port()
+    running = Server(create_app(pipe, port=port, queue_size=4, deadline=1.0), port)
+    try:
+        with httpx.Client(base_url=running.url, timeout=60) as c:
+            reply = c.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 200, "batch_size": 8})
+            assert reply.status_code == 503 and "deadline of 1 s" in reply.json()["error"], reply.text
+            assert reply.headers["retry-after"] == "30"
+            assert wait_until(lambda: not c.get("/health").json()["busy"])
+            assert c.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1}).status_code == 200
+    finally:
+        running.stop()

@@ -310,6 +310,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         queue_size=args.queue_size,
         allowed_hosts=tuple(args.allow_host),
         device=args.device,
+        deadline=args.deadline,
     )
     return 0
 
@@ -511,6 +512,12 @@ def build_parser() -> argparse.ArgumentParser:
         " which `ps` does not show",
     )
     p.add_argument("--queue-size", type=int, default=16, help="requests that may wait; more get HTTP 429")
+    p.add_argument(
+        "--deadline",
+        type=float,
+        default=300.0,
+        help="seconds a request may take, queue included; later it is a 503 with Retry-After (default 300)",
+    )
     p.add_argument(
         "--allow-host",
         action="append",

@@ -29,7 +29,7 @@ from ..settings import (
     DEFAULT_SAMPLER,
     DEFAULT_STEPS,
 )
-from .jobs import INTERNAL_ERROR, Worker, log
+from .jobs import DEFAULT_DEADLINE, INTERNAL_ERROR, Worker, log
 from .requests import MAX_BODY, MAX_IMAGES, MAX_STEPS
 from .routes import a1111_routes, job_routes, openai_routes
 from .security import Guard
@@ -46,10 +46,11 @@ def create_app(
     api_key: str | None = None,
     queue_size: int = 16,
     allowed_hosts: tuple[str, ...] = (),
+    deadline: float = DEFAULT_DEADLINE,
 ) -> FastAPI:
     """The application for a loaded Pipeline, or for a function that loads one (`serve` passes one, so the
     model is loaded on the worker's thread, see jobs.Worker)."""
-    worker = Worker(model, queue_size=queue_size)
+    worker = Worker(model, queue_size=queue_size, deadline=deadline)
     pipe = worker.wait_ready()
 
     @contextlib.asynccontextmanager
@@ -135,6 +136,7 @@ def serve(
     queue_size: int,
     allowed_hosts: tuple[str, ...] = (),
     device: str = "auto",
+    deadline: float = DEFAULT_DEADLINE,
 ) -> None:
     """`unnoise serve`: load the model and run uvicorn until interrupted."""
     import uvicorn
@@ -147,6 +149,8 @@ def serve(
         raise UnnoiseError(f"--port must be in 1..65535, got {port}")
     if queue_size < 1:
         raise UnnoiseError(f"--queue-size must be at least 1, got {queue_size}")
+    if not deadline > 0:
+        raise UnnoiseError(f"--deadline must be a positive number of seconds, got {deadline}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     app = create_app(
         lambda: load(model, device=device),
@@ -155,6 +159,7 @@ def serve(
         api_key=api_key,
         queue_size=queue_size,
         allowed_hosts=allowed_hosts,
+        deadline=deadline,
     )
     print(f"unnoise: serving {app.state.worker.pipe.name} on http://{host}:{port}/ (API docs at /docs)")
     # one line a request comes from our access log (security.Guard), with the duration; not uvicorn's

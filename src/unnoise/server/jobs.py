@@ -44,6 +44,13 @@ class SamplingInterruptedError(Exception):
         self.denoised = denoised  # (N, 3, H, W): the denoiser's current estimate of every image
 
 
+class DeadlineError(Exception):
+    """Raised inside the sampler's callback when a job has outlived the server's deadline."""
+
+
+DEFAULT_DEADLINE = 300.0  # seconds; under a competing CPU-bound process a job may slow down many times
+
+
 class QueueFullError(Exception):
     def __init__(self, retry_after: int):
         super().__init__(f"the queue is full; retry in {retry_after} s")
@@ -66,6 +73,7 @@ class Job:
     images: list[bytes] = field(default_factory=list)
     error: str | None = None
     internal: bool = False  # the failure was a bug of ours, not the request's mistake
+    timed_out: bool = False  # it outlived the server's deadline
     created: float = field(default_factory=time.time)
     started: float | None = None
     finished: float | None = None
@@ -123,7 +131,14 @@ class Job:
 class Worker:
     """Runs jobs one at a time on a thread; at most `queue_size` wait; the last `keep` jobs are kept."""
 
-    def __init__(self, model: Pipeline | Callable[[], Pipeline], *, queue_size: int = 16, keep: int = 256):
+    def __init__(
+        self,
+        model: Pipeline | Callable[[], Pipeline],
+        *,
+        queue_size: int = 16,
+        keep: int = 256,
+        deadline: float = DEFAULT_DEADLINE,
+    ):
         """`model` is a loaded Pipeline, or a function that loads one, which then runs on the worker's
         thread: PyTorch's CPU kernels run about 2x slower in a thread when another thread has run them
         too (two OpenMP thread pools on the cores), so the server keeps every tensor op on this thread."""
@@ -133,6 +148,7 @@ class Worker:
         self.load_error: str | None = None
         self.waiting: queue.Queue[Job] = queue.Queue()  # bounded by counting the jobs still queued
         self.queue_size = queue_size
+        self.deadline = deadline  # seconds from a job's submission to its end, queue included
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.keep = keep
         self.current: Job | None = None
@@ -197,6 +213,11 @@ class Worker:
             job = self.waiting.get()
             if job.state == "cancelled":
                 continue
+            if self.past_deadline(job):  # it waited its whole deadline in the queue
+                job.update(
+                    state="failed", error=self.deadline_message(), timed_out=True, finished=time.time()
+                )
+                continue
             self.current = job
             try:
                 self._run(job)
@@ -215,6 +236,9 @@ class Worker:
         except CancelledError:
             job.update(state="cancelled", finished=time.time())
             return
+        except DeadlineError:
+            job.update(state="failed", error=self.deadline_message(), timed_out=True, finished=time.time())
+            return
         except UnnoiseError as error:  # the request's mistake: the client gets the message
             job.update(state="failed", error=str(error), finished=time.time())
             return
@@ -228,11 +252,21 @@ class Worker:
         took = job.finished - job.started
         self.seconds_per_job = 0.8 * self.seconds_per_job + 0.2 * took
 
-    @staticmethod
-    def _reporter(job: Job):
+    def past_deadline(self, job: Job) -> bool:
+        return time.time() - job.created > self.deadline
+
+    def deadline_message(self) -> str:
+        return (
+            f"the request took longer than the server's deadline of {self.deadline:g} s (the machine is busy:"
+            " retry later, or ask for fewer steps or images)"
+        )
+
+    def _reporter(self, job: Job):
         def report(step) -> None:
             if job.cancel_requested.is_set():
                 raise CancelledError
+            if self.past_deadline(job):
+                raise DeadlineError
             if job.interrupt_requested.is_set():
                 raise SamplingInterruptedError(step.denoised)
             preview = png_bytes(to_pil(step.denoised[:1])[0])  # (1, 3, R, R) -> the first image's x0_hat

@@ -49,7 +49,9 @@ class Service:
     def result(job: Job) -> list[bytes]:
         """A finished job's PNGs, or the error it ended with: 422 the request's, 500 ours, 409 cancelled."""
         if job.state == "failed":
-            raise HTTPException(500 if job.internal else 422, job.error or "the job failed")
+            status = 503 if job.timed_out else 500 if job.internal else 422
+            headers = {"Retry-After": "30"} if job.timed_out else None
+            raise HTTPException(status, job.error or "the job failed", headers=headers)
         if job.state == "cancelled":
             raise HTTPException(409, "the job was interrupted")
         return job.images
