@@ -294,6 +294,7 @@ def _cmd_eval_inpaint(args: argparse.Namespace) -> int:
         device=args.device,
         jump=args.jump,
         resample=args.resample,
+        progress=True,
     )
     print(table(report))
     return _write_report(report, args.report)

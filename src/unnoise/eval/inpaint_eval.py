@@ -126,7 +126,10 @@ def run_inpaint_eval(
     area: str = "whole",
     seed: int = 0,
     device: str = "auto",
+    progress: bool = False,
 ) -> dict[str, Any]:
+    from tqdm import tqdm
+
     from ..pipeline import load
     from ..settings import REPAINT_JUMP, REPAINT_RESAMPLE
 
@@ -134,13 +137,18 @@ def run_inpaint_eval(
     jump = REPAINT_JUMP if jump is None else jump
     resample = REPAINT_RESAMPLE if resample is None else resample
 
-    def edit(image: Image.Image, mask: Image.Image, prompt: str, image_seed: int, n: int):
-        options = dict(
-            steps=steps, sampler=sampler, guidance=guidance, jump=jump, resample=resample, area=area
-        )
-        return pipe.inpaint(image, mask, prompt, seed=image_seed, num_images=n, **options)
+    trials = inpaint_trials(pipe.resolution)
+    bar = tqdm(total=len(trials), unit="trial", disable=not progress, leave=False)
 
-    report = evaluate_inpainting(edit, inpaint_trials(pipe.resolution), samples, seed=seed)
+    def edit(image: Image.Image, mask: Image.Image, prompt: str, image_seed: int, n: int):
+        bar.update(1)
+        return pipe.inpaint(
+            image, mask, prompt, seed=image_seed, num_images=n, steps=steps, sampler=sampler,
+            guidance=guidance, jump=jump, resample=resample, area=area,
+        )  # fmt: skip
+
+    with bar:
+        report = evaluate_inpainting(edit, trials, samples, seed=seed)
     report["settings"] = dict(
         model=str(model_path), samples=samples, sampler=sampler, steps=steps, guidance=guidance,
         jump=jump, resample=resample, area=area, seed=seed,
