@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,12 +21,7 @@ import time
 from pathlib import Path
 
 import httpx
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from servers import free_port, wait_healthy
 
 
 def library_rate(steps: int, seconds: float) -> float:
@@ -99,12 +93,7 @@ def main() -> int:
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy()
     )
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        wait_healthy(url)
         started = time.perf_counter()
         log = asyncio.run(load(url, args.clients, args.seconds, args.steps))
         elapsed = time.perf_counter() - started

@@ -98,6 +98,7 @@ def test_train_reports_bad_input_without_a_traceback(tmp_path):
         (["--lr", "nan"], "--lr must be a positive number"),
         (["--resolution", "100000"], "--resolution must be in 16..1024"),
         (["--resolution", "30"], "not a multiple of the UNet's stride 4"),
+        (["--sigma-p-mean", "nan"], "--sigma-p-mean must be a finite number"),
     ]
     for args, message in cases:
         run = run_cli("train", "--out", str(tmp_path / "run"), *args)

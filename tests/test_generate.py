@@ -293,3 +293,11 @@ def test_edit_inpaint_and_interpolate_commands_write_their_images(model, tmp_pat
     assert (edited.sampler, edited.sampler_options, edited.denoising_strength) == ("ddim", {"eta": 0.5}, 0.5)
     kept = np.asarray(Image.open(tmp_path / "out" / "inpaint-3.png").convert("RGB"))
     assert np.array_equal(kept[8:, 8:], np.asarray(Image.open(image))[8:, 8:])
+
+
+def test_eval_names_an_unusable_image_folder_before_drawing(tmp_path):
+    (tmp_path / "taken").write_text("a file")
+    run = run_cli(
+        "eval", "shapes", "--model", str(tmp_path / "no-model"), "--save-images", str(tmp_path / "taken")
+    )
+    assert run.returncode == 2 and "is a file" in run.stderr and "no model" not in run.stderr, run.stderr

@@ -71,13 +71,13 @@ def _output_folder(out: str) -> Path:
 
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
-        raise UnnoiseError(f"--out {out} is a file; --out names a folder for the PNGs")
+        raise UnnoiseError(f"{out} is a file; a folder for the PNGs is needed there")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise UnnoiseError(f"--out {out}: cannot make the folder ({error.strerror})") from None
+        raise UnnoiseError(f"{out}: cannot make the folder ({error.strerror})") from None
     if not os.access(folder, os.W_OK):
-        raise UnnoiseError(f"--out {out}: the folder is not writable")
+        raise UnnoiseError(f"{out}: the folder is not writable")
     return folder
 
 
@@ -263,6 +263,9 @@ def _write_report(report: dict, where: str) -> int:
 
 def _cmd_eval_shapes(args: argparse.Namespace) -> int:
     from .eval.shapes_eval import run_shapes_eval
+
+    if args.save_images:
+        _output_folder(args.save_images)  # a folder that cannot be made is named before any image is drawn
 
     report = run_shapes_eval(
         args.model,

@@ -96,8 +96,13 @@ def read_release_config(folder: Path) -> dict:
 def load_release(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(float32 state dict, config) of a release folder, checked against the checksum in its config."""
     config = read_release_config(folder)
+    return release_weights(folder, config), config
+
+
+def release_weights(folder: Path, config: dict) -> dict[str, torch.Tensor]:
+    """The release's weights as float32, checked against the checksum in its config."""
     tensors = load_tensors(Path(folder) / "model.safetensors", config.get("weights_sha256"))
-    return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, config
+    return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
 
 
 def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -156,7 +161,6 @@ def load_network(folder: Path) -> tuple[torch.nn.Module, dict]:
             f"{folder}: the weights do not match config.json ({name}: the config makes"
             f" {expected.get(name, 'nothing')}, the weights hold {found.get(name, 'nothing')})"
         )
-    weights, config = load_release(folder)
     network = network.to_empty(device="cpu")
-    network.load_state_dict(weights)
+    network.load_state_dict(release_weights(folder, config))
     return network, config

@@ -6,11 +6,46 @@ pixels and cross-attention from pixels to text tokens differ only in where keys 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class NetworkConfigBase:
+    """What every network config (a frozen dataclass with a `kind`) shares: its release JSON and back."""
+
+    kind: ClassVar[str]
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        """Known fields only (a release may carry more); JSON lists back to the tuples they were."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names})
+
+
+@functools.cache
+def sincos_positions(rows: int, cols: int, dim: int) -> torch.Tensor:
+    """(rows * cols, dim) fixed 2-D positions: half the channels encode the row, half the column, each
+    as sines and cosines at dim / 4 geometric frequencies (periods 2 pi to 2 pi 10^4 patches). Cached per
+    size, so every forward reads the same tensor: never write to it."""
+    quarter = dim // 4
+    freqs = 1e-4 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (dim/4,)
+
+    def encode(coordinate: torch.Tensor) -> torch.Tensor:
+        angles = coordinate[:, None] * freqs[None]  # (n, dim/4)
+        return torch.cat([angles.sin(), angles.cos()], dim=1)  # (n, dim/2)
+
+    with torch.inference_mode(False):  # a cached tensor made under inference mode could not train later
+        y, x = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+        return torch.cat([encode(y.flatten().double()), encode(x.flatten().double())], dim=1).float()
 
 
 def group_norm(channels: int) -> nn.GroupNorm:

@@ -12,18 +12,18 @@ On a CPU the work is nearly all matrix multiplies, which run 3x faster in bf16 h
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Attention, NoiseEmbedding, TextRefiner, zero_init
+from .layers import Attention, NetworkConfigBase, NoiseEmbedding, TextRefiner, sincos_positions, zero_init
 
 
 @dataclass(frozen=True)
-class TransformerConfig:
+class TransformerConfig(NetworkConfigBase):
     """The transformer's shape. The image becomes (resolution / patch)^2 tokens of `width` channels."""
 
     kind: ClassVar[str] = "transformer"
@@ -50,29 +50,8 @@ class TransformerConfig:
         """Image sides must be multiples of the patch."""
         return self.patch
 
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, **asdict(self)}
-
-    @classmethod
-    def from_dict(cls, values: dict) -> TransformerConfig:
-        return cls(**{k: v for k, v in values.items() if k in {f.name for f in fields(cls)}})
-
     def build(self) -> DiffusionTransformer:
         return DiffusionTransformer(self)
-
-
-def sincos_positions(rows: int, cols: int, dim: int) -> torch.Tensor:
-    """(rows * cols, dim) fixed 2-D positions: half the channels encode the row, half the column, each
-    as sines and cosines at dim / 4 geometric frequencies (periods 2 pi to 2 pi 10^4 patches)."""
-    quarter = dim // 4
-    freqs = 1e-4 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (dim/4,)
-
-    def encode(coordinate: torch.Tensor) -> torch.Tensor:
-        angles = coordinate[:, None] * freqs[None]  # (n, dim/4)
-        return torch.cat([angles.sin(), angles.cos()], dim=1)  # (n, dim/2)
-
-    y, x = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
-    return torch.cat([encode(y.flatten().double()), encode(x.flatten().double())], dim=1).float()
 
 
 def modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

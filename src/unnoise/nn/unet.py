@@ -8,28 +8,30 @@ self-attention and cross-attention to the text tokens. The network knows nothing
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..text.encoders import TextEmbedding, masked_mean
 from .layers import (
     Downsample,
+    NetworkConfigBase,
     NoiseEmbedding,
     ResBlock,
     TextRefiner,
     TransformerBlock,
     Upsample,
     group_norm,
+    sincos_positions,
     zero_init,
 )
-from .transformer import sincos_positions
 
 
 @dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(NetworkConfigBase):
     """The network's shape. Level i works at resolution / 2^i with channels * channel_mult[i] channels."""
 
     kind: ClassVar[str] = "unet"
@@ -59,19 +61,8 @@ class UNetConfig:
         """Image sides must be multiples of this (one halving per level below the first)."""
         return 2 ** (len(self.channel_mult) - 1)
 
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, **asdict(self)}
-
     def build(self) -> UNet:
         return UNet(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> UNetConfig:
-        known = {k: v for k, v in values.items() if k in {f.name for f in fields(cls)}}
-        for key in ("channel_mult", "attention_levels", "self_attention_levels"):
-            if key in known:
-                known[key] = tuple(known[key])
-        return cls(**known)
 
 
 class UNet(nn.Module):
@@ -165,21 +156,12 @@ class UNet(nn.Module):
                 h = self._run(layers, torch.cat([h, skips.pop()], dim=1), emb, text)
         return self.out(F.silu(self.out_norm(h)))  # (B, C, H, W)
 
-    def refine(self, text):
+    def refine(self, text: TextEmbedding) -> TextEmbedding:
         """The text with refined tokens and, as its pooled vector, their masked mean (when refining)."""
         if not self.config.text_layers:
             return text
         tokens = self.text_refiner(text.tokens, text.mask)  # (B, T, D)
-        weights = text.mask.to(tokens.dtype).unsqueeze(-1)  # (B, T, 1)
-        pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, D)
-        return RefinedText(tokens, text.mask, pooled)
-
-
-@dataclass
-class RefinedText:
-    tokens: torch.Tensor  # (B, T, D)
-    mask: torch.Tensor  # (B, T)
-    pooled: torch.Tensor  # (B, D)
+        return replace(text, tokens=tokens, pooled=masked_mean(tokens, text.mask))
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -214,9 +214,7 @@ class Worker:
             if job.state == "cancelled":
                 continue
             if self.past_deadline(job):  # it waited its whole deadline in the queue
-                job.update(
-                    state="failed", error=self.deadline_message(), timed_out=True, finished=time.time()
-                )
+                self.time_out(job)
                 continue
             self.current = job
             try:
@@ -237,7 +235,7 @@ class Worker:
             job.update(state="cancelled", finished=time.time())
             return
         except DeadlineError:
-            job.update(state="failed", error=self.deadline_message(), timed_out=True, finished=time.time())
+            self.time_out(job)
             return
         except UnnoiseError as error:  # the request's mistake: the client gets the message
             job.update(state="failed", error=str(error), finished=time.time())
@@ -254,6 +252,9 @@ class Worker:
 
     def past_deadline(self, job: Job) -> bool:
         return time.time() - job.created > self.deadline
+
+    def time_out(self, job: Job) -> None:
+        job.update(state="failed", error=self.deadline_message(), timed_out=True, finished=time.time())
 
     def deadline_message(self) -> str:
         return (

@@ -75,14 +75,13 @@ class Txt2Img(BaseModel):
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
 
     def unhonoured(self) -> list[str]:
-        """The fields set to something unnoise cannot do."""
-        off = {"enable_hr": False, "restore_faces": (None, False), "tiling": (None, False), "styles": [],
-               "override_settings": {}, "script_name": (None, ""), "alwayson_scripts": {}}  # fmt: skip
-        return [name for name, value in off.items() if getattr(self, name) not in _as_tuple(value)]
+        """The fields set to something unnoise cannot do (each one's "off" is empty, False or None)."""
+        return [name for name in UNHONOURED if getattr(self, name)]
 
 
-def _as_tuple(value) -> tuple:
-    return value if isinstance(value, tuple) else (value,)
+UNHONOURED = (
+    "enable_hr", "restore_faces", "tiling", "styles", "override_settings", "script_name", "alwayson_scripts",
+)  # fmt: skip
 
 
 class Img2Img(Txt2Img):

@@ -63,7 +63,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = option(
         "auto",
         "auto: bf16 autocast where the hardware multiplies bf16 natively (CUDA, a CPU with AVX-512 BF16 or"
-        " AMX), else fp32 (bf16 without them is emulated: 400x slower on an AVX2 CPU)",
+        " AMX), else fp32 (bf16 without them is emulated: training 13x slower on an AVX2 CPU)",
     )
     compile: bool = option(False, "torch.compile the network")
     device: str = option("auto", "auto (cuda when there is a GPU, else cpu), cpu, cuda, cuda:1, ...")
@@ -103,7 +103,9 @@ class TrainConfig:
             raise UnnoiseError(f"--lr must be a positive number, got {self.lr}")
         if not 0 <= self.lr_decay_fraction <= 1:
             raise UnnoiseError(f"--lr-decay-fraction must be in [0, 1], got {self.lr_decay_fraction}")
-        if self.sigma_p_std is not None and not self.sigma_p_std > 0:
+        if self.sigma_p_mean is not None and not abs(self.sigma_p_mean) < float("inf"):
+            raise UnnoiseError(f"--sigma-p-mean must be a finite number, got {self.sigma_p_mean}")
+        if self.sigma_p_std is not None and not 0 < self.sigma_p_std < float("inf"):
             raise UnnoiseError(f"--sigma-p-std must be positive, got {self.sigma_p_std}")
         return self
 

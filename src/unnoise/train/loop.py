@@ -76,6 +76,7 @@ class Run:
                 f"{config.grad_accumulation} accumulation steps"
             )
         self.micro_batch = int(per_process)
+        self.bf16 = config.precision == "bf16" or (config.precision == "auto" and native_bf16(setup.device))
         self.dir = Path(config.out)
         preset = PRESETS[config.preset]
         try:
@@ -203,8 +204,7 @@ class Run:
         sigma, noise = batch.sigma.to(device), batch.noise.to(device)
         text = self.text.encode(batch.captions).to(device)
         weight = min_snr_weight(sigma, c.min_snr_gamma) if c.loss_weighting == "min_snr" else None
-        bf16 = c.precision == "bf16" or (c.precision == "auto" and native_bf16(device))
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16)
         with autocast:
             return self.denoiser.loss(images, sigma, noise, text, weight=weight).mean()
 
