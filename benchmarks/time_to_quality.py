@@ -42,6 +42,14 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
         "unet-pos, lr 3e-4 with a final decay, more high noise",
         ["--preset", "small-pos", "--lr", "3e-4", "--lr-decay-fraction", "0.2", "--sigma-p-mean", "-0.6"],
     ),
+    "unet-p2": (
+        "UNet on 2x2-folded pixels, positions, attention at every level",
+        ["--preset", "small-p2", "--lr", "5e-4", "--sigma-p-mean", "-0.6"],
+    ),
+    "dit-p4": (
+        "transformer, 4x4 patches, text in the sequence",
+        ["--preset", "dit-p4", "--lr", "3e-4", "--sigma-p-mean", "-0.6"],
+    ),
     "dit": (
         "transformer, 2x2 patches, text in the sequence",
         ["--preset", "dit-small", "--lr", "5e-4", "--lr-decay-fraction", "0.3", "--sigma-p-mean", "-0.6"],

@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageFilter
 
 import unnoise
-from unnoise.diffusion.editing import img2img, img2img_start, inpaint, repaint_plan, slerp
+from unnoise.diffusion.editing import img2img, img2img_start, inpaint, masked_start, repaint_plan, slerp
 from unnoise.diffusion.samplers import sample
 from unnoise.diffusion.schedules import karras
 from unnoise.errors import UnnoiseError
@@ -369,3 +369,73 @@ def test_png_text_speaks_automatic1111s_sampler_names_and_reads_its_pngs():
     with pytest.raises(UnnoiseError, match="'Exponential' schedule"):
         ImageSettings.from_parameters(A1111_TEXT.replace("Karras", "Exponential"))
     assert ImageSettings("x", sampler="pc").parameters().count("Sampler: pc,") == 1  # no A1111 label: ours
+
+
+# --- masked content: what the regenerated part starts from (AUTOMATIC1111's inpainting_fill) -------------
+
+
+def halves() -> tuple[torch.Tensor, torch.Tensor]:
+    """A (1, 3, 8, 8) image, red on the left half and blue on the right with a green square in the middle,
+    and a hole over columns 2..5."""
+    image = torch.zeros(1, 3, 8, 8)
+    image[:, 0, :, :4], image[:, 2, :, 4:] = 1.0, 1.0
+    image[:, :, 2:6, 2:6] = torch.tensor([0.0, 1.0, 0.0])[:, None, None]
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 2:6] = 1
+    return image, mask
+
+
+def test_masked_content_changes_the_hole_only():
+    image, mask = halves()
+    hole = mask.bool().expand_as(image)
+    assert torch.equal(masked_start(image, mask, "original"), image)
+    for content in ("fill", "noise", "nothing"):
+        start = masked_start(image, mask, content, torch.Generator().manual_seed(0))
+        assert torch.equal(start[~hole], image[~hole]), content
+        assert not torch.equal(start[hole], image[hole]), content
+    assert torch.all(masked_start(image, mask, "nothing")[hole] == 0)
+    noise = masked_start(image, mask, "noise", torch.Generator().manual_seed(0))[hole]
+    assert 0.7 < float(noise.std()) < 1.3
+    with pytest.raises(UnnoiseError, match="unknown masked content 'blur'"):
+        masked_start(image, mask, "blur")
+
+
+def test_fill_spreads_the_nearest_colours_into_the_hole():
+    image, mask = halves()
+    filled = masked_start(image, mask, "fill")
+    assert torch.allclose(filled[0, :, :, 2], torch.tensor([1.0, 0, 0])[:, None].expand(3, 8))  # next to red
+    assert torch.allclose(filled[0, :, :, 5], torch.tensor([0, 0, 1.0])[:, None].expand(3, 8))  # next to blue
+    assert float(filled[0, 0, 0, 3]) > float(filled[0, 2, 0, 3])  # nearer red than blue
+    everything = masked_start(image, torch.ones(1, 1, 8, 8), "fill")
+    assert torch.all(everything == 0)  # nothing known: flat grey
+
+
+def test_inpainting_below_strength_one_starts_from_the_masked_content(pipe):
+    image = Image.fromarray(np.full((32, 32, 3), (220, 40, 40), dtype=np.uint8))
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    results = {
+        content: np.asarray(
+            pipe.inpaint(
+                image,
+                mask,
+                "a blue square",
+                strength=0.5,
+                resample=1,
+                steps=4,
+                seed=3,
+                masked_content=content,
+            )[0]
+        )
+        for content in ("original", "fill", "noise", "nothing")
+    }
+    assert not np.array_equal(results["original"], results["noise"])
+    assert not np.array_equal(results["noise"], results["nothing"])
+    for result in results.values():
+        assert np.array_equal(result[:8], np.asarray(image)[:8])  # outside the mask: the input exactly
+    assert (
+        "Masked content: noise"
+        in pipe.inpaint(image, mask, "x", strength=0.5, resample=1, steps=2, masked_content="noise")[0].info[
+            "parameters"
+        ]
+    )

@@ -434,6 +434,17 @@ def test_serve_refuses_a_port_out_of_range_and_an_unbounded_queue():
         serve("shapes-32", host="127.0.0.1", port=70000, api_key=None, queue_size=4)
     with pytest.raises(UnnoiseError, match="--queue-size must be at least 1, got 0"):
         serve("shapes-32", host="127.0.0.1", port=7860, api_key=None, queue_size=0)
+    with pytest.raises(UnnoiseError, match="--models-dir '/no/such/folder' is not a folder"):
+        serve(
+            "shapes-32",
+            host="127.0.0.1",
+            port=7860,
+            api_key=None,
+            queue_size=4,
+            models_dirs=("/no/such/folder",),
+        )
+    with pytest.raises(UnnoiseError, match="no model 'no-such-model'"):
+        serve("no-such-model", host="127.0.0.1", port=7860, api_key=None, queue_size=4)
 
 
 # --- issue 13: what AUTOMATIC1111's and OpenAI's clients expect ------------------------------------------
@@ -470,6 +481,27 @@ def test_an_inverted_mask_regenerates_the_black_part(client):
     assert not np.array_equal(out[:, 16:], src[:, 16:])
 
 
+def test_inpainting_fill_is_honoured(client):
+    """Issue 13: AUTOMATIC1111's inpainting_fill (0 fill, 1 original, 2 latent noise, 3 latent nothing) picks
+    what the masked part starts from below strength 1; it was ignored."""
+    source = Image.new("RGB", (32, 32), (220, 40, 40))
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    body = {"prompt": "a blue square", "steps": 4, "seed": 2, "init_images": [b64_png(source)],
+            "mask": b64_png(mask), "denoising_strength": 0.5}  # fmt: skip
+    made = {}
+    for fill in range(4):
+        reply = client.post("/sdapi/v1/img2img", json={**body, "inpainting_fill": fill})
+        assert reply.status_code == 200, reply.text
+        made[fill] = reply.json()
+    infotexts = [json.loads(made[fill]["info"])["infotexts"][0] for fill in range(4)]
+    assert "Masked content: fill" in infotexts[0] and "Masked content" not in infotexts[1]
+    assert "Masked content: noise" in infotexts[2] and "Masked content: nothing" in infotexts[3]
+    assert made[1]["images"][0] != made[2]["images"][0] != made[3]["images"][0]
+    refused = client.post("/sdapi/v1/img2img", json={**body, "inpainting_fill": 4})
+    assert refused.status_code == 422 and "inpainting_fill" in refused.json()["error"]
+
+
 def test_options_schedulers_png_info_and_openai_models(client, server):
     import openai
 
@@ -477,13 +509,50 @@ def test_options_schedulers_png_info_and_openai_models(client, server):
     assert options["sd_model_checkpoint"].startswith("shapes-32") and len(options["sd_checkpoint_hash"]) == 10
     assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "shapes-32"}).status_code == 200
     other = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "sd-1.5"})
-    assert other.status_code == 422 and "runs shapes-32 only" in other.json()["error"]
+    assert (
+        other.status_code == 422
+        and "no model 'sd-1.5' here; this server has: shapes-32" in other.json()["error"]
+    )
     assert client.get("/sdapi/v1/schedulers").json()[0]["label"] == "Karras"
     made = client.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "steps": 2, "seed": 5}).json()
     info = client.post("/sdapi/v1/png-info", json={"image": made["images"][0]}).json()
     assert info["info"].startswith("a red circle\nSteps: 2") and info["parameters"]["Seed"] == 5
     api = openai.OpenAI(base_url=f"{server.url}/v1", api_key="not-needed-on-loopback", max_retries=0)
     assert [m.id for m in api.models.list()] == ["shapes-32"]
+
+
+def test_a_client_switches_models_by_name_and_a_broken_one_leaves_the_old_serving(pipe, tmp_path):
+    """Issue 13: POST /sdapi/v1/options switches to another released model (webuiapi's util_set_model)."""
+    import shutil
+
+    import webuiapi
+
+    from unnoise.release import model_catalogue, resolve_model
+
+    shutil.copytree(resolve_model("shapes-32"), tmp_path / "shapes-copy")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text('{"network": 3}')
+    models = model_catalogue([tmp_path])
+    assert sorted(models) == ["broken", "shapes-32", "shapes-copy"]
+    port = free_port()
+    app = create_app(pipe, port=port, models=models, load_model=lambda path: unnoise.load(path, device="cpu"))
+    running = Server(app, port)
+    try:
+        api = webuiapi.WebUIApi(host="127.0.0.1", port=port)
+        titles = api.util_get_model_names()
+        assert any(t.startswith("shapes-copy [") for t in titles) and "broken" in titles
+        api.util_set_model("shapes-copy")
+        assert api.util_get_current_model().startswith("shapes-copy [")
+        made = api.txt2img(prompt="a red circle", steps=2, width=32, height=32)
+        assert "Model: shapes-copy" in made.info["infotexts"][0]
+        with httpx.Client(base_url=running.url, timeout=120) as client:
+            broken = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "broken"})
+            assert broken.status_code == 422 and "config.json" in broken.json()["error"], broken.text
+            assert client.get("/health").json()["model"] == "shapes-copy"
+            back = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "shapes-32"})
+            assert back.status_code == 200 and client.get("/health").json()["model"] == "shapes-32"
+    finally:
+        running.stop()
 
 
 def test_webuiapi_with_its_default_arguments_gets_images(server):

@@ -164,6 +164,28 @@ def test_reuse_seed_and_send_to_img2img(page, server):
     page.wait_for_function("document.getElementById('picture').width === 32")
 
 
+def test_width_and_height_make_that_size_or_say_what_they_made(page, server):
+    """Issue 13: the page asks for a size; the server makes it where the model can, or says what it made."""
+    page.goto(server.url + "/")
+    ready(page)
+    assert (page.input_value("#width"), page.input_value("#height")) == ("32", "32")
+    page.fill("#prompt", "a red circle")
+    page.fill("#count", "1")
+    page.fill("#steps", "3")
+    page.fill("#width", "48")
+    page.fill("#height", "32")
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('done')", timeout=60_000)
+    first = page.locator("#gallery figure img").first
+    first.evaluate("(img) => img.decode()")
+    assert first.evaluate("(img) => [img.naturalWidth, img.naturalHeight]") == [48, 32]
+    page.fill("#width", "512")
+    page.fill("#height", "512")
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('done')", timeout=60_000)
+    assert "asked for 512x512; made 64x64" in page.inner_text("#status")
+
+
 def test_dropping_a_png_restores_its_settings(page, server):
     made = unnoise.load("shapes-32").generate(
         "a small red circle in the top left", seed=77, steps=7, guidance=2.5

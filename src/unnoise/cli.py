@@ -221,6 +221,7 @@ def _cmd_inpaint(args: argparse.Namespace) -> int:
             padding=args.padding,
             jump=REPAINT_JUMP if args.jump is None else args.jump,
             resample=REPAINT_RESAMPLE if args.resample is None else args.resample,
+            masked_content=args.masked_content,
             negative_prompt=s.negative_prompt,
             sampler=s.sampler,
             sampler_options=s.sampler_options,
@@ -315,6 +316,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         allowed_hosts=tuple(args.allow_host),
         device=args.device,
         deadline=args.deadline,
+        models_dirs=tuple(args.models_dir),
     )
     return 0
 
@@ -396,7 +398,7 @@ def add_device_argument(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .settings import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
+    from .settings import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, MASKED_CONTENTS
 
     parser = argparse.ArgumentParser(
         prog="unnoise", description="Text-to-image diffusion, trained and run on your machine."
@@ -450,6 +452,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--area", choices=("whole", "masked"), default="whole", help="what the model sees (default whole)"
     )
     p.add_argument("--padding", type=int, default=4, help="context pixels around the mask for --area masked")
+    p.add_argument(
+        "--masked-content",
+        choices=MASKED_CONTENTS,
+        default="original",
+        help="below --strength 1, what the white part starts from: the input (default), its surroundings"
+        " spread in (fill), noise, or flat grey (nothing); AUTOMATIC1111's 'Masked content'",
+    )
     add_repaint_arguments(p)
     add_sampling_arguments(p)
     p.set_defaults(run=_cmd_inpaint)
@@ -527,6 +536,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         help="a DNS name clients may call this server by (repeatable)",
+    )
+    p.add_argument(
+        "--models-dir",
+        action="append",
+        default=[],
+        help="a folder of released models (or of training runs) clients may switch to, besides the shipped"
+        " ones (repeatable)",
     )
     p.set_defaults(run=_cmd_serve)
 

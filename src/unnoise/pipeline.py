@@ -21,14 +21,14 @@ import torch
 from PIL import Image, ImageFilter
 
 from .diffusion.denoiser import Denoiser
-from .diffusion.editing import img2img, inpaint, variation_noise
+from .diffusion.editing import img2img, inpaint, masked_start, variation_noise
 from .diffusion.formulations import FORMULATIONS
 from .diffusion.guidance import cfg
 from .diffusion.samplers import Step, sample
 from .diffusion.schedules import default_sigmas
 from .errors import UnnoiseError
 from .images import fit, from_pil, masked_area, open_image, open_mask, to_pil, with_info
-from .release import load_network, resolve_model
+from .release import load_network, model_hash, model_name, resolve_model
 from .settings import (
     DEFAULT_GUIDANCE,
     DEFAULT_SAMPLER,
@@ -38,6 +38,7 @@ from .settings import (
     REPAINT_RESAMPLE,
     ImageSettings,
     InpaintArea,
+    MaskedContent,
 )
 from .text.encoders import CachedTextEncoder, TextEmbedding, load_text_encoder
 
@@ -174,6 +175,7 @@ class Pipeline:
         padding: int = 4,
         jump: int = REPAINT_JUMP,
         resample: int = REPAINT_RESAMPLE,
+        masked_content: MaskedContent = "original",
         negative_prompt: str = "",
         sampler: str = DEFAULT_SAMPLER,
         sampler_options: Mapping[str, float] | None = None,
@@ -186,7 +188,8 @@ class Pipeline:
         """Regenerate the white part of `mask` (same size as the image) to fit the prompt; every pixel where
         the mask is black stays exactly as in the input, which keeps its size. `feather` blurs the mask's
         edge by that many input pixels. RePaint resampling runs each block of `jump` steps `resample` times
-        (on by default, see REPAINT_JUMP; resample=1 turns it off).
+        (on by default, see REPAINT_JUMP; resample=1 turns it off). Below strength 1 the white part starts
+        from `masked_content` (settings.MaskedContent) noised to the strength.
 
         area="whole" shows the model the whole picture; area="masked" (AUTOMATIC1111's "only masked") only a
         square around the mask with `padding` pixels of context, enlarged to the model's size, so the prompt
@@ -195,7 +198,7 @@ class Pipeline:
             prompt, negative_prompt, sampler, sampler_options, steps, guidance, seed,
             denoising_strength=strength, mask_blur=feather, repaint_jump=jump, repaint_resample=resample,
             inpaint_area="masked" if area == "masked" else None,
-            masked_padding=padding if area == "masked" else None,
+            masked_padding=padding if area == "masked" else None, masked_content=masked_content,
         )  # fmt: skip
         if area not in ("whole", "masked"):
             raise UnnoiseError(f"area must be 'whole' or 'masked', got {area!r}")
@@ -211,7 +214,10 @@ class Pipeline:
         r = self.resolution
         init = from_pil([fit(crop, r)]).to(self.device)  # (1, 3, R, R)
         cover = torch.from_numpy(np.array(weight.resize((r, r), Image.BOX))) > 0  # (R, R): any coverage
-        inpainting = Inpainting(cover[None, None].to(self.device), jump, resample)
+        cover = cover[None, None].to(self.device)  # (1, 1, R, R)
+        noise = torch.Generator(device=self.device).manual_seed(settings.seed)  # for masked_content "noise"
+        init = masked_start(init, cover, masked_content, noise)
+        inpainting = Inpainting(cover, jump, resample)
         images = self.render(settings, num_images, init=init, inpainting=inpainting, callback=callback)
         if feather:
             weight = weight.filter(ImageFilter.GaussianBlur(feather))
@@ -396,7 +402,11 @@ def load(name_or_path: str | Path, *, device: str | torch.device = "auto") -> Pi
         load_text_encoder(encoder["name"], device=device, max_tokens=encoder["max_tokens"]),
         max_entries=PROMPT_CACHE,
     )
-    model_hash = str(config.get("weights_sha256", ""))[:10]
     return Pipeline(
-        denoiser, text, network.config.resolution, folder.name, model_hash, stride=network.config.stride
+        denoiser,
+        text,
+        network.config.resolution,
+        model_name(folder),
+        model_hash(config),
+        stride=network.config.stride,
     )

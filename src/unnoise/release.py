@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -126,15 +127,45 @@ def resolve_model(name_or_path: str | Path) -> Path:
     shipped = MODELS_DIR / str(name_or_path)
     if (shipped / "config.json").is_file():
         return shipped
-    available = (
-        sorted(p.name for p in MODELS_DIR.iterdir() if (p / "config.json").is_file())
-        if (MODELS_DIR.is_dir())
-        else []
-    )
+    available = [p.name for p in shipped_models()]
     raise UnnoiseError(
         f"no model {str(name_or_path)!r}: not a folder with config.json, nor a shipped model"
         f" (shipped: {', '.join(available) or 'none yet'})"
     )
+
+
+def shipped_models() -> list[Path]:
+    """The release folders shipped inside the package, by name."""
+    if not MODELS_DIR.is_dir():
+        return []
+    return sorted(p for p in MODELS_DIR.iterdir() if (p / "config.json").is_file())
+
+
+def model_catalogue(folders: Iterable[Path] = ()) -> dict[str, Path]:
+    """Released models a server may switch between, by name: the shipped ones, then the releases in each
+    of `folders` (a release folder itself, or a folder of releases one level down; a run folder's `model/`
+    counts under the run's name). The first model of a name wins."""
+    catalogue = {p.name: p for p in shipped_models()}
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            raise UnnoiseError(f"--models-dir {str(folder)!r} is not a folder")
+        candidates = [folder] if (folder / "config.json").is_file() else sorted(folder.iterdir())
+        for candidate in candidates:
+            release = candidate / "model" if (candidate / "model" / "config.json").is_file() else candidate
+            if (release / "config.json").is_file():
+                catalogue.setdefault(model_name(release), release)
+    return catalogue
+
+
+def model_name(folder: Path) -> str:
+    """A release's name: its folder's, or for a training run's `model/` the run's."""
+    folder = Path(folder).resolve()
+    return folder.parent.name if folder.name == "model" and folder.parent.name else folder.name
+
+
+def model_hash(config: dict) -> str:
+    """AUTOMATIC1111's short model hash: the first 10 hex digits of the weights' SHA-256 ('' if unknown)."""
+    return str(config.get("weights_sha256", ""))[:10]
 
 
 def load_network(folder: Path) -> tuple[torch.nn.Module, dict]:

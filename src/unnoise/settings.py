@@ -29,6 +29,11 @@ MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed takes, with room for se
 MAX_IMAGES = 64
 
 InpaintArea = Literal["whole", "masked"]
+# What the regenerated part of an inpainting starts from before it is noised to the strength: the input
+# ("original"), the colours around it spread in ("fill"), random noise ("noise") or flat grey ("nothing").
+# AUTOMATIC1111's `inpainting_fill` numbers them 0 fill, 1 original, 2 latent noise, 3 latent nothing.
+MaskedContent = Literal["original", "fill", "noise", "nothing"]
+MASKED_CONTENTS: tuple[MaskedContent, ...] = ("fill", "original", "noise", "nothing")  # in A1111's order
 
 # AUTOMATIC1111's sampler labels -> ours, one map for the CLI, the PNG text and the server. A1111 writes
 # the schedule apart ("Schedule type: Karras"); its older labels carry it (" Karras"), both are read.
@@ -106,6 +111,7 @@ class ImageSettings:
     masked_padding: int | None = None  # ... with this many pixels of context around it
     repaint_jump: int | None = None  # inpainting only: RePaint's block length and repeats
     repaint_resample: int | None = None
+    masked_content: MaskedContent | None = None  # inpainting only: None is "original"
 
     def check(self) -> ImageSettings:
         """These settings, or an UnnoiseError that names the first one out of range."""
@@ -141,6 +147,10 @@ class ImageSettings:
                 raise UnnoiseError(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
         if self.inpaint_area not in (None, "whole", "masked"):
             raise UnnoiseError(f"the inpaint area must be 'whole' or 'masked', got {self.inpaint_area!r}")
+        if self.masked_content not in (None, *MASKED_CONTENTS):
+            raise UnnoiseError(
+                f"the masked content must be one of {', '.join(MASKED_CONTENTS)}, got {self.masked_content!r}"
+            )
         return self
 
     def replace(self, **changes) -> ImageSettings:
@@ -181,6 +191,8 @@ class ImageSettings:
             pairs += ["Inpaint area: Only masked", f"Masked area padding: {self.masked_padding}"]
         if self.repaint_jump is not None:
             pairs += [f"RePaint jump: {self.repaint_jump}", f"RePaint resample: {self.repaint_resample}"]
+        if self.masked_content not in (None, "original"):
+            pairs.append(f"Masked content: {self.masked_content}")
         lines.append(", ".join(pairs))
         return "\n".join(lines)
 
@@ -236,6 +248,7 @@ class ImageSettings:
                 masked_padding=optional("Masked area padding", int),
                 repaint_jump=optional("RePaint jump", int),
                 repaint_resample=optional("RePaint resample", int),
+                masked_content=values.get("Masked content"),
             )
         except (KeyError, ValueError) as error:
             raise UnnoiseError(f"the PNG's parameters are incomplete or malformed ({error})") from None

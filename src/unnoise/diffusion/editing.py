@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import UnnoiseError
 from .samplers import DEFAULT_SAMPLER, check_sigmas, get_sampler
@@ -130,6 +131,38 @@ def inpaint(
         x = fn(keep, x, segment, to_zero=False, cond=cond, generator=generator, callback=report, **options)
         previous_end = b
     return torch.where(mask.bool(), x, known)  # (B, C, H, W): outside the mask, `known` bit for bit
+
+
+def masked_start(known: torch.Tensor, mask: torch.Tensor, content: str, generator: Generators = None):
+    """What the part of `known` (B, C, H, W) under `mask` (B or 1, 1, H, W; 1 = regenerate) starts from
+    before it is noised to the strength: itself ("original"), the colours around it spread in ("fill"),
+    unit Gaussian noise ("noise") or 0, flat mid grey ("nothing"). Outside the mask, `known` as it is."""
+    hole = (mask > 0).expand_as(known)
+    if content == "original":
+        return known
+    if content == "nothing":
+        return known.masked_fill(hole, 0.0)
+    if content == "noise":
+        return torch.where(hole, randn_like(known, generator), known)
+    if content == "fill":
+        return torch.where(hole, spread_inwards(known, ~(mask > 0)), known)
+    raise UnnoiseError(f"unknown masked content {content!r}; choose original, fill, noise or nothing")
+
+
+def spread_inwards(image: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """Each unknown pixel of `image` (B, C, H, W) as the mean of the known pixels (`known`, B or 1, 1, H, W)
+    in the smallest square around it, of side 3, 5, 9, 17, ..., that holds any: the colours flow into a hole
+    from its edges. Pixels with no known pixel anywhere become 0."""
+    weight = known.to(image.dtype).expand(image.shape[0], 1, *image.shape[2:])  # (B, 1, H, W)
+    out, done = torch.zeros_like(image), weight > 0
+    radius = 1
+    while not bool(done.all()) and radius < 2 * max(image.shape[-2:]):
+        total = F.avg_pool2d(image * weight, 2 * radius + 1, stride=1, padding=radius)  # (B, C, H, W)
+        count = F.avg_pool2d(weight, 2 * radius + 1, stride=1, padding=radius)  # (B, 1, H, W)
+        fresh = (count > 0) & ~done
+        out = torch.where(fresh, total / count.clamp_min(1e-12), out)
+        done, radius = done | fresh, 2 * radius
+    return out
 
 
 def _shifted(callback, offset: int) -> Callable | None:

@@ -43,11 +43,24 @@ PRESETS: dict[str, NetworkConfig] = {
     # issue 11's alternative: a transformer over 2x2 patches with the text tokens in its sequence (U-ViT)
     "dit-small": TransformerConfig(resolution=32, patch=2, width=192, depth=8, head_channels=48),
     "dit-tiny": TransformerConfig(resolution=16, patch=2, width=64, depth=2, head_channels=32),
+    # issue 11's faster candidates: 4x4 patches (64 image tokens at 32x32) ...
+    "dit-p4": TransformerConfig(resolution=32, patch=4, width=256, depth=8, head_channels=64),
 }
 
 
 # issue 11's candidate fix: `small` with fixed 2-D positions and two trainable text layers
 PRESETS["small-pos"] = replace(PRESETS["small"], text_layers=2, position_embedding=True)
+# ... and a UNet on 2x2-folded pixels (16, 8, 4) with positions and cross-attention at every level
+PRESETS["small-p2"] = UNetConfig(
+    resolution=32,
+    patch=2,
+    channels=64,
+    channel_mult=(1, 2, 2),
+    attention_levels=(0, 1, 2),
+    self_attention_levels=(1, 2),
+    text_layers=2,
+    position_embedding=True,
+)
 
 
 def network_config_from_dict(values: dict) -> NetworkConfig:

@@ -48,9 +48,12 @@ class UNetConfig(NetworkConfigBase):
     dropout: float = 0.0
     text_layers: int = 0  # trainable self-attention layers over the frozen encoder's tokens
     position_embedding: bool = False  # fixed 2-D sine-cosine positions added after the stem (learned gain)
+    patch: int = 1  # the stem folds p x p pixels into one position (pixel unshuffle); the output unfolds them
 
     def __post_init__(self):
-        stride = 2 ** (len(self.channel_mult) - 1)
+        stride = self.stride
+        if self.patch < 1:
+            raise ValueError(f"the patch must be at least 1, got {self.patch}")
         if self.resolution % stride:
             raise ValueError(
                 f"the resolution {self.resolution} is not a multiple of the UNet's stride {stride}"
@@ -58,8 +61,8 @@ class UNetConfig(NetworkConfigBase):
 
     @property
     def stride(self) -> int:
-        """Image sides must be multiples of this (one halving per level below the first)."""
-        return 2 ** (len(self.channel_mult) - 1)
+        """Image sides must be multiples of this: the patch, times one halving per level below the first."""
+        return self.patch * 2 ** (len(self.channel_mult) - 1)
 
     def build(self) -> UNet:
         return UNet(self)
@@ -74,7 +77,8 @@ class UNet(nn.Module):
         emb_dim = 4 * c
         self.noise_embedding = NoiseEmbedding(emb_dim)
         self.pooled_text = nn.Linear(config.text_dim, emb_dim)
-        self.stem = nn.Conv2d(config.in_channels, c, 3, padding=1)
+        folded = config.in_channels * config.patch**2  # channels of the patch-folded image
+        self.stem = nn.Conv2d(folded, c, 3, padding=1)
         self.positions = zero_init(nn.Conv2d(c, c, 1)) if config.position_embedding else None
         self.text_refiner = TextRefiner(config.text_dim, config.text_layers, head_channels=64)
 
@@ -118,7 +122,7 @@ class UNet(nn.Module):
         assert not skip_widths and deepest >= 0
 
         self.out_norm = group_norm(width)
-        self.out = zero_init(nn.Conv2d(width, config.in_channels, 3, padding=1))
+        self.out = zero_init(nn.Conv2d(width, folded, 3, padding=1))
 
     def _run(self, layers: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor, text) -> torch.Tensor:
         for layer in layers:
@@ -139,7 +143,8 @@ class UNet(nn.Module):
             emb = emb + self.pooled_text(text.pooled.to(emb.dtype))
         emb = F.silu(emb)
 
-        h = self.stem(x)  # (B, c, H, W)
+        p = self.config.patch
+        h = self.stem(F.pixel_unshuffle(x, p) if p > 1 else x)  # (B, c, H / p, W / p)
         if self.positions is not None:
             _, c, H, W = h.shape
             grid = sincos_positions(H, W, c).to(h).T.reshape(1, c, H, W)  # (1, c, H, W)
@@ -154,7 +159,8 @@ class UNet(nn.Module):
                 h = layers[0](h)
             else:
                 h = self._run(layers, torch.cat([h, skips.pop()], dim=1), emb, text)
-        return self.out(F.silu(self.out_norm(h)))  # (B, C, H, W)
+        out = self.out(F.silu(self.out_norm(h)))  # (B, C p^2, H / p, W / p)
+        return F.pixel_shuffle(out, p) if p > 1 else out  # (B, C, H, W)
 
     def refine(self, text: TextEmbedding) -> TextEmbedding:
         """The text with refined tokens and, as its pooled vector, their masked mean (when refining)."""

@@ -47,11 +47,17 @@ def create_app(
     queue_size: int = 16,
     allowed_hosts: tuple[str, ...] = (),
     deadline: float = DEFAULT_DEADLINE,
+    models: dict[str, Path] | None = None,
+    load_model: Callable[[Path], Pipeline] | None = None,
 ) -> FastAPI:
     """The application for a loaded Pipeline, or for a function that loads one (`serve` passes one, so the
-    model is loaded on the worker's thread, see jobs.Worker)."""
+    model is loaded on the worker's thread, see jobs.Worker). Clients may switch to any of `models` (by
+    default the shipped ones), which `load_model` loads (by default `unnoise.load` on the best device)."""
+    from ..pipeline import load
+    from ..release import model_catalogue
+
     worker = Worker(model, queue_size=queue_size, deadline=deadline)
-    pipe = worker.wait_ready()
+    worker.wait_ready()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -92,13 +98,13 @@ def create_app(
         log.error("internal error on %s %s", request.method, request.url.path, exc_info=error)
         return JSONResponse({"error": INTERNAL_ERROR}, status_code=500)
 
-    service = Service(worker, pipe)
+    service = Service(worker, model_catalogue() if models is None else models, load_model or load)
     for routes in (a1111_routes, openai_routes, job_routes):
         app.include_router(routes(service))
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": pipe.name, "queued": worker.queue_length(),
+        return {"status": "ok", "model": service.pipe.name, "queued": worker.queue_length(),
                 "busy": worker.current is not None, "worker_alive": worker.thread.is_alive()}  # fmt: skip
 
     # --- the web page -----------------------------------------------------------------------------------
@@ -116,8 +122,10 @@ def create_app(
         limits = {"max_steps": MAX_STEPS, "max_images": MAX_IMAGES, "needs_key": api_key is not None}
         defaults = {"sampler": DEFAULT_SAMPLER, "steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE}
         return {
-            "model": pipe.name,
-            "resolution": pipe.resolution,
+            "model": service.pipe.name,
+            "resolution": service.pipe.resolution,
+            "stride": service.pipe.stride,
+            "size_rule": service.pipe.size_note(),
             "samplers": sorted(SAMPLERS),
             "defaults": defaults,
             **limits,
@@ -137,11 +145,14 @@ def serve(
     allowed_hosts: tuple[str, ...] = (),
     device: str = "auto",
     deadline: float = DEFAULT_DEADLINE,
+    models_dirs: tuple[str, ...] = (),
 ) -> None:
-    """`unnoise serve`: load the model and run uvicorn until interrupted."""
+    """`unnoise serve`: load the model and run uvicorn until interrupted. Clients may switch to the shipped
+    models and the releases in `models_dirs`."""
     import uvicorn
 
     from ..pipeline import load
+    from ..release import model_catalogue, model_name, resolve_model
 
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         raise UnnoiseError(f"binding {host} exposes the server beyond this machine: pass --api-key too")
@@ -151,6 +162,9 @@ def serve(
         raise UnnoiseError(f"--queue-size must be at least 1, got {queue_size}")
     if not deadline > 0:
         raise UnnoiseError(f"--deadline must be a positive number of seconds, got {deadline}")
+    models = model_catalogue(Path(d) for d in models_dirs)
+    served = resolve_model(model)  # an unknown model is an error before anything loads
+    models.setdefault(model_name(served), served)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     app = create_app(
         lambda: load(model, device=device),
@@ -160,6 +174,8 @@ def serve(
         queue_size=queue_size,
         allowed_hosts=allowed_hosts,
         deadline=deadline,
+        models=models,
+        load_model=lambda path: load(path, device=device),
     )
     print(f"unnoise: serving {app.state.worker.pipe.name} on http://{host}:{port}/ (API docs at /docs)")
     # one line a request comes from our access log (security.Guard), with the duration; not uvicorn's

@@ -1,7 +1,8 @@
 """Jobs: one worker thread runs the model; requests wait in a bounded queue; anyone may watch a job.
 
-A job is one call of the pipeline (generate, edit or inpaint). The worker reports each sampler step to
-the job (step, total, a PNG preview of the current x0_hat), checks for cancellation at every step, and
+A job is one call of the pipeline (generate, edit or inpaint), or a switch to another model, which runs in
+its turn: the jobs queued before it use the old model, those after it the new one. The worker reports each
+sampler step to the job (step, total, a PNG preview of the current x0_hat), checks for cancellation at every step, and
 keeps the finished images as PNG bytes with their parameters. Watchers wait on the job's version number,
 which grows with every change, so several clients can follow one job without missing its end.
 """
@@ -59,7 +60,7 @@ class QueueFullError(Exception):
 
 @dataclass
 class Job:
-    kind: Literal["generate", "edit", "inpaint"]
+    kind: Literal["generate", "edit", "inpaint", "load"]
     # call(pipe, callback): the Pipeline method with its arguments; None once finished, so a finished job
     # keeps no decoded input images (a large img2img held about 10 MB per kept job)
     call: Callable[..., list[Image.Image]] | None
@@ -125,6 +126,7 @@ class Job:
             "started": self.started,
             "finished": self.finished,
             "images": len(self.images),
+            "notes": self.notes,
         }
 
 
@@ -195,6 +197,17 @@ class Worker:
 
     def queue_length(self) -> int:
         return sum(1 for job in list(self.jobs.values()) if job.state == "queued")
+
+    def switch_job(self, load: Callable[[], Pipeline], name: str) -> Job:
+        """A job that switches to the model `load` returns when its turn comes (submit it); a load that fails
+        leaves the current model serving."""
+
+        def install(_current: Pipeline, _callback) -> list[Image.Image]:
+            self.pipe = load()
+            log.info("now serving %s", self.pipe.name)
+            return []
+
+        return Job("load", install, total_steps=0, seed=0, notes={"model": name})
 
     def interrupt(self, job: Job) -> None:
         """AUTOMATIC1111's interrupt: the running job ends at its next step with what it has drawn."""

@@ -18,6 +18,7 @@ from ..pipeline import Pipeline
 from ..settings import (
     DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
+    MASKED_CONTENTS,
     REPAINT_RESAMPLE,
     SCHEDULE_TYPE,
     SCHEDULE_TYPES,
@@ -92,6 +93,8 @@ class Img2Img(Txt2Img):
     inpaint_full_res: bool = False  # AUTOMATIC1111's "only masked"
     inpaint_full_res_padding: int = Field(4, ge=0, le=256)
     inpainting_mask_invert: int = Field(0, ge=0, le=1)  # 1: regenerate the black part of the mask
+    # what the masked part starts from below strength 1: 0 fill, 1 original, 2 latent noise, 3 latent nothing
+    inpainting_fill: int = Field(0, ge=0, le=3)
 
 
 class JobRequest(Img2Img):
@@ -222,12 +225,13 @@ def job_for(body: Txt2Img, pipe: Pipeline) -> Job:
         )
     area = "masked" if body.inpaint_full_res else "whole"
     feather, padding = body.mask_blur, body.inpaint_full_res_padding
+    content = MASKED_CONTENTS[body.inpainting_fill]
 
     def inpaint(pipe: Pipeline, callback) -> list[Image.Image]:
         return pipe.inpaint(
             image, mask, s.prompt, strength=strength, feather=feather, area=area, padding=padding,
-            negative_prompt=s.negative_prompt, sampler=s.sampler, steps=s.steps, guidance=s.guidance,
-            seed=s.seed, num_images=count, callback=callback,
+            masked_content=content, negative_prompt=s.negative_prompt, sampler=s.sampler, steps=s.steps,
+            guidance=s.guidance, seed=s.seed, num_images=count, callback=callback,
         )  # fmt: skip
 
     # RePaint runs each block again

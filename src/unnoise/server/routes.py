@@ -48,10 +48,10 @@ from .service import Service
 def a1111_routes(service: Service) -> APIRouter:
     """AUTOMATIC1111's API, with its field names and answers."""
     router = APIRouter()
-    pipe, worker = service.pipe, service.worker
+    worker = service.worker
 
     async def a1111(body: Txt2Img, request: Request) -> dict[str, Any]:
-        job = service.submit(await run_in_threadpool(job_for, body, pipe))  # images decode off the event loop
+        job = service.submit(await run_in_threadpool(job_for, body, service.pipe))  # decoding off the loop
         job = await service.finished(job, request)
         pngs = service.result(job)
         infotexts = [parameters_of(png) for png in pngs]
@@ -117,8 +117,13 @@ def a1111_routes(service: Service) -> APIRouter:
 
     @router.get("/sdapi/v1/sd-models")
     async def sd_models() -> list[dict[str, Any]]:
-        return [{"title": service.model_title(), "model_name": pipe.name, "hash": pipe.model_hash or None,
-                 "sha256": None, "filename": pipe.name, "config": None}]  # fmt: skip
+        """The models this server may switch to (`POST /sdapi/v1/options` with `sd_model_checkpoint`)."""
+        return [{"title": service.title(name), "model_name": name, "hash": service.hash(name) or None,
+                 "sha256": None, "filename": name, "config": None} for name in service.names()]  # fmt: skip
+
+    @router.post("/sdapi/v1/refresh-checkpoints")
+    async def refresh_checkpoints() -> None:
+        """AUTOMATIC1111 rescans its model folder; the catalogue here is read when the server starts."""
 
     @router.get("/sdapi/v1/schedulers")
     async def schedulers() -> list[dict[str, Any]]:
@@ -129,18 +134,21 @@ def a1111_routes(service: Service) -> APIRouter:
         """The few AUTOMATIC1111 options that mean something here (webuiapi reads the model's from them)."""
         return {
             "sd_model_checkpoint": service.model_title(),
-            "sd_checkpoint_hash": pipe.model_hash or None,
+            "sd_checkpoint_hash": service.pipe.model_hash or None,
         }
 
     @router.post("/sdapi/v1/options")
-    async def set_options(body: dict[str, Any]) -> dict[str, Any]:
-        """Options may be set only to what they are: this server runs the one model it was started with."""
-        wanted = body.get("sd_model_checkpoint")
-        if wanted not in (None, pipe.name, service.model_title()):
-            raise HTTPException(422, f"this server runs {pipe.name} only (start another for {wanted!r})")
+    async def set_options(body: dict[str, Any], request: Request) -> dict[str, Any]:
+        """The one option that means something here: `sd_model_checkpoint` switches the model, by name or
+        title, once the jobs queued before it have run (AUTOMATIC1111 also answers when it has loaded)."""
         others = sorted(set(body) - {"sd_model_checkpoint"})
         if others:
             raise HTTPException(422, f"unnoise has no options {', '.join(others)}")
+        wanted = body.get("sd_model_checkpoint")
+        if wanted is not None:
+            if not isinstance(wanted, str):
+                raise HTTPException(422, "sd_model_checkpoint must be a model's name")
+            await service.switch(service.model_named(wanted), request)
         return {}
 
     @router.post("/sdapi/v1/png-info")
@@ -159,7 +167,7 @@ def a1111_routes(service: Service) -> APIRouter:
         ours = None if settings is None else {
             "prompt": settings.prompt, "negative_prompt": settings.negative_prompt,
             "sampler": settings.sampler, "steps": settings.steps, "guidance": settings.guidance,
-            "seed": settings.seed,
+            "seed": settings.seed, "width": settings.width, "height": settings.height,
         }  # fmt: skip
         return {"info": text, "items": items, "parameters": parameters, "settings": ours}
 
@@ -169,15 +177,14 @@ def a1111_routes(service: Service) -> APIRouter:
 def openai_routes(service: Service) -> APIRouter:
     """OpenAI's image API, as its official client calls it."""
     router = APIRouter()
-    pipe = service.pipe
 
     @router.get("/v1/models")
     async def openai_models() -> dict[str, Any]:
-        """OpenAI's model list: the one model this server runs."""
-        return {
-            "object": "list",
-            "data": [{"id": pipe.name, "object": "model", "created": 0, "owned_by": "unnoise"}],
-        }
+        """OpenAI's model list: the model serving now first, then the others it may switch to."""
+        models = [
+            {"id": name, "object": "model", "created": 0, "owned_by": "unnoise"} for name in service.names()
+        ]
+        return {"object": "list", "data": models}
 
     @router.post("/v1/images/generations")
     async def openai_images(body: OpenAIImages, http: Request) -> dict[str, Any]:
@@ -192,7 +199,7 @@ def openai_routes(service: Service) -> APIRouter:
             if not (1 <= width <= 4096 and 1 <= height <= 4096):
                 raise HTTPException(400, f"size {body.size!r}: each side must be in 1..4096")
         request = Txt2Img(prompt=body.prompt, batch_size=body.n, width=width, height=height)
-        job = await service.finished(service.submit(job_for(request, pipe)), http)
+        job = await service.finished(service.submit(job_for(request, service.pipe)), http)
         return {"created": int(time.time()), "data": [{"b64_json": b64(png)} for png in service.result(job)]}
 
     @router.post("/v1/images/edits")
@@ -240,11 +247,11 @@ def openai_routes(service: Service) -> APIRouter:
 def job_routes(service: Service) -> APIRouter:
     """/jobs: submit at once (202), then poll, watch (server-sent events) or cancel."""
     router = APIRouter()
-    pipe, worker = service.pipe, service.worker
+    worker = service.worker
 
     @router.post("/jobs", status_code=202)
     async def create_job(body: JobRequest) -> dict[str, Any]:
-        job = service.submit(await run_in_threadpool(job_for, body, pipe))  # images decode off the event loop
+        job = service.submit(await run_in_threadpool(job_for, body, service.pipe))  # decoding off the loop
         return {**job.summary(), "events": f"/jobs/{job.id}/events"}
 
     @router.get("/jobs/{job_id}")

@@ -1,14 +1,18 @@
 """What every route needs of the worker: submitting a job, waiting for it without holding a thread,
-turning its outcome into an answer, and the model's name as AUTOMATIC1111 writes it."""
+turning its outcome into an answer, the model being served and the models it may switch to."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi import HTTPException, Request
 
+from ..errors import UnnoiseError
 from ..pipeline import Pipeline
+from ..release import model_hash, read_release_config
 from .jobs import Job, QueueFullError, Worker, log
 from .requests import b64, parameters_of
 
@@ -16,8 +20,48 @@ POLL_SECONDS = 0.05  # how often a waiting request looks at its job
 
 
 class Service:
-    def __init__(self, worker: Worker, pipe: Pipeline):
-        self.worker, self.pipe = worker, pipe
+    def __init__(self, worker: Worker, models: dict[str, Path], load: Callable[[Path], Pipeline]):
+        """`models`: the released models clients may switch to, by name; `load` loads one of them."""
+        self.worker, self.models, self.load = worker, models, load
+
+    @property
+    def pipe(self) -> Pipeline:
+        """The model serving now (a switch changes it between two jobs)."""
+        return self.worker.pipe
+
+    def names(self) -> list[str]:
+        """Every model a client may ask for: the one serving now first."""
+        return list(dict.fromkeys([self.pipe.name, *sorted(self.models)]))
+
+    def hash(self, name: str) -> str:
+        """A model's short hash (AUTOMATIC1111's), from its config.json; '' when it has none or is damaged
+        (a damaged release is listed, and refused when switched to)."""
+        if name == self.pipe.name:
+            return self.pipe.model_hash
+        try:
+            return model_hash(read_release_config(self.models[name]))
+        except (UnnoiseError, OSError, KeyError):
+            return ""
+
+    def title(self, name: str) -> str:
+        """As AUTOMATIC1111 titles a model: "name [hash]"."""
+        digest = self.hash(name)
+        return f"{name} [{digest}]" if digest else name
+
+    def model_named(self, wanted: str) -> str:
+        """The catalogued name a client's model name or title ("name [hash]") means; 422 if none."""
+        for name in self.names():
+            if wanted in (name, self.title(name)):
+                return name
+        known = ", ".join(self.names())
+        raise HTTPException(422, f"no model {wanted!r} here; this server has: {known}")
+
+    async def switch(self, name: str, request: Request) -> None:
+        """Serve model `name` from the next job on (waits for the jobs queued before the switch)."""
+        if name == self.pipe.name:
+            return
+        switch = self.worker.switch_job(lambda: self.load(self.models[name]), name)
+        self.result(await self.finished(self.submit(switch), request))
 
     def submit(self, job: Job) -> Job:
         """The job, queued; a full queue is a 429 with Retry-After."""
@@ -70,6 +114,4 @@ class Service:
         return view
 
     def model_title(self) -> str:
-        """As AUTOMATIC1111 titles a model: "name [hash]"."""
-        pipe = self.pipe
-        return f"{pipe.name} [{pipe.model_hash}]" if pipe.model_hash else pipe.name
+        return self.title(self.pipe.name)

@@ -33,6 +33,8 @@ async function start() {
   for (const name of config.samplers) $("sampler").add(new Option(name, name, name === defaults.sampler, name === defaults.sampler));
   $("steps").value = defaults.steps;
   $("guidance").value = defaults.guidance;
+  for (const side of ["width", "height"]) $(side).value = config.resolution;  // other sizes: rounded by the server, which says so
+  $("size").title = `up to ${config.size_rule}`;
   document.querySelectorAll("input[name=mode]").forEach((r) => r.addEventListener("change", showMode));
   $("file").addEventListener("change", loadPicture);
   $("clear").addEventListener("click", clearMask);
@@ -67,6 +69,7 @@ async function restoreFromDrop(e) {
     const s = info.settings;
     $("prompt").value = s.prompt; $("negative").value = s.negative_prompt; $("sampler").value = s.sampler;
     $("steps").value = s.steps; $("guidance").value = s.guidance; $("seed").value = s.seed; $("random").checked = false;
+    if (s.width && s.height) { $("width").value = s.width; $("height").value = s.height; }
     setStatus(`settings restored from ${file.name}`);
   } catch (error) { setStatus(error.message, true); }
 }
@@ -122,6 +125,7 @@ function request() {
     steps: +$("steps").value, cfg_scale: +$("guidance").value, batch_size: +$("count").value,
     seed: $("random").checked ? -1 : +$("seed").value,
   };
+  if (mode() === "txt2img") { body.width = +$("width").value; body.height = +$("height").value; }
   if (mode() !== "txt2img") {
     if (!picture) throw new Error("choose an image first");
     body.init_images = [picture];
@@ -170,7 +174,8 @@ function finish(state, result) {
   $("generate").disabled = false; $("cancel").disabled = true;
   $("progress").value = state === "done" ? 1 : 0;
   if (state !== "done") { setStatus(result.error || state, state === "failed"); return; }
-  setStatus(`done: ${result.images.length} image(s)`);
+  const notes = Object.values(result.notes || {});  // e.g. the size made when another was asked for
+  setStatus([`done: ${result.images.length} image(s)`, ...notes].join("; "));
   const batch = { id: result.id, images: result.images, parameters: result.parameters };
   showBatch(batch, true);
   remember(batch);
