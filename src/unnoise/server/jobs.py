@@ -2,9 +2,9 @@
 
 A job is one call of the pipeline (generate, edit or inpaint), or a switch to another model, which runs in
 its turn: the jobs queued before it use the old model, those after it the new one. The worker reports each
-sampler step to the job (step, total, a PNG preview of the current x0_hat), checks for cancellation at every step, and
-keeps the finished images as PNG bytes with their parameters. Watchers wait on the job's version number,
-which grows with every change, so several clients can follow one job without missing its end.
+sampler step to the job (step, total, a PNG preview of the current x0_hat), checks for cancellation at every
+step, and keeps the finished images as PNG bytes with their parameters. Watchers wait on the job's version
+number, which grows with every change, so several clients can follow one job without missing its end.
 """
 
 from __future__ import annotations
