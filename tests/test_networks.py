@@ -2,6 +2,7 @@
 (zero-initialised outputs), know where each pixel is, build from their saved config, and old releases load."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,7 +14,11 @@ from unnoise.nn.transformer import TransformerConfig, sincos_positions
 from unnoise.nn.unet import UNetConfig
 from unnoise.text.encoders import TextEmbedding
 
-NETWORKS = ["tiny", "dit-tiny", "small-pos"]
+TINY_FOLDED = UNetConfig(
+    resolution=16, patch=2, channels=16, channel_mult=(1, 2), blocks_per_level=1, head_channels=16
+)
+PRESETS_AND_FOLDED = {**PRESETS, "tiny-folded": TINY_FOLDED}
+NETWORKS = ["tiny", "dit-tiny", "small-pos", "tiny-folded"]
 
 
 def text(batch: int, length: int = 5, dim: int = 384) -> TextEmbedding:
@@ -24,7 +29,7 @@ def text(batch: int, length: int = 5, dim: int = 384) -> TextEmbedding:
 
 @pytest.mark.parametrize("preset", NETWORKS)
 def test_a_new_network_is_the_formulations_skip_and_has_the_images_shape(preset):
-    config = PRESETS[preset]
+    config = PRESETS_AND_FOLDED[preset]
     torch.manual_seed(0)
     network = config.build()
     x = torch.randn(2, 3, config.resolution, config.resolution)
@@ -40,10 +45,10 @@ def test_a_new_network_is_the_formulations_skip_and_has_the_images_shape(preset)
 @pytest.mark.parametrize("preset", NETWORKS)
 def test_the_text_and_the_noise_level_reach_the_output_once_trained(preset):
     torch.manual_seed(0)
-    network = PRESETS[preset].build()
+    network = PRESETS_AND_FOLDED[preset].build()
     for p in network.parameters():  # move every parameter off its initial value
         torch.nn.init.normal_(p, std=0.05)
-    r = PRESETS[preset].resolution
+    r = PRESETS_AND_FOLDED[preset].resolution
     x = torch.randn(1, 3, r, r)
     a, b = text(2)[0], text(2)[1]
     assert not torch.allclose(network(x, torch.tensor([0.1]), a), network(x, torch.tensor([0.1]), b))
@@ -73,7 +78,24 @@ def test_sincos_positions_tell_every_patch_apart_and_mirror_images_differ():
     assert not torch.allclose(grid, grid.flip(1))  # left and right are different places
 
 
-@pytest.mark.parametrize("preset", ["small", "small-pos", "dit-small"])
+def test_a_folded_unet_sees_each_pixel_of_its_patch_and_has_the_patchs_stride():
+    """patch=2: the stem folds 2x2 pixels into channels, so changing one pixel changes the output there."""
+    assert TINY_FOLDED.stride == 4 and PRESETS["small-p2"].stride == 8
+    torch.manual_seed(0)
+    network = TINY_FOLDED.build()
+    for p in network.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(1, 3, 16, 16)
+    moved = x.clone()
+    moved[0, :, 5, 6] += 1.0
+    change = (network(moved, torch.zeros(1), text(1)) - network(x, torch.zeros(1), text(1))).abs().sum(1)[0]
+    assert change[5, 6] > 0 and change.shape == (16, 16)
+    assert network(torch.randn(1, 3, 12, 20), torch.zeros(1), text(1)).shape == (1, 3, 12, 20)  # stride 4
+    with pytest.raises(ValueError, match="not a multiple of the UNet's stride 4"):
+        replace(TINY_FOLDED, resolution=18)
+
+
+@pytest.mark.parametrize("preset", ["small", "small-pos", "small-p2", "dit-small", "dit-p4"])
 def test_a_config_round_trips_through_json(preset):
     config = PRESETS[preset]
     assert network_config_from_dict(json.loads(json.dumps(config.to_dict()))) == config
