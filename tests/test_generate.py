@@ -227,6 +227,7 @@ def test_the_cli_never_overwrites_an_earlier_image(model, tmp_path):
         (["--sampler-option", "eta=0.5"], "has no option eta"),
         (["--seed", str(2**70)], "seed must be in 0.."),
         (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
+        (["--threads", "0"], "--threads must be at least 1, got 0"),
     ],
 )
 def test_cli_mistakes_are_named_before_the_model_loads(tmp_path, flags, message):
@@ -238,6 +239,19 @@ def test_cli_mistakes_are_named_before_the_model_loads(tmp_path, flags, message)
     )
     assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
     assert "no model" not in run.stderr  # named before the (missing) model would have been looked for
+
+
+def test_threads_sets_pytorchs_thread_count(model, tmp_path):
+    """Issue 12: under a competing process PyTorch's threads slow down many times over; --threads 1 shares."""
+    before = torch.get_num_threads()
+    try:
+        run = run_cli(
+            "generate", "x", "--model", str(model), "--steps", "1", "--threads", "1", "--out", str(tmp_path)
+        )
+        assert run.returncode == 0, run.stderr
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_sizes_other_than_the_models_keep_the_aspect_within_the_pixel_budget(model):

@@ -394,6 +394,26 @@ def add_device_argument(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="where the model runs: auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps (default auto)",
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for the model (default: one per core); fewer when other work shares the cores,"
+        " since PyTorch's threads slow down many times over rather than share",
+    )
+
+
+def use_threads(threads: int | None) -> None:
+    """--threads: PyTorch's CPU thread count for this process (None: its default, one per core)."""
+    from .errors import UnnoiseError
+
+    if threads is None:
+        return
+    if threads < 1:
+        raise UnnoiseError(f"--threads must be at least 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -568,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import UnnoiseError
 
     try:
+        use_threads(getattr(args, "threads", None))
         return args.run(args)
     except UnnoiseError as error:
         print(f"unnoise: error: {error}", file=sys.stderr)
