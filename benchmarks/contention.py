@@ -73,7 +73,7 @@ def main() -> None:
         "",
         "| threads | competitor | s / image | vs default alone |",
         "|---|---|---:|---:|",
-        *(f"| {label} | {competing} | {value:.3f} | {value / base:.2f}x |" for label, competing, value in rows),
+        *(f"| {label} | {rival} | {value:.3f} | {value / base:.2f}x |" for label, rival, value in rows),
     ]
     print("\n".join(lines))
     RESULTS.mkdir(exist_ok=True)
