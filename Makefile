@@ -45,7 +45,7 @@ bench: setup
 	$(BIN)/pip install -q diffusers  # the peer measured against; not a dependency of unnoise
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/startup.py
-	$(BIN)/python benchmarks/serve_load.py --json benchmarks/results/serve_load.json
+	$(BIN)/python benchmarks/serve_load.py
 	$(BIN)/python benchmarks/threads.py
 
 clean:

@@ -3,7 +3,7 @@
 Each client posts AUTOMATIC1111 txt2img requests (one image, `--steps` steps) in a loop. Every request
 must be answered 200 or 429 (queue full, with Retry-After); anything else, or no answer, is a failure.
 The baseline, measured in the same run, is the library itself: the same images generated back to back in
-one process with no HTTP. Prints a table; `--json` writes the numbers.
+one process with no HTTP. Prints a table and writes it to benchmarks/results/serve_load.md (and .json).
 
     .venv/bin/python benchmarks/serve_load.py --clients 40 --seconds 30
 """
@@ -22,6 +22,8 @@ from pathlib import Path
 
 import httpx
 from servers import free_port, wait_healthy
+
+RESULTS = Path(__file__).parent / "results"
 
 
 def library_rate(steps: int, seconds: float) -> float:
@@ -74,7 +76,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--queue-size", type=int, default=16)
-    parser.add_argument("--json", default=None, help="also write the numbers here")
+    parser.add_argument("--out", default=str(RESULTS / "serve_load"), help="writes OUT.md and OUT.json")
     args = parser.parse_args()
 
     port = free_port()
@@ -105,6 +107,9 @@ def main() -> int:
 
     ok = [t for s, t in log if s == 200]
     busy = [t for s, t in log if s == 429]
+    other_4xx = [s for s, _ in log if isinstance(s, int) and 400 <= s < 500 and s != 429]
+    server_errors = [s for s, _ in log if isinstance(s, int) and s >= 500]
+    lost = [s for s, _ in log if not isinstance(s, int)]  # no answer at all
     failed = [s for s, _ in log if s not in (200, 429)]
     served = len(ok) / elapsed
     rows = {
@@ -114,7 +119,9 @@ def main() -> int:
         "requests": len(log),
         "answered 200": len(ok),
         "answered 429": len(busy),
-        "failed or lost": len(failed),
+        "other 4xx": len(other_4xx),
+        "5xx": len(server_errors),
+        "lost (no answer)": len(lost),
         "latency p50 (200s)": round(percentile(ok, 50), 3),
         "latency p90 (200s)": round(percentile(ok, 90), 3),
         "latency p99 (200s)": round(percentile(ok, 99), 3),
@@ -124,11 +131,14 @@ def main() -> int:
         "server / library": round(served / baseline, 3),
         "healthy after": health["status"] == "ok" and health["worker_alive"],
     }
-    width = max(map(len, rows))
-    for name, value in rows.items():
-        print(f"{name:<{width}}  {value}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    flags = f"--clients {args.clients} --seconds {args.seconds:g} --steps {args.steps}"
+    flags += f" --queue-size {args.queue_size}"
+    command = f"`.venv/bin/python benchmarks/serve_load.py {flags}`"
+    lines = ["# Serve under load", "", command + f" on {os.cpu_count()} cores.", "", "| | |", "|---|---:|"]
+    lines += [f"| {name} | {value} |" for name, value in rows.items()]
+    print("\n".join(lines))
+    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
+    Path(args.out + ".json").write_text(json.dumps(rows, indent=1))
     return 0 if not failed and rows["healthy after"] else 1
 
 
