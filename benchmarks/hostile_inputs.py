@@ -126,6 +126,14 @@ def cases() -> list[tuple[str, str, str, dict]]:
         ),
         ("png-info of junk", "POST", "/sdapi/v1/png-info", post({"image": b64(b"junk")})),
         ("options: another model", "POST", "/sdapi/v1/options", post({"sd_model_checkpoint": "sdxl"})),
+        ("options: a path", "POST", "/sdapi/v1/options", post({"sd_model_checkpoint": "../../../etc"})),
+        ("options: a number", "POST", "/sdapi/v1/options", post({"sd_model_checkpoint": 7})),
+        (
+            "inpainting_fill 9",
+            "POST",
+            "/sdapi/v1/img2img",
+            post({"prompt": "x", "init_images": [ok], "mask": ok, "inpainting_fill": 9}),
+        ),
         ("OpenAI size 'huge'", "POST", "/v1/images/generations", post({"prompt": "x", "size": "huge"})),
         (
             "OpenAI url format",
