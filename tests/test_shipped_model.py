@@ -84,3 +84,23 @@ def test_shapes_eval_floors_at_20_steps(pipe):
     report = evaluate(lambda p, seed, n: pipe.generate(p, seed=seed, num_images=n, steps=20), None, 4)
     scores = {name: c["accuracy"] for name, c in report.categories().items()}
     assert all(scores[name] >= floor for name, floor in FLOORS.items()), report.table()
+
+
+def test_the_catalogue_names_shipped_models_releases_and_training_runs(tmp_path):
+    """Issue 13: what `serve --models-dir` offers clients: a release by its folder's name, a training run's
+    `model/` by the run's name, the shipped models first; a missing folder is an error that names it."""
+    import shutil
+
+    from unnoise.errors import UnnoiseError
+    from unnoise.release import model_catalogue, model_name
+
+    shutil.copytree(MODELS_DIR / "shapes-32", tmp_path / "mine")
+    shutil.copytree(MODELS_DIR / "shapes-32", tmp_path / "run-7" / "model")
+    (tmp_path / "notes").mkdir()
+    catalogue = model_catalogue([tmp_path])
+    assert list(catalogue) == ["shapes-32", "mine", "run-7"]
+    assert catalogue["run-7"] == tmp_path / "run-7" / "model" and model_name(catalogue["run-7"]) == "run-7"
+    assert model_catalogue([tmp_path / "mine"])["mine"] == tmp_path / "mine"  # a release folder itself
+    assert unnoise.load(tmp_path / "run-7" / "model").name == "run-7"
+    with pytest.raises(UnnoiseError, match="is not a folder"):
+        model_catalogue([tmp_path / "nowhere"])
