@@ -196,7 +196,7 @@ def write(results: dict, args, steps: int) -> None:
             f" {ratio} |"
         )
     threads = (
-        f"{os.cpu_count() // len(results)} per recipe, in parallel"
+        f"{max(1, (os.cpu_count() or 1) // len(results))} per recipe, in parallel"
         if args.parallel
         else "all, one recipe at a time"
     )
