@@ -33,7 +33,7 @@ class Service:
         """Every model a client may ask for: the one serving now first."""
         return list(dict.fromkeys([self.pipe.name, *sorted(self.models)]))
 
-    def hash(self, name: str) -> str:
+    def hash_of(self, name: str) -> str:
         """A model's short hash (AUTOMATIC1111's), from its config.json; '' when it has none or is damaged
         (a damaged release is listed, and refused when switched to)."""
         if name == self.pipe.name:
@@ -45,7 +45,7 @@ class Service:
 
     def title(self, name: str) -> str:
         """As AUTOMATIC1111 titles a model: "name [hash]"."""
-        digest = self.hash(name)
+        digest = self.hash_of(name)
         return f"{name} [{digest}]" if digest else name
 
     def model_named(self, wanted: str) -> str:
