@@ -1,0 +1,64 @@
+"""Accuracy against training images for one run: each saved release judged as time_to_quality.py judges.
+
+A long `unnoise train` run writes its release (EMA weights) to OUT/model at every checkpoint; copies of it
+taken along the way (any folders holding a release, e.g. snapshots/step-2000) become the points of the
+curve. Each is judged with the quick ShapesEval and the position confusion matrix of time_to_quality.py,
+same prompts, seeds and sampler, so the points compare with that table.
+
+Run: .venv/bin/python benchmarks/training_curve.py SNAPSHOT [SNAPSHOT ...] [--out FILE]
+Writes benchmarks/results/training_curve.md and .json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from time_to_quality import judge
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("releases", nargs="+", help="release folders (with config.json), in training order")
+    parser.add_argument("--prompts", type=int, default=12, help="ShapesEval prompts per category")
+    parser.add_argument("--samples", type=int, default=2, help="images per ShapesEval prompt")
+    parser.add_argument("--cell-samples", type=int, default=8, help="images per grid cell")
+    parser.add_argument("--title", default="", help="what the run is, for the table's heading")
+    parser.add_argument("--out", default=str(RESULTS / "training_curve"))
+    args = parser.parse_args()
+    points = []
+    for folder in map(Path, args.releases):
+        training = json.loads((folder / "config.json").read_text())["training"]
+        result = judge(folder, args.prompts, args.samples, args.cell_samples)
+        result.pop("position_table")
+        point = {"release": str(folder), **training, **result}
+        points.append(point)
+        print(json.dumps({k: v for k, v in point.items() if k != "positions"}), flush=True)
+    lines = [
+        f"# Training curve{': ' + args.title if args.title else ''}",
+        "",
+        f"`{' '.join(['.venv/bin/python', *sys.argv])}`: ShapesEval {args.prompts} prompts x {args.samples}"
+        f" images per category, positions {args.cell_samples} images per cell, 20 steps, guidance 3.",
+        "",
+        "| step | images | single | two | count | binding | horizontal | vertical | placed horizontal"
+        " | placed vertical |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in points:
+        c, pos = p["categories"], p["positions"]
+        lines.append(
+            f"| {p['steps']} | {p['images_seen']:,} | {c['single']:.0%} | {c['two_objects']:.0%} |"
+            f" {c['counting']:.0%} | {c['binding']:.0%} | {pos['horizontal']:.0%} | {pos['vertical']:.0%} |"
+            f" {pos['placement_horizontal']:.0%} | {pos['placement_vertical']:.0%} |"
+        )
+    print("\n".join(lines))
+    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
+    Path(args.out + ".json").write_text(json.dumps(points, indent=1))
+
+
+if __name__ == "__main__":
+    main()
