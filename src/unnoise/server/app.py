@@ -23,7 +23,8 @@ from fastapi.staticfiles import StaticFiles
 
 from ..diffusion.samplers import SAMPLERS
 from ..errors import UnnoiseError
-from ..pipeline import Pipeline
+from ..pipeline import Pipeline, load
+from ..release import model_catalogue, model_name, resolve_model
 from ..settings import (
     DEFAULT_GUIDANCE,
     DEFAULT_SAMPLER,
@@ -53,9 +54,6 @@ def create_app(
     """The application for a loaded Pipeline, or for a function that loads one (`serve` passes one, so the
     model is loaded on the worker's thread, see jobs.Worker). Clients may switch to any of `models` (by
     default the shipped ones), which `load_model` loads (by default `unnoise.load` on the best device)."""
-    from ..pipeline import load
-    from ..release import model_catalogue
-
     worker = Worker(model, queue_size=queue_size, deadline=deadline)
     worker.wait_ready()
 
@@ -150,9 +148,6 @@ def serve(
     """`unnoise serve`: load the model and run uvicorn until interrupted. Clients may switch to the shipped
     models and the releases in `models_dirs`."""
     import uvicorn
-
-    from ..pipeline import load
-    from ..release import model_catalogue, model_name, resolve_model
 
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         raise UnnoiseError(f"binding {host} exposes the server beyond this machine: pass --api-key too")
