@@ -6,7 +6,8 @@ position and relation phrases); relations hold by the object centroids, with the
 positions name the grid cell of the centre; objects do not overlap and are at least 6 px across;
 counting scenes show as many separate objects as they say; the pixels agree with the ground truth
 (each object's colour at its centre, measured centroids within a fraction of a pixel); images have
-the right shape, dtype and range at 32 and 64 pixels; the ground truth survives a JSON round trip.
+the right shape, dtype and range at 32 and 64 pixels; the ground truth survives a JSON round trip; a
+caption mix changes what is drawn, and the default draws what the data set always drew.
 """
 
 import json
@@ -21,6 +22,7 @@ from unnoise.data.shapes import (
     COLOURS,
     RELATION_MARGIN,
     SHAPES,
+    CaptionMix,
     Scene,
     ShapesDataset,
     position_name,
@@ -220,3 +222,33 @@ def test_bad_input():
         ShapesDataset(resolution=8)
     with pytest.raises(IndexError, match="unbounded"):
         ShapesDataset()[-1]
+
+
+def test_the_default_caption_mix_draws_what_the_data_set_always_drew():
+    default, explicit = ShapesDataset(seed=4), ShapesDataset(seed=4, mix=CaptionMix.parse(""))
+    assert [default[i].caption for i in range(50)] == [explicit[i].caption for i in range(50)]
+    assert CaptionMix().describe() == "" and CaptionMix.parse("") == CaptionMix()
+
+
+def test_a_caption_mix_changes_what_is_drawn():
+    mix = CaptionMix.parse("single=1,relation=0,count=0,binding=0,position=1")
+    scenes = [ShapesDataset(seed=5, mix=mix)[i].scene for i in range(60)]
+    assert all(s.kind == "single" and "position" in s.mentioned for s in scenes)
+    assert mix.describe() == "single=1,relation=0,count=0,binding=0,position=1"
+    assert CaptionMix.parse(mix.describe()) == mix
+    counted = CaptionMix.parse("count=3")  # weights are relative: count is 3 / 3.75 of the scenes
+    kinds = [ShapesDataset(seed=5, mix=counted)[i].scene.kind for i in range(400)]
+    assert 0.72 < kinds.count("count") / 400 < 0.88
+
+
+def test_a_bad_caption_mix_is_named():
+    with pytest.raises(UnnoiseError, match="'sngle' is not one of single"):
+        CaptionMix.parse("sngle=1")
+    with pytest.raises(UnnoiseError, match="is not name=number"):
+        CaptionMix.parse("single=lots")
+    with pytest.raises(UnnoiseError, match="at most 1"):
+        CaptionMix.parse("position=1.5")
+    with pytest.raises(UnnoiseError, match="weight > 0"):
+        CaptionMix.parse("single=0,relation=0,count=0,binding=0")
+    with pytest.raises(UnnoiseError, match="finite numbers >= 0"):
+        CaptionMix.parse("count=-1")

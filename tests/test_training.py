@@ -193,6 +193,10 @@ def test_bad_options_are_named(tmp_path):
         train(TrainConfig(preset="huge", out=str(tmp_path / "b")))
     with pytest.raises(UnnoiseError, match="no such folder"):
         train(TrainConfig(preset="tiny", data=str(tmp_path / "missing"), out=str(tmp_path / "c")))
+    with pytest.raises(UnnoiseError, match="'single' is not name=number"):
+        TrainConfig(shapes_mix="single").validate()
+    with pytest.raises(UnnoiseError, match="--shapes-mix is for the built-in data set"):
+        TrainConfig(data=str(tmp_path), shapes_mix="single=1").validate()
 
 
 def test_training_on_a_folder_of_captioned_images(tmp_path):
@@ -417,3 +421,12 @@ def test_auto_precision_uses_bf16_only_where_the_hardware_has_it():
 
     assert native_bf16(torch.device("cpu")) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
     assert TrainConfig().precision == "auto"
+
+
+def test_the_shapes_caption_mix_reaches_the_training_data():
+    from unnoise.train.data import open_source
+
+    source = open_source("shapes", 16, 0, "#ffffff", shapes_mix="single=1,relation=0,count=0,binding=0")
+    _, captions = source.examples(list(range(40)))
+    assert all(" and " not in c and not c.startswith(("two", "three", "four")) for c in captions)
+    assert "caption mix single=1,relation=0,count=0,binding=0" in source.description

@@ -11,6 +11,10 @@ columns did not; this measures each axis on its own.
 Early in training a model often draws extra objects or none; `placement` is the gentler reading for such
 models: the cell of the largest object of the prompt's colour, whatever else the image holds (wrong only
 when there is no object of that colour).
+
+`position_word_test` asks the same question without sampling, in seconds: does the denoiser reconstruct
+a training image better from its true caption ("... in the top left") than from the caption with the
+position word mirrored ("... in the top right")? A model that ignores the word is indifferent (50%).
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
-from ..data.shapes import COLOURS, POSITION_PHRASES, POSITIONS, SHAPES
+from ..data.shapes import COLOURS, POSITION_PHRASES, POSITIONS, SHAPES, ShapesDataset
 from .shapes_eval import detect
 
 COLUMNS = ("left", "center", "right")
@@ -127,3 +132,62 @@ def evaluate_positions(generate: Generate, samples_per_cell: int = 8, *, seed: i
         for image in generate(prompt, seed, samples_per_cell):
             report.add(cell, *found_cells(image, colour))
     return report
+
+
+# --- the position-word test: no sampling, only denoising ----------------------------------------------
+
+MIRRORED_WORDS = {"horizontal": ("left", "right"), "vertical": ("top", "bottom")}
+PROBE_SIGMAS = (0.5, 1.0, 2.0, 4.0)
+
+
+def mirrored(caption: str, axis: str) -> str:
+    """The caption with its position word on `axis` swapped: "in the top left" -> "in the top right"."""
+    a, b = MIRRORED_WORDS[axis]
+    return " ".join({a: b, b: a}.get(word, word) for word in caption.split(" "))
+
+
+def probe_samples(resolution: int, axis: str, count: int, seed: int = 1000) -> list:
+    """Single-object samples of the shapes data whose caption names a position off the middle of `axis`
+    (so the mirrored caption names another cell)."""
+    data, chosen = ShapesDataset(resolution=resolution, seed=seed), []
+    a, b = MIRRORED_WORDS[axis]
+    for sample in data:
+        words = sample.caption.split(" ")
+        if (
+            sample.scene.kind == "single"
+            and "position" in sample.scene.mentioned
+            and (a in words or b in words)
+        ):
+            chosen.append(sample)
+            if len(chosen) == count:
+                return chosen
+    raise AssertionError("the shapes data set is unbounded")
+
+
+@torch.no_grad()
+def position_word_test(pipe, samples: int = 64, sigmas=PROBE_SIGMAS, seed: int = 0) -> dict[str, dict]:
+    """Per axis and noise level: how often the true caption denoises better than the mirrored one
+    (`preferred`, chance 0.5), and how much larger the mirrored caption's mean error is (`gap`, relative).
+
+    Each sample gets the same noise under both captions, so only the words differ.
+    """
+    results: dict[str, dict] = {}
+    generator = torch.Generator().manual_seed(seed)
+    for axis in MIRRORED_WORDS:
+        chosen = probe_samples(pipe.resolution, axis, samples)
+        x0 = torch.stack([s.tensor() for s in chosen]).to(pipe.device)  # (N, 3, R, R)
+        true = pipe.text.encode([s.caption for s in chosen]).to(pipe.device)
+        wrong = pipe.text.encode([mirrored(s.caption, axis) for s in chosen]).to(pipe.device)
+        by_sigma = {}
+        for sigma in sigmas:
+            noise = torch.randn(x0.shape, generator=generator).to(x0)
+            x = x0 + sigma * noise
+            s = torch.full((len(x0),), float(sigma), device=x0.device)
+            errors = [((pipe.denoiser(x, s, c) - x0) ** 2).flatten(1).mean(1) for c in (true, wrong)]  # (N,)
+            wins = (errors[0] < errors[1]).float() + 0.5 * (errors[0] == errors[1]).float()  # a tie is half
+            by_sigma[str(sigma)] = {
+                "preferred": float(wins.mean()),
+                "gap": float(errors[1].mean() / errors[0].mean() - 1),
+            }
+        results[axis] = by_sigma
+    return results

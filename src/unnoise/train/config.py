@@ -33,6 +33,12 @@ class TrainConfig:
     resolution: int | None = option(None, "image side in pixels (default: the preset's)")
     background: str = option("#ffffff", "colour behind transparent pixels of a folder's images")
     caption_column: str = option("text", "the caption column of a folder's metadata.jsonl or .csv")
+    shapes_mix: str = option(
+        "",
+        "the built-in shapes' caption mix: scene-kind weights and single-object caption probabilities,"
+        " e.g. 'single=0.6,relation=0.2,count=0.1,binding=0.1,position=0.9' (unnamed ones keep the"
+        " default: single=0.3,relation=0.25,count=0.25,binding=0.2,position=0.7,size=0.5)",
+    )
     flip: bool = option(False, "random horizontal flips (off for shapes: captions name left and right)")
     cond_dropout: float = option(0.1, "fraction of captions replaced by '' so classifier-free guidance works")
 
@@ -96,6 +102,12 @@ class TrainConfig:
             value = getattr(self, name)
             if not 0 <= value < float("inf"):
                 raise UnnoiseError(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
+        if self.shapes_mix:
+            from ..data.shapes import CaptionMix
+
+            if self.data != "shapes":
+                raise UnnoiseError("--shapes-mix is for the built-in data set (--data shapes)")
+            CaptionMix.parse(self.shapes_mix)
         if self.resolution is not None and not 16 <= self.resolution <= 1024:
             raise UnnoiseError(f"--resolution must be in 16..1024 pixels, got {self.resolution}")
         if not 0 <= self.cond_dropout < 1:

@@ -34,12 +34,13 @@ class Batch:
 class ShapesSource:
     """The built-in procedural shapes: position p is example p."""
 
-    def __init__(self, resolution: int, seed: int):
-        from ..data.shapes import ShapesDataset
+    def __init__(self, resolution: int, seed: int, mix: str = ""):
+        from ..data.shapes import CaptionMix, ShapesDataset
 
-        self.dataset = ShapesDataset(resolution=resolution, seed=seed)
+        self.dataset = ShapesDataset(resolution=resolution, seed=seed, mix=CaptionMix.parse(mix))
         self.captions: list[str] | None = None  # unbounded: captions are encoded as they come
-        self.description = f"built-in shapes at {resolution}x{resolution} (procedural, unbounded)"
+        mixed = f", caption mix {self.dataset.mix.describe()}" if self.dataset.mix.describe() else ""
+        self.description = f"built-in shapes at {resolution}x{resolution} (procedural, unbounded{mixed})"
 
     def examples(self, positions: list[int]) -> tuple[torch.Tensor, list[str]]:
         return self.dataset.batch(positions)
@@ -77,9 +78,11 @@ class FolderSource:
         return torch.stack([image for image, _ in items]), [caption for _, caption in items]
 
 
-def open_source(data: str, resolution: int, seed: int, background: str, caption_column: str = "text"):
+def open_source(
+    data: str, resolution: int, seed: int, background: str, caption_column: str = "text", shapes_mix: str = ""
+):
     if data == "shapes":
-        return ShapesSource(resolution, seed)
+        return ShapesSource(resolution, seed, shapes_mix)
     if not Path(data).exists():
         raise UnnoiseError(f"--data {data!r}: no such folder (use 'shapes' for the built-in data set)")
     return FolderSource(data, resolution, seed, background, caption_column)

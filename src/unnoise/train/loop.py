@@ -100,7 +100,12 @@ class Run:
         )
         self.text = CachedTextEncoder(load_text_encoder(config.text_encoder, max_tokens=config.max_tokens))
         self.source = open_source(
-            config.data, self.network_config.resolution, config.seed, config.background, config.caption_column
+            config.data,
+            self.network_config.resolution,
+            config.seed,
+            config.background,
+            config.caption_column,
+            config.shapes_mix,
         )
         if self.source.captions is not None:
             self.text.precompute([*self.source.captions, ""], progress=setup.is_main)
