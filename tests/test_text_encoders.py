@@ -207,3 +207,35 @@ def test_a_bounded_cache_keeps_the_most_recently_used_captions(encoder):
     assert len(cached) == 2 and "a" in cached and "c" in cached and "b" not in cached
     assert_same(cached.encode(["b", "c"]), encoder.encode(["b", "c"]), atol=1e-5)
     assert counting.calls == [["a"], ["b"], ["c"], ["b"]]
+
+
+def test_first_last_tokens_are_the_mean_of_the_embedding_layer_and_the_last(encoder):
+    first_last = load_text_encoder(token_layers="first-last")
+    prompts = ["a red circle in the top left", "a red circle in the top right", ""]
+    a, b = encoder.encode(prompts), first_last.encode(prompts)
+    assert first_last.name == encoder.name + "-first-last"  # caches keyed by name keep them apart
+    assert torch.equal(a.mask, b.mask) and torch.equal(a.pooled, b.pooled)  # the pooled vector is the last's
+    inputs = encoder.tokenizer(prompts[:1], return_tensors="pt")
+    with torch.no_grad():
+        first = encoder.model(**inputs, output_hidden_states=True).hidden_states[0][0]  # (T, D)
+    torch.testing.assert_close(b.tokens[0, : len(first)], (first + a.tokens[0, : len(first)]) / 2)
+    assert torch.all(b.tokens[~b.mask] == 0)
+
+
+def test_first_last_tokens_keep_left_and_right_apart(encoder):
+    """The reason for the option (issue 11): "left" and "right" nearly merge in MiniLM's last layer."""
+    first_last = load_text_encoder(token_layers="first-last")
+    prompts = ["a red circle in the top left", "a red circle in the top right"]
+    word = 7  # [CLS] a red circle in the top left [SEP]: the position word
+    last_gap, first_last_gap = (
+        (e.tokens[0, word] - e.tokens[1, word]).norm()
+        for e in (encoder.encode(prompts), first_last.encode(prompts))
+    )
+    assert first_last_gap > 1.8 * last_gap
+
+
+def test_unknown_token_layers_are_named():
+    with pytest.raises(UnnoiseError, match="token layers must be one of last, first-last"):
+        load_text_encoder(token_layers="middle")
+    with pytest.raises(UnnoiseError, match="token layers"):
+        load_text_encoder(token_layers=["last"])

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -141,7 +142,7 @@ def test_the_release_loads_without_training_code_and_detects_tampering(tmp_path)
     )
     _, config = load_release(tmp_path / "model")
     assert config["network"]["kind"] == "unet" and config["network"]["channels"] == 32
-    assert config["formulation"] == "edm"
+    assert config["formulation"] == "edm" and config["text_encoder"]["token_layers"] == "last"
     assert (tmp_path / "samples" / "step-00000002.png").exists()
     assert (tmp_path / "config.json").exists() and (tmp_path / "log.csv").read_text().count("\n") == 2
     assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("*.pkl"))
@@ -430,3 +431,14 @@ def test_the_shapes_caption_mix_reaches_the_training_data():
     _, captions = source.examples(list(range(40)))
     assert all(" and " not in c and not c.startswith(("two", "three", "four")) for c in captions)
     assert "caption mix single=1,relation=0,count=0,binding=0" in source.description
+
+
+def test_a_model_trained_on_first_last_tokens_is_loaded_with_them(tmp_path):
+    from unnoise.pipeline import load
+
+    config = TrainConfig(preset="tiny", batch_size=2, steps=1, checkpoint_every=1, sample_every=0)
+    train(replace(config, text_token_layers="first-last", out=str(tmp_path)))
+    pipe = load(tmp_path / "model")
+    assert pipe.text.encoder.token_layers == "first-last" and pipe.text.name.endswith("-first-last")
+    with pytest.raises(UnnoiseError, match="--text-token-layers must be 'last' or 'first-last'"):
+        replace(config, text_token_layers="all").validate()

@@ -399,7 +399,12 @@ def load(name_or_path: str | Path, *, device: str | torch.device = "auto") -> Pi
     denoiser = Denoiser(network.eval().requires_grad_(False), formulation).to(device)
     encoder = config["text_encoder"]
     text = CachedTextEncoder(
-        load_text_encoder(encoder["name"], device=device, max_tokens=encoder["max_tokens"]),
+        load_text_encoder(
+            encoder["name"],
+            device=device,
+            max_tokens=encoder["max_tokens"],
+            token_layers=encoder.get("token_layers", "last"),  # releases before issue 11 read the last
+        ),
         max_entries=PROMPT_CACHE,
     )
     return Pipeline(

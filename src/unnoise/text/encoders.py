@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import Literal, NamedTuple, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -219,12 +219,23 @@ def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 
+TokenLayers = Literal["last", "first-last"]
+TOKEN_LAYERS: tuple[TokenLayers, ...] = ("last", "first-last")
+
+
 class HFTextEncoder:
     """A frozen BERT-like encoder (AutoTokenizer + AutoModel) read from a local folder, in float32.
 
-    tokens = the last hidden state (zeroed at padding), pooled = the masked mean of the token states,
+    tokens = the last hidden state (zeroed at padding), or with `token_layers="first-last"` the mean of the
+    first (the embedding layer's output) and the last; pooled = the masked mean of the last hidden state,
     L2-normalised (the sentence-transformers recipe for all-MiniLM-L6-v2). Prompts are truncated to
     `max_tokens` tokens, special tokens included, and encoded one at a time (see `encode`).
+
+    Why the first layer (issue 11): all-MiniLM-L6-v2, trained for sentence similarity, nearly merges some
+    words a picture must tell apart. In its last layer "left" and "right" (in "a red circle in the top
+    left / right") lie 3.0 apart, "top" and "bottom" 6.6, "red" and "blue" 9.2, "circle" and "square"
+    12.6; in its first layer all four pairs lie 10.7 to 13.7 apart. Models learn these words in the order of
+    the last layer's distances (shapes-32 learned colours, shapes and rows, not columns).
     """
 
     def __init__(
@@ -234,7 +245,10 @@ class HFTextEncoder:
         device: torch.device | str = "cpu",
         max_tokens: int = 32,
         label: str | None = None,
+        token_layers: TokenLayers = "last",
     ):
+        if token_layers not in TOKEN_LAYERS:
+            raise UnnoiseError(f"token layers must be one of {', '.join(TOKEN_LAYERS)}, got {token_layers!r}")
         folder = Path(path).expanduser() if path is not None else packaged_minilm_path()
         check_model_folder(folder)
         self.path = folder.resolve()
@@ -243,7 +257,9 @@ class HFTextEncoder:
         self.device = torch.device(device)
         self.dim = int(self.model.config.hidden_size)
         self.max_tokens = self.check_max_tokens(max_tokens)
-        self.name = f"{label}-{folder_fingerprint(self.path)}-t{self.max_tokens}"
+        self.token_layers = token_layers
+        layers = "" if token_layers == "last" else f"-{token_layers}"
+        self.name = f"{label}-{folder_fingerprint(self.path)}-t{self.max_tokens}{layers}"
 
     @staticmethod
     def load_frozen(path: Path, device: torch.device | str):
@@ -289,29 +305,39 @@ class HFTextEncoder:
             return_tensors="pt",
         ).to(self.device)
         mask = inputs["attention_mask"].bool()  # (B, T)
-        hidden = self.model(**inputs).last_hidden_state.float()  # (B, T, D)
-        tokens = hidden * mask.unsqueeze(-1)  # (B, T, D), padding states set to exactly 0
-        pooled = F.normalize(masked_mean(tokens, mask), dim=-1)  # (B, D), unit norm
-        return TextEmbedding(tokens, mask, pooled)
+        first_last = self.token_layers == "first-last"
+        output = self.model(**inputs, output_hidden_states=first_last)
+        last = output.last_hidden_state.float() * mask.unsqueeze(-1)  # (B, T, D), padding set to exactly 0
+        pooled = F.normalize(masked_mean(last, mask), dim=-1)  # (B, D), unit norm
+        if not first_last:
+            return TextEmbedding(last, mask, pooled)
+        first = output.hidden_states[0].float() * mask.unsqueeze(-1)  # (B, T, D) the embedding layer's output
+        return TextEmbedding((first + last) / 2, mask, pooled)
 
 
 def load_text_encoder(
-    name_or_path: str | Path | None = None, *, device: torch.device | str = "cpu", max_tokens: int = 32
+    name_or_path: str | Path | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    max_tokens: int = 32,
+    token_layers: TokenLayers = "last",
 ) -> HFTextEncoder:
     """None or "minilm": the packaged all-MiniLM-L6-v2 (D = 384); anything else: a local model folder.
 
     Encoders are frozen, so one loaded encoder is shared by every caller asking for the same one.
     """
+    if not isinstance(token_layers, str) or token_layers not in TOKEN_LAYERS:
+        raise UnnoiseError(f"token layers must be one of {', '.join(TOKEN_LAYERS)}, got {token_layers!r}")
     if name_or_path is None or str(name_or_path).lower() in ("minilm", MINILM.lower()):
         name_or_path = None
     else:
         name_or_path = str(Path(name_or_path).resolve())
-    return _load_shared(name_or_path, str(device), max_tokens)
+    return _load_shared(name_or_path, str(device), max_tokens, token_layers)
 
 
 @functools.lru_cache(maxsize=4)
-def _load_shared(path: str | None, device: str, max_tokens: int) -> HFTextEncoder:
-    return HFTextEncoder(path, device=device, max_tokens=max_tokens)
+def _load_shared(path: str | None, device: str, max_tokens: int, token_layers: TokenLayers) -> HFTextEncoder:
+    return HFTextEncoder(path, device=device, max_tokens=max_tokens, token_layers=token_layers)
 
 
 # --- caching per caption --------------------------------------------------------------------------------

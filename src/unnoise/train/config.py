@@ -30,6 +30,11 @@ class TrainConfig:
         "minilm", "'minilm' (the packaged all-MiniLM-L6-v2) or a local Hugging Face encoder folder"
     )
     max_tokens: int = option(32, "caption tokens kept, special tokens included")
+    text_token_layers: Literal["last", "first-last"] = option(
+        "last",
+        "what cross-attention reads: the encoder's last layer, or the mean of its first and last (the first"
+        " keeps words apart that MiniLM's last nearly merges, such as left and right; see docs/training.md)",
+    )
     resolution: int | None = option(None, "image side in pixels (default: the preset's)")
     background: str = option("#ffffff", "colour behind transparent pixels of a folder's images")
     caption_column: str = option("text", "the caption column of a folder's metadata.jsonl or .csv")
@@ -102,6 +107,10 @@ class TrainConfig:
             value = getattr(self, name)
             if not 0 <= value < float("inf"):
                 raise UnnoiseError(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
+        if self.text_token_layers not in ("last", "first-last"):
+            raise UnnoiseError(
+                f"--text-token-layers must be 'last' or 'first-last', got {self.text_token_layers!r}"
+            )
         if self.shapes_mix:
             from ..data.shapes import CaptionMix
 

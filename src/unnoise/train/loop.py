@@ -53,6 +53,7 @@ def model_config(config: TrainConfig, network_config, text_encoder) -> dict:
             "name": config.text_encoder,
             "fingerprint": text_encoder.name,
             "max_tokens": config.max_tokens,
+            "token_layers": config.text_token_layers,
         },
         "resolution": network_config.resolution,
     }
@@ -98,7 +99,11 @@ class Run:
             weight_decay=config.weight_decay,
             fused=True,
         )
-        self.text = CachedTextEncoder(load_text_encoder(config.text_encoder, max_tokens=config.max_tokens))
+        self.text = CachedTextEncoder(
+            load_text_encoder(
+                config.text_encoder, max_tokens=config.max_tokens, token_layers=config.text_token_layers
+            )
+        )
         self.source = open_source(
             config.data,
             self.network_config.resolution,
