@@ -114,3 +114,29 @@ def test_a_transformer_config_that_cannot_be_built_says_why():
         TransformerConfig(resolution=30, patch=4)
     with pytest.raises(ValueError, match="depth must be even"):
         TransformerConfig(depth=3)
+
+
+def test_fractional_positions_code_a_place_the_same_at_every_resolution():
+    from unnoise.nn.layers import fractional_positions
+
+    coarse, fine = fractional_positions(3, 3, 64), fractional_positions(9, 9, 64)  # (9, 64), (81, 64)
+    torch.testing.assert_close(coarse[4], fine[4 * 9 + 4])  # the centre pixel: u = (0.5, 0.5) in both
+    torch.testing.assert_close(coarse[0], fine[1 * 9 + 1])  # u = 1/6 in both
+    column = fractional_positions(1, 8, 64)[:, 32]  # cos(pi u) of the column, left to right
+    assert torch.all(column[1:] < column[:-1]) and column[0] > 0 > column[-1]
+    assert fractional_positions(2, 2, 66).shape == (4, 66)  # channels beyond 4 * (dim // 4) are zero
+
+
+@pytest.mark.parametrize("query_positions", [False, True])
+def test_query_positions_let_cross_attention_read_words_differently_across_the_image(query_positions):
+    from unnoise.nn.layers import TransformerBlock
+    from unnoise.text.encoders import TextEmbedding
+
+    torch.manual_seed(0)
+    block = TransformerBlock(64, 16, 32, self_attention=False, query_positions=query_positions)
+    with torch.no_grad():
+        block.cross_attention.out.weight.copy_(torch.eye(64))  # pass the attended values through
+    text = TextEmbedding(torch.randn(1, 5, 16) * 3, torch.ones(1, 5, dtype=torch.bool), torch.randn(1, 16))
+    out = block(torch.zeros(1, 64, 4, 4), text).flatten(2)  # (1, 64, 16): the same input at every pixel
+    spread = (out - out.mean(2, keepdim=True)).abs().max()
+    assert (spread > 1e-3) if query_positions else (spread < 1e-6)

@@ -48,6 +48,25 @@ def sincos_positions(rows: int, cols: int, dim: int) -> torch.Tensor:
         return torch.cat([encode(y.flatten().double()), encode(x.flatten().double())], dim=1).float()
 
 
+@functools.cache
+def fractional_positions(rows: int, cols: int, dim: int) -> torch.Tensor:
+    """(rows * cols, dim) fixed 2-D positions in fractions of the image, so a place has the same code at
+    every resolution: half the channels for the row, half for the column, each cos(pi k u) and sin(pi k u)
+    for k = 1 .. dim / 4, with u = (index + 0.5) / size in (0, 1). k = 1 falls once from one side to the
+    other, so left against right (or top against bottom) is a single direction. Cached: never write to it."""
+    quarter = dim // 4
+    k = torch.arange(1, quarter + 1, dtype=torch.float64) * math.pi  # (dim/4,)
+
+    def encode(size: int) -> torch.Tensor:
+        u = (torch.arange(size, dtype=torch.float64) + 0.5) / size  # (size,)
+        return torch.cat([(u[:, None] * k).cos(), (u[:, None] * k).sin()], dim=1)  # (size, dim/2)
+
+    with torch.inference_mode(False):
+        row, col = encode(rows), encode(cols)  # (rows, dim/2), (cols, dim/2)
+        grid = torch.cat([row[:, None].expand(-1, cols, -1), col[None].expand(rows, -1, -1)], dim=2)
+        return torch.nn.functional.pad(grid.reshape(rows * cols, -1), (0, dim - 4 * quarter)).float()
+
+
 def group_norm(channels: int) -> nn.GroupNorm:
     """GroupNorm with groups of 16 channels (at most 32 groups; Wu & He 2018 found 16 to 32 per group fine).
 
@@ -147,7 +166,12 @@ class Attention(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Self-attention over pixels (optional), cross-attention to the text tokens, and an MLP, pre-normed."""
+    """Self-attention over pixels (optional), cross-attention to the text tokens, and an MLP, pre-normed.
+
+    With `query_positions` the cross-attention's queries also get each pixel's `fractional_positions`
+    (as DETR adds positions to its queries at every layer): a word can be read more in one part of the
+    image than another from the first step, instead of only after the features have learned where they are.
+    """
 
     def __init__(
         self,
@@ -157,8 +181,10 @@ class TransformerBlock(nn.Module):
         mlp_ratio: int = 2,
         *,
         self_attention: bool = True,
+        query_positions: bool = False,
     ):
         super().__init__()
+        self.query_positions = query_positions
         self.norm_self = nn.LayerNorm(channels) if self_attention else None
         self.self_attention = Attention(channels, head_channels=head_channels) if self_attention else None
         self.norm_cross = nn.LayerNorm(channels)
@@ -176,7 +202,10 @@ class TransformerBlock(nn.Module):
         if self.self_attention is not None:
             h = h + self.self_attention(self.norm_self(h))
         if text is not None:
-            h = h + self.cross_attention(self.norm_cross(h), text.tokens, text.mask)
+            queries = self.norm_cross(h)  # (B, H*W, C)
+            if self.query_positions:
+                queries = queries + fractional_positions(height, width, c).to(h)
+            h = h + self.cross_attention(queries, text.tokens, text.mask)
         h = h + self.mlp(self.norm_mlp(h))
         return h.transpose(1, 2).reshape(b, c, height, width)
 

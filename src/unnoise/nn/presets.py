@@ -62,6 +62,9 @@ PRESETS["small-p2"] = UNetConfig(
     position_embedding=True,
 )
 
+# ... the same with each pixel's place in its cross-attention queries
+PRESETS["small-p2q"] = replace(PRESETS["small-p2"], query_positions=True)
+
 
 def network_config_from_dict(values: dict) -> NetworkConfig:
     """A release's network config: {"kind": "transformer", ...}, or a UNet's (releases before the kinds)."""

@@ -49,6 +49,7 @@ class UNetConfig(NetworkConfigBase):
     text_layers: int = 0  # trainable self-attention layers over the frozen encoder's tokens
     position_embedding: bool = False  # fixed 2-D sine-cosine positions added after the stem (learned gain)
     patch: int = 1  # the stem folds p x p pixels into one position (pixel unshuffle); the output unfolds them
+    query_positions: bool = False  # cross-attention queries carry each pixel's place (TransformerBlock)
 
     def __post_init__(self):
         stride = self.stride
@@ -88,7 +89,11 @@ class UNet(nn.Module):
                 self_attention = level in config.self_attention_levels
                 layers.append(
                     TransformerBlock(
-                        c_out, config.text_dim, config.head_channels, self_attention=self_attention
+                        c_out,
+                        config.text_dim,
+                        config.head_channels,
+                        self_attention=self_attention,
+                        query_positions=config.query_positions,
                     )
                 )
             return nn.ModuleList(layers)
@@ -107,7 +112,9 @@ class UNet(nn.Module):
         self.middle = nn.ModuleList(
             [
                 ResBlock(width, width, emb_dim, config.dropout),
-                TransformerBlock(width, config.text_dim, config.head_channels),
+                TransformerBlock(
+                    width, config.text_dim, config.head_channels, query_positions=config.query_positions
+                ),
                 ResBlock(width, width, emb_dim, config.dropout),
             ]
         )
