@@ -4,9 +4,10 @@ Each recipe trains at 16x16 on single objects whose every caption names the posi
 top left": `--shapes-mix single=1,relation=0,count=0,binding=0,position=1`), batch 32, one thread per
 recipe, two recipes at a time. Every checkpoint's raw weights then take the position-word test
 (`unnoise.eval.positions.position_word_test`): how often the true caption denoises a training image
-better than the caption with its left/right (top/bottom) word mirrored, at sigma 2 and 4, where the layout
-is decided (chance 50%). The table is the first checkpoint at which each axis reaches 90% at sigma 4,
+better than the caption with its left/right (top/bottom) word mirrored (chance 50%), at sigma 0.5 to 4;
+the tables read sigma 4, where the layout is decided: the first checkpoint at which each axis reaches 90%,
 and the whole curve. Needs no sampling, so a recipe costs its training time and seconds per point.
+`--judge-only` judges the checkpoints already in --workdir/RECIPE (runs made by hand with the same flags).
 
 Run: .venv/bin/python benchmarks/layout_proxy.py [--recipes small-p2,small-p2q] [--steps 1500]
 Writes benchmarks/results/layout_proxy.md and .json.
@@ -40,7 +41,14 @@ COMMON = [
 # name -> (what it is, `unnoise train` flags)
 RECIPES: dict[str, tuple[str, list[str]]] = {
     "small-p2": ("UNet on 2x2-folded pixels, positions after the stem", ["--preset", "small-p2"]),
-    "small-p2q": ("... and fractional positions in the cross-attention queries", ["--preset", "small-p2q"]),
+    "small-p2-fl": (
+        "... cross-attention reads MiniLM's first and last layers",
+        ["--preset", "small-p2", "--text-token-layers", "first-last"],
+    ),
+    "small-p2q": (
+        "small-p2 with fractional positions in the cross-attention queries",
+        ["--preset", "small-p2q"],
+    ),
     "small-p2q-fl": (
         "... and cross-attention reads MiniLM's first and last layers",
         ["--preset", "small-p2q", "--text-token-layers", "first-last"],
@@ -80,7 +88,7 @@ def curve(run: Path) -> list[dict]:
     for state in sorted(run.glob("state-*")):
         weights = load_file(state / "model.safetensors")
         pipe.denoiser.network.load_state_dict({k: v.float() for k, v in weights.items()})
-        words = position_word_test(pipe, samples=96, sigmas=(2.0, 4.0))
+        words = position_word_test(pipe, samples=96)
         step = int(state.name.split("-")[1])
         points.append({"step": step, "images": step * 32, "words": words})
         print(run.name, step, json.dumps(words), flush=True)
@@ -98,13 +106,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500, help="training steps per recipe (32 images each)")
     parser.add_argument("--workdir", default="/tmp/unnoise-layout-proxy")
     parser.add_argument("--out", default=str(RESULTS / "layout_proxy"))
+    parser.add_argument(
+        "--judge-only", action="store_true", help="only judge the checkpoints already in --workdir/RECIPE"
+    )
     args = parser.parse_args()
     names = args.recipes.split(",")
     unknown = [n for n in names if n not in RECIPES]
     if unknown:
         sys.exit(f"unknown recipes {unknown}; known: {', '.join(RECIPES)}")
     workdir = Path(args.workdir)
-    train(names, args.steps, workdir)
+    if not args.judge_only:
+        train(names, args.steps, workdir)
     torch.set_num_threads(1)
     results = {name: curve(workdir / name) for name in names}
     lines = [
