@@ -1,8 +1,9 @@
 """Generation while another CPU-bound process runs: PyTorch's default (one thread per core) against
-`--threads 1`, each alone and beside a competitor (a second torch process multiplying matrices with its
-own default thread count, as a training run or another server would). Fresh processes; the median
-seconds per 10-step image of 5 images after a warm-up; prints a table with each case's ratio to the
-default alone, and writes benchmarks/results/contention.md.
+`--threads 1` and `--threads auto` (the cores other processes leave free), each alone and beside a
+competitor (a second torch process multiplying matrices with its own default thread count, as a training
+run or another server would). Fresh processes; the median seconds per 10-step image of 5 images after a
+warm-up; prints a table with each case's ratio to the default alone, and writes
+benchmarks/results/contention.md.
 
     .venv/bin/python benchmarks/contention.py
 """
@@ -21,8 +22,11 @@ RESULTS = Path(__file__).parent / "results"
 GENERATE = textwrap.dedent(
     """
     import statistics, sys, time, torch, unnoise
-    if {threads}:
-        torch.set_num_threads({threads})
+    from unnoise.threads import CpuShare
+    if {threads!r} == "auto":
+        torch.set_num_threads(CpuShare().threads())
+    elif {threads!r}:
+        torch.set_num_threads({threads!r})
     pipe = unnoise.load("shapes-32")
     pipe.generate("a red circle", steps=10, seed=0)
     times = []
@@ -36,7 +40,7 @@ GENERATE = textwrap.dedent(
 COMPETITOR = "import torch\na = torch.randn(1024, 1024)\nwhile True:\n    a = torch.tanh(a @ a)\n"
 
 
-def seconds_per_image(threads: int, competing: bool) -> tuple[float, int]:
+def seconds_per_image(threads: int | str, competing: bool) -> tuple[float, int]:
     competitor = subprocess.Popen([sys.executable, "-c", COMPETITOR]) if competing else None
     try:
         if competitor is not None:
@@ -57,11 +61,11 @@ def seconds_per_image(threads: int, competing: bool) -> tuple[float, int]:
 
 
 def main() -> None:
-    cases = [(0, False), (1, False), (0, True), (1, True)]
+    cases = [(0, False), (1, False), ("auto", False), (0, True), (1, True), ("auto", True)]
     rows = []
     for threads, competing in cases:
         value, used = seconds_per_image(threads, competing)
-        label = f"{'default' if not threads else '--threads 1'} ({used} thread{'s' * (used > 1)})"
+        label = f"{f'--threads {threads}' if threads else 'default'} ({used} thread{'s' * (used > 1)})"
         rows.append((label, "yes" if competing else "no", value))
     base = rows[0][2]
     lines = [

@@ -317,6 +317,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         device=args.device,
         deadline=args.deadline,
         models_dirs=tuple(args.models_dir),
+        auto_threads=args.threads == "auto",
     )
     return 0
 
@@ -396,24 +397,38 @@ def add_device_argument(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--threads",
-        type=int,
+        type=thread_count,
         default=None,
         help="CPU threads for the model (default: one per core); fewer when other work shares the cores,"
-        " since PyTorch's threads slow down many times over rather than share",
+        " since PyTorch's threads slow down many times over rather than share; 'auto': one per core that"
+        " other processes leave free (measured before each job when serving)",
     )
 
 
-def use_threads(threads: int | None) -> None:
-    """--threads: PyTorch's CPU thread count for this process (None: its default, one per core)."""
+def thread_count(text: str) -> int | str:
+    """--threads N or --threads auto (N is checked by use_threads, so the message names the flag)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number of threads or 'auto', not {text!r}") from None
+
+
+def use_threads(threads: int | str | None) -> None:
+    """--threads: PyTorch's CPU thread count for this process (None: its default, one per core; "auto": the
+    cores other processes leave free now)."""
     from .errors import UnnoiseError
 
     if threads is None:
         return
-    if threads < 1:
+    if threads != "auto" and threads < 1:
         raise UnnoiseError(f"--threads must be at least 1, got {threads}")
     import torch
 
-    torch.set_num_threads(threads)
+    from .threads import CpuShare
+
+    torch.set_num_threads(CpuShare().threads() if threads == "auto" else threads)
 
 
 def build_parser() -> argparse.ArgumentParser:

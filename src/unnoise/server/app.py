@@ -30,6 +30,7 @@ from ..settings import (
     DEFAULT_SAMPLER,
     DEFAULT_STEPS,
 )
+from ..threads import CpuShare
 from .jobs import DEFAULT_DEADLINE, INTERNAL_ERROR, Worker, log
 from .requests import MAX_BODY, MAX_IMAGES, MAX_STEPS
 from .routes import a1111_routes, job_routes, openai_routes
@@ -50,11 +51,13 @@ def create_app(
     deadline: float = DEFAULT_DEADLINE,
     models: dict[str, Path] | None = None,
     load_model: Callable[[Path], Pipeline] | None = None,
+    cpu_share: CpuShare | None = None,
 ) -> FastAPI:
     """The application for a loaded Pipeline, or for a function that loads one (`serve` passes one, so the
     model is loaded on the worker's thread, see jobs.Worker). Clients may switch to any of `models` (by
-    default the shipped ones), which `load_model` loads (by default `unnoise.load` on the best device)."""
-    worker = Worker(model, queue_size=queue_size, deadline=deadline)
+    default the shipped ones), which `load_model` loads (by default `unnoise.load` on the best device).
+    With `cpu_share` each job runs on the cores other processes leave free (`serve --threads auto`)."""
+    worker = Worker(model, queue_size=queue_size, deadline=deadline, cpu_share=cpu_share)
     worker.wait_ready()
 
     @contextlib.asynccontextmanager
@@ -144,6 +147,7 @@ def serve(
     device: str = "auto",
     deadline: float = DEFAULT_DEADLINE,
     models_dirs: tuple[str, ...] = (),
+    auto_threads: bool = False,
 ) -> None:
     """`unnoise serve`: load the model and run uvicorn until interrupted. Clients may switch to the shipped
     models and the releases in `models_dirs`."""
@@ -171,6 +175,7 @@ def serve(
         deadline=deadline,
         models=models,
         load_model=lambda path: load(path, device=device),
+        cpu_share=CpuShare() if auto_threads else None,
     )
     print(f"unnoise: serving {app.state.worker.pipe.name} on http://{host}:{port}/ (API docs at /docs)")
     # one line a request comes from our access log (security.Guard), with the duration; not uvicorn's

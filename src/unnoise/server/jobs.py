@@ -19,11 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
 from PIL import Image
 
 from ..errors import UnnoiseError
 from ..images import png_bytes, to_pil
 from ..pipeline import Pipeline
+from ..threads import CpuShare
 
 State = Literal["queued", "running", "done", "failed", "cancelled"]
 FINISHED: tuple[State, ...] = ("done", "failed", "cancelled")
@@ -140,6 +142,7 @@ class Worker:
         queue_size: int = 16,
         keep: int = 256,
         deadline: float = DEFAULT_DEADLINE,
+        cpu_share: CpuShare | None = None,
     ):
         """`model` is a loaded Pipeline, or a function that loads one, which then runs on the worker's
         thread: PyTorch's CPU kernels run about 2x slower in a thread when another thread has run them
@@ -156,6 +159,7 @@ class Worker:
         self.current: Job | None = None
         self.lock = threading.Lock()
         self.seconds_per_job = 1.0  # running mean, for Retry-After
+        self.cpu_share = cpu_share  # None: PyTorch's thread count as it is
         self.thread = threading.Thread(target=self._loop, name="unnoise-worker", daemon=True)
         self.thread.start()
 
@@ -235,7 +239,16 @@ class Worker:
             finally:
                 self.current = None
 
+    def use_free_cores(self) -> None:
+        """Before a job: as many threads as cores the other processes left free since the last job."""
+        threads = self.cpu_share.threads()
+        if threads != torch.get_num_threads():
+            log.info("running on %d thread(s): other processes keep the other cores busy", threads)
+            torch.set_num_threads(threads)
+
     def _run(self, job: Job) -> None:
+        if self.cpu_share is not None:
+            self.use_free_cores()
         job.update(state="running", started=time.time())
         try:
             images = job.call(self.pipe, self._reporter(job))

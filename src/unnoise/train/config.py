@@ -22,8 +22,9 @@ class TrainConfig:
     preset: str = option(
         "small",
         "network: tiny, small (the UNet of shapes-32), small-pos (with 2-D positions and a text refiner),"
-        " small-p2 (a UNet on 2x2-folded pixels), small-p2q (with positions in its cross-attention queries), dit-small (a transformer), dit-p4 (one on 4x4 patches),"
-        " dit-tiny, large (64x64); see docs/training.md",
+        " small-p2 (a UNet on 2x2-folded pixels), small-p2q (with positions in its cross-attention queries),"
+        " dit-small (a transformer), dit-p4 (one on 4x4 patches), dit-tiny, large (64x64); see"
+        " docs/training.md",
     )
     formulation: str = option("edm", "edm, vp, vp-cosine, ddpm, ddpm-cosine, ve or flow (see docs/math.md)")
     text_encoder: str = option(
