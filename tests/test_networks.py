@@ -95,7 +95,7 @@ def test_a_folded_unet_sees_each_pixel_of_its_patch_and_has_the_patchs_stride():
         replace(TINY_FOLDED, resolution=18)
 
 
-@pytest.mark.parametrize("preset", ["small", "small-pos", "small-p2", "dit-small", "dit-p4"])
+@pytest.mark.parametrize("preset", ["small", "small-pos", "small-p2", "small-p2q", "dit-small", "dit-p4"])
 def test_a_config_round_trips_through_json(preset):
     config = PRESETS[preset]
     assert network_config_from_dict(json.loads(json.dumps(config.to_dict()))) == config
