@@ -52,6 +52,8 @@ def test_the_card_command_is_the_recorded_training_configuration():
         "sigma_p_mean": None,
         "sigma_p_std": None,
         "caption_column": "text",
+        "shapes_mix": "",  # the default caption mix, which it was trained on
+        "text_token_layers": "last",  # what it reads
     }
     release = json.loads((MODEL / "config.json").read_text())
     assert release["training"]["steps"] == recorded["steps"]
