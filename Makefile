@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
-# The main job: images from the shipped model, `shapes-32` (out/*.png and out/sheet.png).
+# The main job: images from the shipped model, `shapes-32` (out/00000-0.png ... and a grid).
 demo: setup
 	$(BIN)/unnoise generate "a red circle above a blue square" -n 8 --seed 0 --out out
 

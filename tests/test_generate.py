@@ -72,7 +72,7 @@ def test_png_parameters_round_trip_and_recreate_the_image(model, tmp_path):
     assert run.returncode == 0, run.stderr
     from PIL import Image
 
-    np.testing.assert_array_equal(pixels(Image.open(tmp_path / "again" / "3.png")), pixels(image))
+    np.testing.assert_array_equal(pixels(Image.open(tmp_path / "again" / "00000-3.png")), pixels(image))
 
 
 def test_cli_writes_images_and_a_contact_sheet(model, tmp_path):
@@ -98,7 +98,12 @@ def test_cli_writes_images_and_a_contact_sheet(model, tmp_path):
         text=True,
     )
     assert run.returncode == 0, run.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["7.png", "8.png", "9.png", "sheet.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "00000-7.png",
+        "00001-8.png",
+        "00002-9.png",
+        "00003-grid.png",
+    ]
 
 
 def test_bad_input_is_named(model, tmp_path):
@@ -208,17 +213,32 @@ def unnoise_cli(*args: str):
 
 
 def test_the_cli_never_overwrites_an_earlier_image(model, tmp_path):
-    """Issue 13: a second `generate --seed 1` silently overwrote out/1.png made with another prompt."""
+    """Issue 13: a second `generate --seed 1` silently overwrote out/1.png made with another prompt. Now the
+    files carry AUTOMATIC1111's running number, which goes on across runs and past foreign files."""
+    (tmp_path / "00041-notes.txt").write_text("a file of the user's with a number: the count goes past it")
     first = unnoise_cli("generate", "a red circle", "--seed", "1", "--steps", "2", "--model", str(model),
                         "--out", str(tmp_path))  # fmt: skip
     assert first.returncode == 0, first.stderr
-    before = (tmp_path / "1.png").read_bytes()
+    assert first.stdout.split() == [str(tmp_path / "00042-1.png")]
+    before = (tmp_path / "00042-1.png").read_bytes()
     second = unnoise_cli("generate", "a blue square", "--seed", "1", "--steps", "2", "--sampler", "Euler a",
                          "--model", str(model), "--out", str(tmp_path))  # fmt: skip
     assert second.returncode == 0, second.stderr
-    assert (tmp_path / "1.png").read_bytes() == before
-    again = read_png_parameters(tmp_path / "1-2.png")
+    assert (tmp_path / "00042-1.png").read_bytes() == before
+    again = read_png_parameters(tmp_path / "00043-1.png")
     assert again.prompt == "a blue square" and again.sampler == "euler_ancestral"
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_a_taken_number_is_skipped_not_overwritten(tmp_path):
+    """The name is claimed by creating the file: a number another run took meanwhile is passed over."""
+    from unnoise.cli import numbered_path
+
+    (tmp_path / "00000-3.png").write_bytes(b"an earlier image")
+    first = numbered_path(tmp_path, "3")
+    assert first.name == "00001-3.png" and first.exists()  # claimed, so the next call cannot take it
+    assert numbered_path(tmp_path, "3").name == "00002-3.png"
+    assert (tmp_path / "00000-3.png").read_bytes() == b"an earlier image"
 
 
 @pytest.mark.parametrize(
@@ -298,16 +318,16 @@ def test_edit_inpaint_and_interpolate_commands_write_their_images(model, tmp_pat
         assert run.returncode == 0, (args, run.stderr)
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == [
-        "edit-3.png",
-        "frame-00.png",
-        "frame-01.png",
-        "frame-02.png",
-        "inpaint-3.png",
-        "sheet.png",
+        "00000-edit-3.png",
+        "00001-inpaint-3.png",
+        "00002-frame-00.png",
+        "00003-frame-01.png",
+        "00004-frame-02.png",
+        "00005-grid.png",
     ]
-    edited = read_png_parameters(tmp_path / "out" / "edit-3.png")
+    edited = read_png_parameters(tmp_path / "out" / "00000-edit-3.png")
     assert (edited.sampler, edited.sampler_options, edited.denoising_strength) == ("ddim", {"eta": 0.5}, 0.5)
-    kept = np.asarray(Image.open(tmp_path / "out" / "inpaint-3.png").convert("RGB"))
+    kept = np.asarray(Image.open(tmp_path / "out" / "00001-inpaint-3.png").convert("RGB"))
     assert np.array_equal(kept[8:, 8:], np.asarray(Image.open(image))[8:, 8:])
 
 

@@ -200,7 +200,12 @@ def test_cancel_and_disconnect_mid_job_leave_the_worker_ready(client, server):
     assert health["worker_alive"] and not health["busy"]
 
 
-def test_interrupt_stops_the_running_request(client, server):
+@pytest.mark.parametrize("action", ["interrupt", "skip"])
+def test_interrupt_and_skip_stop_the_running_request(client, server, action):
+    """Issue 13: /sdapi/v1/skip was a 404. A batch here is one sampling run, so skip stops it as interrupt
+    does; both are called through the real webuiapi client."""
+    import webuiapi
+
     result = {}
 
     def slow():
@@ -212,7 +217,7 @@ def test_interrupt_stops_the_running_request(client, server):
     thread.start()
     assert wait_until(lambda: client.get("/sdapi/v1/progress").json()["state"]["sampling_step"] > 0)
     assert client.get("/sdapi/v1/progress").json()["current_image"]  # the preview of x0_hat
-    client.post("/sdapi/v1/interrupt")
+    assert getattr(webuiapi.WebUIApi(host="127.0.0.1", port=server.port), action)() == {}
     thread.join(timeout=60)
     # issue 13: as in AUTOMATIC1111, the interrupted request returns the image as it is (it was a 409)
     reply = result["reply"]

@@ -74,7 +74,7 @@ def test_generate_uses_the_shipped_model_by_default(tmp_path):
         text=True,
     )
     assert run.returncode == 0, run.stderr
-    assert (tmp_path / "5.png").is_file()
+    assert (tmp_path / "00000-5.png").is_file()
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -81,13 +82,26 @@ def _output_folder(out: str) -> Path:
     return folder
 
 
-def free_path(folder: Path, stem: str) -> Path:
-    """folder/stem.png, or stem-2.png, stem-3.png, ... : an earlier image is never overwritten."""
-    path, k = folder / f"{stem}.png", 1
-    while path.exists():
-        k += 1
-        path = folder / f"{stem}-{k}.png"
-    return path
+NUMBERED = re.compile(r"(\d{5,})-")  # AUTOMATIC1111's running counter: 00000-1.png, 00001-2.png, ...
+
+
+def next_number(folder: Path) -> int:
+    """One past the highest running number among the folder's files (0 in a folder without any)."""
+    numbers = (NUMBERED.match(p.name) for p in folder.iterdir())
+    return 1 + max((int(m.group(1)) for m in numbers if m), default=-1)
+
+
+def numbered_path(folder: Path, stem: str) -> Path:
+    """folder/NNNNN-stem.png with the next running number, as AUTOMATIC1111 names its outputs. The name is
+    claimed by creating the file, so an earlier image is never overwritten, not even by a concurrent run."""
+    number = next_number(folder)
+    while True:
+        path = folder / f"{number:05d}-{stem}.png"
+        try:
+            path.open("xb").close()
+            return path
+        except FileExistsError:
+            number += 1
 
 
 def _sampler_options(pairs: list[str]) -> dict[str, float]:
@@ -112,18 +126,30 @@ def _with_progress(total: int, make):
         return make(lambda step: bar.update(1))
 
 
-def _save(images, out: str, names: list[str]) -> int:
-    from .images import contact_sheet, save_png
+def _save(images, out: str, stems: list[str]) -> int:
+    """Each image as NNNNN-stem.png (the running number goes on across runs), and a grid of them."""
+    from .images import contact_sheet
 
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    for image, name in zip(images, names, strict=True):
-        print(save_png(image, free_path(folder, name)))
+    for image, stem in zip(images, stems, strict=True):
+        print(_save_numbered(image, folder, stem))
     if len(images) > 1:
         scale = max(1, 128 // images[0].width)
         sheet = contact_sheet(images, scale=scale, columns=min(8, len(images)))
-        print(save_png(sheet, free_path(folder, "sheet")))
+        print(_save_numbered(sheet, folder, "grid"))
     return 0
+
+
+def _save_numbered(image, folder: Path, stem: str) -> Path:
+    from .images import save_png
+
+    path = numbered_path(folder, stem)
+    try:
+        return save_png(image, path)
+    except BaseException:
+        path.unlink(missing_ok=True)  # the empty file that claimed the name must not pass for an image
+        raise
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:

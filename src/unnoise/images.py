@@ -66,8 +66,11 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
     """Save with the image's `parameters` text chunk, written to a temporary name and renamed."""
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}")
-    image.save(tmp, format="PNG", pnginfo=_png_text(image))
-    tmp.replace(path)
+    try:
+        image.save(tmp, format="PNG", pnginfo=_png_text(image))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write leaves nothing behind
     return path
 
 
