@@ -425,9 +425,9 @@ def add_device_argument(p: argparse.ArgumentParser) -> None:
         "--threads",
         type=thread_count,
         default=None,
-        help="CPU threads for the model (default: one per core); fewer when other work shares the cores,"
-        " since PyTorch's threads slow down many times over rather than share; 'auto': one per core that"
-        " other processes leave free (measured before each job when serving)",
+        help="CPU threads for the model (default: one per core; serve: auto); fewer when other work shares"
+        " the cores, since PyTorch's threads slow down many times over rather than share; 'auto': one per"
+        " core that other processes leave free (measured before each job when serving)",
     )
 
 
@@ -575,6 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default="shapes-32", help="a shipped model's name or a release folder")
     add_device_argument(p)
+    p.set_defaults(threads="auto")  # a server runs for long, beside whatever else the machine does
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )

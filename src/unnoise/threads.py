@@ -3,14 +3,16 @@
 PyTorch starts one thread per core. Beside another CPU-bound process its threads do not share the cores
 but wait on each other, and a job runs many times slower (benchmarks/contention.py: 3.8x beside one
 competitor on 2 cores, against 1.96x with one thread). `CpuShare` measures how many cores' worth of CPU
-time the rest of the machine used since it last looked (from /proc/stat, less this process's own time)
-and leaves those cores to it. Where /proc/stat cannot be read (not Linux) it answers every core.
+time other processes used, on the CPUs this process may run on, since it last looked (from /proc/stat's
+per-CPU lines, less this process's own time) and leaves those cores to them. Where /proc/stat cannot be
+read (not Linux) it answers every core.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,54 +22,68 @@ MIN_WINDOW = 0.25  # seconds: a shorter interval since the last look is measured
 
 @dataclass(frozen=True)
 class CpuTimes:
-    """A reading: wall time, the machine's busy CPU seconds, and this process's CPU seconds."""
+    """A reading: wall time, the counted CPUs' busy seconds, and this process's CPU seconds."""
 
     wall: float
-    machine_busy: float
+    busy: float
     own: float
 
 
-def cpu_times(stat: Path = PROC_STAT) -> CpuTimes | None:
-    """Now's reading, or None where the machine's CPU times cannot be read."""
+def cpu_times(stat: Path = PROC_STAT, cpus: Collection[int] | None = None) -> CpuTimes | None:
+    """Now's reading of the given CPUs (None: the machine's total line), or None where it cannot be read."""
     try:
-        fields = stat.read_text().split("\n", 1)[0].split()  # "cpu user nice system idle iowait irq ..."
-        jiffies = [int(v) for v in fields[1:9]]
+        fields = [line.split() for line in stat.read_text().splitlines()]
+        if cpus is None:
+            rows = fields[:1]  # "cpu  user nice system idle iowait irq softirq steal ...": all CPUs
+        else:
+            wanted = {f"cpu{n}" for n in cpus}
+            rows = [row for row in fields if row and row[0] in wanted]  # "cpu3 user nice ..."
+        if not rows:
+            return None
+        jiffies = [[int(v) for v in row[1:9]] for row in rows]
     except (OSError, ValueError, IndexError):
         return None
-    idle = jiffies[3] + jiffies[4]  # idle + iowait
+    busy = sum(sum(j) - j[3] - j[4] for j in jiffies)  # all but idle and iowait
     ticks = os.sysconf("SC_CLK_TCK")
     own = os.times()
-    return CpuTimes(time.monotonic(), (sum(jiffies) - idle) / ticks, own.user + own.system)
+    return CpuTimes(time.monotonic(), busy / ticks, own.user + own.system)
 
 
-def usable_cores() -> int:
+def usable_cpus() -> list[int]:
+    """The CPUs this process may run on (its affinity: a container's cpuset, taskset), else all."""
     try:
-        return len(os.sched_getaffinity(0))
+        return sorted(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        return list(range(os.cpu_count() or 1))
 
 
 class CpuShare:
-    """`threads()`: the cores minus the cores' worth of CPU others used since the previous call (at least
-    one thread, at most every core). Call it between jobs, while this process is idle."""
+    """`threads()`: this process's CPUs minus the CPUs' worth of time others used on them since the previous
+    call (at least one thread, at most every CPU). Only the CPUs this process may run on are counted, so in
+    a container pinned to its own cores the host's other tenants do not count. Call it between jobs, while
+    this process is idle."""
 
-    def __init__(self, cores: int | None = None, stat: Path = PROC_STAT):
-        self.cores = cores or usable_cores()
+    def __init__(self, cpus: Collection[int] | None = None, stat: Path = PROC_STAT):
+        self.cpus = sorted(usable_cpus() if cpus is None else cpus)
+        self.cores = len(self.cpus)
         self.stat = stat
-        self.last = cpu_times(stat)
+        self.last = self.read()
+
+    def read(self) -> CpuTimes | None:
+        return cpu_times(self.stat, self.cpus)
 
     def others_busy(self) -> float | None:
         """Cores' worth of CPU the other processes used since the last reading (None: unknown)."""
-        now = cpu_times(self.stat)
+        now = self.read()
         if now is None or self.last is None:
             return None
         if now.wall - self.last.wall < MIN_WINDOW:  # too short to tell: look for a moment
             self.last = now
             time.sleep(MIN_WINDOW)
-            now = cpu_times(self.stat)
+            now = self.read()
             if now is None:
                 return None
-        busy = (now.machine_busy - self.last.machine_busy) - (now.own - self.last.own)
+        busy = (now.busy - self.last.busy) - (now.own - self.last.own)
         elapsed = now.wall - self.last.wall
         self.last = now
         return max(0.0, busy / elapsed)
