@@ -118,8 +118,11 @@ def a1111_routes(service: Service) -> APIRouter:
     @router.get("/sdapi/v1/sd-models")
     async def sd_models() -> list[dict[str, Any]]:
         """The models this server may switch to (`POST /sdapi/v1/options` with `sd_model_checkpoint`)."""
-        return [{"title": service.title(name), "model_name": name, "hash": service.hash_of(name) or None,
-                 "sha256": None, "filename": name, "config": None} for name in service.names()]  # fmt: skip
+        return [
+            {"title": service.titled(name, digest), "model_name": name, "hash": digest or None,
+             "sha256": None, "filename": name, "config": None}
+            for name, digest in service.catalogue()
+        ]  # fmt: skip
 
     @router.post("/sdapi/v1/refresh-checkpoints")
     async def refresh_checkpoints() -> None:

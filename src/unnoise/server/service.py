@@ -43,15 +43,22 @@ class Service:
         except (UnnoiseError, OSError, KeyError):
             return ""
 
-    def title(self, name: str) -> str:
+    def catalogue(self) -> list[tuple[str, str]]:
+        """(name, short hash) of every model a client may ask for; each config.json is read once."""
+        return [(name, self.hash_of(name)) for name in self.names()]
+
+    @staticmethod
+    def titled(name: str, digest: str) -> str:
         """As AUTOMATIC1111 titles a model: "name [hash]"."""
-        digest = self.hash_of(name)
         return f"{name} [{digest}]" if digest else name
+
+    def title(self, name: str) -> str:
+        return self.titled(name, self.hash_of(name))
 
     def model_named(self, wanted: str) -> str:
         """The catalogued name a client's model name or title ("name [hash]") means; 422 if none."""
-        for name in self.names():
-            if wanted in (name, self.title(name)):
+        for name, digest in self.catalogue():
+            if wanted in (name, self.titled(name, digest)):
                 return name
         known = ", ".join(self.names())
         raise HTTPException(422, f"no model {wanted!r} here; this server has: {known}")
