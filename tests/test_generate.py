@@ -12,7 +12,7 @@ from PIL import Image
 import unnoise
 from unnoise.diffusion.guidance import cfg
 from unnoise.errors import UnnoiseError
-from unnoise.images import read_png_parameters, save_png
+from unnoise.images import read_png_parameters, save_png, with_info
 from unnoise.settings import ImageSettings
 from unnoise.train.config import TrainConfig
 from unnoise.train.loop import train
@@ -73,6 +73,22 @@ def test_png_parameters_round_trip_and_recreate_the_image(model, tmp_path):
     from PIL import Image
 
     np.testing.assert_array_equal(pixels(Image.open(tmp_path / "again" / "00000-3.png")), pixels(image))
+
+
+def test_from_png_never_loads_a_model_from_a_path_the_png_names(model, tmp_path):
+    """Issue 12: `--from-png` took the model path from the PNG it was given (a file from anyone)."""
+    pipe = unnoise.load(model)
+    image = pipe.generate("a blue square", seed=3, steps=2)[0]
+    settings = ImageSettings.from_parameters(image.info["parameters"]).replace(
+        model=str(Path(model).resolve())
+    )
+    path = save_png(with_info(image, {"parameters": settings.parameters()}), tmp_path / "a.png")
+    refused = run_cli("generate", "--from-png", str(path), "--out", str(tmp_path / "o"))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert "not a shipped model" in refused.stderr and "--model" in refused.stderr
+    assert not (tmp_path / "o").exists()  # refused before anything was loaded or written
+    chosen = run_cli("generate", "--from-png", str(path), "--model", str(model), "--out", str(tmp_path / "o"))
+    assert chosen.returncode == 0, chosen.stderr
 
 
 def test_cli_writes_images_and_a_contact_sheet(model, tmp_path):
@@ -261,6 +277,26 @@ def test_cli_mistakes_are_named_before_the_model_loads(tmp_path, flags, message)
     )
     assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
     assert "no model" not in run.stderr  # named before the (missing) model would have been looked for
+
+
+@pytest.mark.parametrize(
+    "command, flags, message",
+    [
+        ("edit", ["--strength", "nan"], "denoising strength must be a finite number"),
+        ("edit", ["--strength", "inf"], "denoising strength must be a finite number"),
+        ("edit", ["--strength", "1.5"], "denoising strength must be in [0, 1], got 1.5"),
+        ("inpaint", ["--strength", "nan"], "denoising strength must be a finite number"),
+        ("inpaint", ["--resample", "0"], "repaint resample must be at least 1, got 0"),
+        ("inpaint", ["--jump", "0"], "repaint jump must be at least 1, got 0"),
+    ],
+)
+def test_edit_mistakes_are_named_before_the_model_loads(tmp_path, command, flags, message):
+    """Issue 12: `edit --strength nan` was a traceback (the progress bar's length was computed from it)."""
+    images = ["in.png", "mask.png"] if command == "inpaint" else ["in.png"]
+    run = run_cli(
+        command, *images, "x", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path), *flags
+    )
+    assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
 
 
 def test_threads_sets_pytorchs_thread_count(model, tmp_path):

@@ -55,6 +55,9 @@ def _settings(args: argparse.Namespace):
         steps=args.steps,
         guidance=args.guidance,
         seed=secrets.randbelow(2**31) if args.seed is None else args.seed,  # image i: seed + i
+        denoising_strength=getattr(args, "strength", None),  # edit and inpaint
+        repaint_jump=getattr(args, "jump", None),
+        repaint_resample=getattr(args, "resample", None),
     ).check()
 
 
@@ -200,18 +203,33 @@ def _generate_from_png(args: argparse.Namespace, settings) -> int:
             f"{args.from_png} is an edit (img2img or inpainting) of an input image the PNG does not hold;"
             " run `unnoise edit` or `unnoise inpaint` with that image instead"
         )
-    pipe = _load(args, args.model or settings.model or "shapes-32")
+    pipe = _load(args, args.model or _shipped_model_named(args.from_png, settings.model or "shapes-32"))
     width, height = pipe.size_for(settings.width, settings.height)
     settings = settings.replace(width=width, height=height, model=pipe.name, model_hash=pipe.model_hash)
     images = _with_progress(settings.steps, lambda callback: pipe.render(settings, callback=callback))
     return _save(images, args.out, [str(settings.seed)])
 
 
+def _shipped_model_named(png: str, named: str) -> Path:
+    """The shipped model a PNG's `Model:` names. A PNG is a file someone handed us: a path or any other
+    model it names is never loaded from it; --model chooses one."""
+    from .errors import UnnoiseError
+    from .release import shipped_models
+
+    shipped = {p.name: p for p in shipped_models()}
+    if named not in shipped:
+        raise UnnoiseError(
+            f"{png} was made with the model {named!r}, which is not a shipped model"
+            f" ({', '.join(shipped) or 'none'}); name the model to use with --model"
+        )
+    return shipped[named]
+
+
 def _cmd_edit(args: argparse.Namespace) -> int:
     s = _settings(args)
     pipe = _load(args, args.model or "shapes-32")
     images = _with_progress(
-        round(args.steps * args.strength),
+        round(s.steps * s.denoising_strength),
         lambda callback: pipe.edit(
             args.image,
             s.prompt,
@@ -236,7 +254,7 @@ def _cmd_inpaint(args: argparse.Namespace) -> int:
     s = _settings(args)
     pipe = _load(args, args.model or "shapes-32")
     images = _with_progress(
-        round(args.steps * args.strength) * (args.resample or REPAINT_RESAMPLE),
+        round(s.steps * s.denoising_strength) * (s.repaint_resample or REPAINT_RESAMPLE),
         lambda callback: pipe.inpaint(
             args.image,
             args.mask,
