@@ -3,6 +3,7 @@
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,3 +141,60 @@ def test_query_positions_let_cross_attention_read_words_differently_across_the_i
     out = block(torch.zeros(1, 64, 4, 4), text).flatten(2)  # (1, 64, 16): the same input at every pixel
     spread = (out - out.mean(2, keepdim=True)).abs().max()
     assert (spread > 1e-3) if query_positions else (spread < 1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny_release(tmp_path_factory):
+    """A valid release of the untrained tiny UNet (its config.json is what each case below breaks)."""
+    from unnoise.release import save_release
+
+    folder = tmp_path_factory.mktemp("release")
+    network = PRESETS["tiny"].build()
+    text_encoder = {"name": "minilm", "max_tokens": 32, "token_layers": "last"}
+    config = {"network": network.config.to_dict(), "formulation": "edm", "text_encoder": text_encoder}
+    return save_release(folder, network, config)
+
+
+REMOVED = "(removed)"
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("formulation", REMOVED),
+        ("formulation", "banana"),
+        ("formulation", ["edm"]),
+        ("text_encoder", REMOVED),
+        ("text_encoder", "minilm"),
+        ("text_encoder.name", REMOVED),
+        ("text_encoder.name", 42),
+        ("text_encoder.max_tokens", REMOVED),
+        ("text_encoder.max_tokens", "32"),
+        ("text_encoder.max_tokens", 0),
+        ("text_encoder.max_tokens", True),
+        ("text_encoder.token_layers", 3),
+        ("text_encoder.token_layers", "all"),
+    ],
+    ids=repr,
+)
+def test_a_release_config_that_load_cannot_use_names_the_field(tiny_release, tmp_path, field, value):
+    """Issue 12: pipeline.load read these fields unchecked (a KeyError or TypeError traceback)."""
+    import shutil
+
+    import unnoise
+
+    folder = Path(shutil.copytree(tiny_release, tmp_path / "model"))
+    config = json.loads((folder / "config.json").read_text())
+    *parents, key = field.split(".")
+    parent = config[parents[0]] if parents else config
+    parent.pop(key) if value == REMOVED else parent.update({key: value})
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(unnoise.UnnoiseError, match=rf"config.json: {field} must be .*, got"):
+        unnoise.load(folder)
+
+
+def test_the_unbroken_release_loads(tiny_release):
+    import unnoise
+
+    pipe = unnoise.load(tiny_release)
+    assert pipe.resolution == 16 and pipe.text.max_tokens == 32

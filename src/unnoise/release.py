@@ -9,13 +9,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import reprlib
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .diffusion.formulations import FORMULATIONS
 from .errors import UnnoiseError
+from .text.encoders import TOKEN_LAYERS
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"  # models shipped inside the package
 
@@ -92,6 +95,29 @@ def read_release_config(folder: Path) -> dict:
     if not isinstance(config, dict):
         raise CorruptCheckpointError(f"{config_path} holds a {type(config).__name__}, not a model's config")
     return config
+
+
+def check_release_config(folder: Path, config: dict) -> None:
+    """UnnoiseError naming the field unless the config's formulation and text encoder can be used as they
+    are (the network is checked against the weights in `load_network`)."""
+
+    def refuse(field: str, wanted: str, value) -> UnnoiseError:
+        return UnnoiseError(f"{folder}: config.json: {field} must be {wanted}, got {reprlib.repr(value)}")
+
+    formulation = config.get("formulation")
+    if not isinstance(formulation, str) or formulation not in FORMULATIONS:
+        raise refuse("formulation", f"one of {', '.join(FORMULATIONS)}", formulation)
+    encoder = config.get("text_encoder")
+    if not isinstance(encoder, dict):
+        raise refuse("text_encoder", "an object with name and max_tokens", encoder)
+    name, max_tokens = encoder.get("name"), encoder.get("max_tokens")
+    if not isinstance(name, str) or not name:
+        raise refuse("text_encoder.name", "a non-empty string", name)
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 2:
+        raise refuse("text_encoder.max_tokens", "a whole number of at least 2", max_tokens)
+    token_layers = encoder.get("token_layers", "last")  # releases before issue 11 have none: the last layer
+    if not isinstance(token_layers, str) or token_layers not in TOKEN_LAYERS:
+        raise refuse("text_encoder.token_layers", f"one of {', '.join(TOKEN_LAYERS)}", token_layers)
 
 
 def load_release(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -171,13 +197,15 @@ def model_hash(config: dict) -> str:
 def load_network(folder: Path) -> tuple[torch.nn.Module, dict]:
     """(network with the release's weights, the release's config); a mismatch is a clear error.
 
-    The config is checked before anything is allocated: the network is built on the meta device (no
-    memory) and its tensor shapes compared with the safetensors header, so a config that asks for a
-    huge network next to small weights is refused at once; only then are the weights read and checked."""
+    Every field `unnoise.load` reads is checked first (`check_release_config`), and the network before
+    anything is allocated: it is built on the meta device (no memory) and its tensor shapes compared with
+    the safetensors header, so a config that asks for a huge network next to small weights is refused at
+    once; only then are the weights read and checked."""
     from .nn.presets import network_config_from_dict
 
     folder = Path(folder)
     config = read_release_config(folder)
+    check_release_config(folder, config)
     try:  # "network" since issue 11; earlier releases hold a UNet's shape under "unet"
         network_config = network_config_from_dict(config.get("network") or config["unet"])
         with torch.device("meta"):
