@@ -266,6 +266,10 @@ def test_a_taken_number_is_skipped_not_overwritten(tmp_path):
         (["--seed", str(2**70)], "seed must be in 0.."),
         (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
         (["--threads", "0"], "--threads must be at least 1, got 0"),
+        (["-n", "0"], "-n must be in 1..64, got 0"),
+        (["--width", "0"], "--width must be at least 1 pixel, got 0"),
+        (["--variation-strength", "nan"], "variation strength must be a finite number"),
+        (["--prompt-mix", "2"], "prompt mix must be in [0, 1], got 2.0"),
     ],
 )
 def test_cli_mistakes_are_named_before_the_model_loads(tmp_path, flags, message):
@@ -288,6 +292,8 @@ def test_cli_mistakes_are_named_before_the_model_loads(tmp_path, flags, message)
         ("inpaint", ["--strength", "nan"], "denoising strength must be a finite number"),
         ("inpaint", ["--resample", "0"], "repaint resample must be at least 1, got 0"),
         ("inpaint", ["--jump", "0"], "repaint jump must be at least 1, got 0"),
+        ("edit", [], "cannot read the image"),
+        ("inpaint", [], "cannot read the image"),
     ],
 )
 def test_edit_mistakes_are_named_before_the_model_loads(tmp_path, command, flags, message):
@@ -297,6 +303,28 @@ def test_edit_mistakes_are_named_before_the_model_loads(tmp_path, command, flags
         command, *images, "x", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path), *flags
     )
     assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert "no model" not in run.stderr  # named before the (missing) model would have been looked for
+
+
+def test_interpolate_frames_and_eval_samplers_are_named_before_the_model_loads(tmp_path):
+    missing = str(tmp_path / "no-model")
+    run = run_cli(
+        "interpolate", "x", "--to-seed", "2", "--frames", "1", "--model", missing, "--out", str(tmp_path)
+    )
+    assert run.returncode == 2 and "--frames must be in 2..64, got 1" in run.stderr, run.stderr
+    run = run_cli("eval", "shapes", "--model", missing, "--sampler", "eulr")
+    assert run.returncode == 2 and "unknown sampler 'eulr'" in run.stderr and "no model" not in run.stderr
+
+
+def test_the_library_and_eval_take_automatic1111s_sampler_labels(model, tmp_path):
+    """Issue 13: the CLI and server took "Euler a" but `pipe.generate(sampler="Euler a")` did not."""
+    pipe = unnoise.load(model)
+    image = pipe.generate("x", sampler="Euler a", steps=2, seed=1)[0]
+    assert ImageSettings.from_parameters(image.info["parameters"]).sampler == "euler_ancestral"
+    report = str(tmp_path / "r.json")
+    run = run_cli("eval", "shapes", "--model", str(model), "--sampler", "Euler a", "--samples", "1",
+                  "--steps", "1", "--prompts-per-category", "1", "--report", report)  # fmt: skip
+    assert run.returncode == 0, run.stderr
 
 
 def test_threads_sets_pytorchs_thread_count(model, tmp_path):

@@ -47,6 +47,7 @@ def _settings(args: argparse.Namespace):
 
     from .settings import ImageSettings, sampler_name
 
+    _check_counts(args)
     return ImageSettings(
         args.prompt or "",
         negative_prompt=args.negative,
@@ -58,7 +59,26 @@ def _settings(args: argparse.Namespace):
         denoising_strength=getattr(args, "strength", None),  # edit and inpaint
         repaint_jump=getattr(args, "jump", None),
         repaint_resample=getattr(args, "resample", None),
+        variation_seed=getattr(args, "variation_seed", None),  # generate
+        variation_strength=getattr(args, "variation_strength", 0.0),
+        mix_prompt=getattr(args, "mix_prompt", None) or "",
+        prompt_mix=getattr(args, "prompt_mix", 0.0),
     ).check()
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    """-n, --frames, --width and --height, named before the model loads (the size's stride needs it)."""
+    from .errors import UnnoiseError
+    from .settings import MAX_IMAGES
+
+    if not 1 <= getattr(args, "n", 1) <= MAX_IMAGES:
+        raise UnnoiseError(f"-n must be in 1..{MAX_IMAGES}, got {args.n}")
+    if not 2 <= getattr(args, "frames", 2) <= MAX_IMAGES:
+        raise UnnoiseError(f"--frames must be in 2..{MAX_IMAGES}, got {args.frames}")
+    for side in ("width", "height"):
+        value = getattr(args, side, None)
+        if value is not None and value < 1:
+            raise UnnoiseError(f"--{side} must be at least 1 pixel, got {value}")
 
 
 def _load(args: argparse.Namespace, model: str):
@@ -226,12 +246,15 @@ def _shipped_model_named(png: str, named: str) -> Path:
 
 
 def _cmd_edit(args: argparse.Namespace) -> int:
+    from .images import open_image
+
     s = _settings(args)
+    image = open_image(args.image)  # an unreadable image is named before the model loads
     pipe = _load(args, args.model or "shapes-32")
     images = _with_progress(
         round(s.steps * s.denoising_strength),
         lambda callback: pipe.edit(
-            args.image,
+            image,
             s.prompt,
             strength=args.strength,
             resize_back=not args.model_size,
@@ -249,15 +272,17 @@ def _cmd_edit(args: argparse.Namespace) -> int:
 
 
 def _cmd_inpaint(args: argparse.Namespace) -> int:
+    from .images import open_image, open_mask
     from .settings import REPAINT_JUMP, REPAINT_RESAMPLE
 
     s = _settings(args)
+    image, mask = open_image(args.image), open_mask(args.mask)  # named before the model loads
     pipe = _load(args, args.model or "shapes-32")
     images = _with_progress(
         round(s.steps * s.denoising_strength) * (s.repaint_resample or REPAINT_RESAMPLE),
         lambda callback: pipe.inpaint(
-            args.image,
-            args.mask,
+            image,
+            mask,
             s.prompt,
             strength=args.strength,
             feather=args.feather,
@@ -308,14 +333,16 @@ def _write_report(report: dict, where: str) -> int:
 
 def _cmd_eval_shapes(args: argparse.Namespace) -> int:
     from .eval.shapes_eval import run_shapes_eval
+    from .settings import sampler_name
 
+    sampler = sampler_name(args.sampler)  # ours or AUTOMATIC1111's label, named before the model loads
     if args.save_images:
         _output_folder(args.save_images)  # a folder that cannot be made is named before any image is drawn
 
     report = run_shapes_eval(
         args.model,
         samples_per_prompt=args.samples,
-        sampler=args.sampler,
+        sampler=sampler,
         steps=args.steps,
         guidance=args.guidance,
         seed=args.seed,
@@ -330,11 +357,13 @@ def _cmd_eval_shapes(args: argparse.Namespace) -> int:
 
 def _cmd_eval_inpaint(args: argparse.Namespace) -> int:
     from .eval.inpaint_eval import run_inpaint_eval, table
+    from .settings import sampler_name
 
+    sampler = sampler_name(args.sampler)  # ours or AUTOMATIC1111's label, named before the model loads
     report = run_inpaint_eval(
         args.model,
         samples=args.samples,
-        sampler=args.sampler,
+        sampler=sampler,
         steps=args.steps,
         guidance=args.guidance,
         area=args.area,

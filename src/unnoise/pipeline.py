@@ -39,6 +39,7 @@ from .settings import (
     ImageSettings,
     InpaintArea,
     MaskedContent,
+    sampler_name,
 )
 from .text.encoders import CachedTextEncoder, TextEmbedding, load_text_encoder
 
@@ -119,11 +120,11 @@ class Pipeline:
         condition that far towards `mix_prompt`'s. sampler_options: e.g. {"eta": 0.5} for ddim. width and
         height: see `size_for` (the images' size is what it gives, written in their PNG text)."""
         width, height = self.size_for(width, height)
-        settings = self.settings(
-            prompt, negative_prompt, sampler, sampler_options, steps, guidance, seed,
-            variation_seed=variation_seed, variation_strength=variation_strength,
+        settings = self.settings(prompt, negative_prompt, sampler, sampler_options, steps, guidance, seed)
+        settings = settings.replace(
+            width=width, height=height, variation_seed=variation_seed, variation_strength=variation_strength,
             mix_prompt=mix_prompt, prompt_mix=prompt_mix,
-        ).replace(width=width, height=height)  # fmt: skip
+        ).check()  # fmt: skip
         return self.render(settings, num_images, callback=callback)
 
     def edit(
@@ -144,16 +145,8 @@ class Pipeline:
     ) -> list[Image.Image]:
         """img2img (SDEdit): the image, resized to the model's size, noised by `strength` and denoised
         towards the prompt. strength 0 returns the (resized) input; 1 ignores it."""
-        settings = self.settings(
-            prompt,
-            negative_prompt,
-            sampler,
-            sampler_options,
-            steps,
-            guidance,
-            seed,
-            denoising_strength=strength,
-        )
+        settings = self.settings(prompt, negative_prompt, sampler, sampler_options, steps, guidance, seed)
+        settings = settings.replace(denoising_strength=strength).check()
         source = open_image(image)
         init = from_pil([fit(source, self.resolution)]).to(self.device)  # (1, 3, R, R)
         images = self.render(settings, num_images, init=init, callback=callback)
@@ -194,12 +187,12 @@ class Pipeline:
         area="whole" shows the model the whole picture; area="masked" (AUTOMATIC1111's "only masked") only a
         square around the mask with `padding` pixels of context, enlarged to the model's size, so the prompt
         describes what goes in the mask and the model draws it at its full resolution."""
-        settings = self.settings(
-            prompt, negative_prompt, sampler, sampler_options, steps, guidance, seed,
+        settings = self.settings(prompt, negative_prompt, sampler, sampler_options, steps, guidance, seed)
+        settings = settings.replace(
             denoising_strength=strength, mask_blur=feather, repaint_jump=jump, repaint_resample=resample,
             inpaint_area="masked" if area == "masked" else None,
             masked_padding=padding if area == "masked" else None, masked_content=masked_content,
-        )  # fmt: skip
+        ).check()  # fmt: skip
         if area not in ("whole", "masked"):
             raise UnnoiseError(f"area must be 'whole' or 'masked', got {area!r}")
         if padding < 0:
@@ -250,10 +243,8 @@ class Pipeline:
             raise UnnoiseError(f"frames must be in 2..{MAX_IMAGES}, got {frames}")
         if to_prompt is None and to_seed is None:
             raise UnnoiseError("interpolate needs to_prompt, to_seed or both")
-        first = self.settings(
-            prompt, negative_prompt, sampler, sampler_options, steps, guidance, seed,
-            variation_seed=to_seed, mix_prompt=to_prompt or "",
-        )  # fmt: skip
+        first = self.settings(prompt, negative_prompt, sampler, sampler_options, steps, guidance, seed)
+        first = first.replace(variation_seed=to_seed, mix_prompt=to_prompt or "").check()
         mixes = [k / (frames - 1) for k in range(frames)]
         strip = [
             first.replace(
@@ -275,14 +266,15 @@ class Pipeline:
         steps: int,
         guidance: float,
         seed: int | None,
-        **edit,
     ) -> ImageSettings:
-        """The checked settings of a request's first image at this model's size (a random seed for None)."""
+        """The checked settings every request's first image shares, at this model's size (a random seed for
+        None); the sampler by our name or AUTOMATIC1111's label ("Euler a"). Each method adds its own fields
+        with `replace(...).check()`."""
         r = self.resolution
         seed = secrets.randbelow(2**31) if seed is None else seed
         return ImageSettings(
-            prompt, negative_prompt, sampler, dict(sampler_options or {}), steps, guidance, seed,
-            width=r, height=r, model=self.name, model_hash=self.model_hash, **edit,
+            prompt, negative_prompt, sampler_name(sampler), dict(sampler_options or {}), steps, guidance,
+            seed, width=r, height=r, model=self.name, model_hash=self.model_hash,
         ).check()  # fmt: skip
 
     def render(
