@@ -1,6 +1,7 @@
 """Training: a killed run resumes to the same weights, damaged checkpoints are skipped, NaN steps are
 skipped and then stop the run, and two DDP processes compute the single process's gradients."""
 
+import errno
 import itertools
 import json
 import os
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from unnoise.errors import UnnoiseError
@@ -21,6 +23,8 @@ from unnoise.release import load_release
 from unnoise.train.checkpoint import latest_good_state, list_states, load_training_state
 from unnoise.train.config import TrainConfig
 from unnoise.train.loop import Run, train
+
+from .conftest import run_cli
 
 TESTS = Path(__file__).resolve().parent
 TINY = [
@@ -132,6 +136,53 @@ def test_resume_repairs_a_stale_release_and_removes_temporaries(tmp_path):
     _, release = load_release(tmp_path / "model")
     assert release["training"]["steps"] == 4
     assert not list(tmp_path.glob(".tmp-*")) and not list((tmp_path / "model").glob(".tmp-*"))
+
+
+@pytest.mark.parametrize(
+    "failing_write, error, kept",
+    [
+        (
+            6,
+            SafetensorError("Error while serializing: No space left on device"),
+            "previous checkpoint is kept",
+        ),
+        (6, OSError(errno.ENOSPC, "No space left on device"), "previous checkpoint is kept"),
+        (8, SafetensorError("Error while serializing: No space left on device"), "the previous one is kept"),
+        (8, OSError(errno.ENOSPC, "No space left on device"), "the previous one is kept"),
+    ],
+    ids=["state-safetensors", "state-enospc", "release-safetensors", "release-enospc"],
+)
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(
+    tmp_path, monkeypatch, failing_write, error, kept
+):
+    """Issue 12: safetensors' SafetensorError (a full disk) was a traceback. Each checkpoint writes four
+    safetensors files: state-N/'s model, ema and optimizer, then model/'s weights; write 6 is step 4's
+    EMA, write 8 step 4's release."""
+    import unnoise.release
+
+    real_save_file, writes = unnoise.release.save_file, []
+
+    def disk_full_at_one_write(tensors, path):
+        writes.append(path)
+        if len(writes) == failing_write:
+            Path(path).write_bytes(b"half")  # what a full disk leaves behind
+            raise error
+        real_save_file(tensors, path)
+
+    monkeypatch.setattr(unnoise.release, "save_file", disk_full_at_one_write)
+    result = run_cli("train", *TINY, "--steps", "4", "--out", str(tmp_path))
+    message = result.stderr.split("unnoise: error: ")[-1]  # after the progress bar
+    assert result.returncode == 1 and message.count("\n") == 1 and "Traceback" not in result.stderr, message
+    assert str(tmp_path) in message and kept in message, message
+    assert not list(tmp_path.rglob(".tmp-*"))
+    _, release = load_release(tmp_path / "model")  # whole, at the previous checkpoint
+    assert release["training"]["steps"] == 2
+    states = [state.name for state in list_states(tmp_path)]
+    assert states == (["state-00000002"] if failing_write == 6 else ["state-00000004", "state-00000002"])
+
+    monkeypatch.setattr(unnoise.release, "save_file", real_save_file)
+    assert run_cli("train", "--steps", "4", "--out", str(tmp_path), "--resume").returncode == 0
+    assert load_release(tmp_path / "model")[1]["training"]["steps"] == 4
 
 
 def test_the_release_loads_without_training_code_and_detects_tampering(tmp_path):

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .diffusion.formulations import FORMULATIONS
@@ -25,6 +26,11 @@ MODELS_DIR = Path(__file__).resolve().parent / "models"  # models shipped inside
 
 class CorruptCheckpointError(UnnoiseError):
     """A checkpoint file is missing, truncated or does not match its checksum."""
+
+
+class WriteFailedError(OSError):
+    """A checkpoint or release could not be written (a full disk, a lost mount); what was there is kept, and
+    nothing half-written is left in its place. An OSError: the CLI prints its message on one line."""
 
 
 def sha256(path: Path) -> str:
@@ -49,8 +55,18 @@ def fsync_dir(path: Path) -> None:
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
-    fsync_file(path)
+    """Write a safetensors file and flush it to disk; on failure the partial file is deleted."""
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+        fsync_file(path)
+    except (SafetensorError, OSError) as error:  # safetensors has its own error type, for a full disk too
+        Path(path).unlink(missing_ok=True)
+        raise WriteFailedError(write_failure(error)) from error
+
+
+def write_failure(error: Exception) -> str:
+    """Why a write failed, in the system's words ("No space left on device") or safetensors'."""
+    return error.strerror if isinstance(error, OSError) and error.strerror else str(error)
 
 
 def load_tensors(path: Path, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
@@ -65,19 +81,31 @@ def load_tensors(path: Path, expected_sha256: str | None = None) -> dict[str, to
 
 
 def save_release(folder: Path, network: torch.nn.Module, config: dict, *, dtype=torch.float16) -> Path:
-    """model.safetensors (in `dtype`) + config.json, the weights' checksum inside the config."""
+    """model.safetensors (in `dtype`) + config.json, the weights' checksum inside the config.
+
+    Both are written to temporaries first and renamed into place only when both are whole, so a failed
+    write (WriteFailedError) leaves the previous release as it was."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    weights = folder / "model.safetensors"
-    tmp = folder / f".tmp-model-{os.getpid()}.safetensors"
-    save_tensors(
-        {k: v.to(dtype) if v.is_floating_point() else v for k, v in network.state_dict().items()}, tmp
-    )
-    config = {**config, "weights_sha256": sha256(tmp), "weights_dtype": str(dtype).removeprefix("torch.")}
-    os.replace(tmp, weights)
+    tmp_weights = folder / f".tmp-model-{os.getpid()}.safetensors"
     tmp_config = folder / f".tmp-config-{os.getpid()}.json"
-    tmp_config.write_text(json.dumps(config, indent=2))
-    fsync_file(tmp_config)
+    try:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in network.state_dict().items()}
+        save_tensors(state, tmp_weights)
+        config = {
+            **config,
+            "weights_sha256": sha256(tmp_weights),
+            "weights_dtype": str(dtype).removeprefix("torch."),
+        }
+        tmp_config.write_text(json.dumps(config, indent=2))
+        fsync_file(tmp_config)
+    except OSError as error:
+        tmp_weights.unlink(missing_ok=True)
+        tmp_config.unlink(missing_ok=True)
+        raise WriteFailedError(
+            f"could not write the release in {folder} ({write_failure(error)}); the previous one is kept"
+        ) from error
+    os.replace(tmp_weights, folder / "model.safetensors")
     os.replace(tmp_config, folder / "config.json")
     fsync_dir(folder)
     return folder

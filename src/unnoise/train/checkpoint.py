@@ -16,7 +16,16 @@ from typing import Any
 
 import torch
 
-from ..release import CorruptCheckpointError, fsync_dir, fsync_file, load_tensors, save_tensors, sha256
+from ..release import (
+    CorruptCheckpointError,
+    WriteFailedError,
+    fsync_dir,
+    fsync_file,
+    load_tensors,
+    save_tensors,
+    sha256,
+    write_failure,
+)
 
 STATE_PREFIX = "state-"
 STATE_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors")
@@ -80,22 +89,22 @@ def save_training_state(
     extra: dict,
     keep: int = 3,
 ) -> Path:
-    """Write state-<step>/ atomically, then delete all but the newest `keep` states."""
+    """Write state-<step>/ atomically, then delete all but the newest `keep` states.
+
+    A failed write (a full disk) deletes its temporary folder and raises WriteFailedError: the previous
+    states are untouched, and resume never sees a half-written one."""
     run_dir = Path(run_dir)
     final = run_dir / f"{STATE_PREFIX}{step:08d}"
     tmp = run_dir / f".tmp-{STATE_PREFIX}{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    optimizer_tensors, optimizer_meta = optimizer_to_safe(optimizer.state_dict())
-    files = {"model.safetensors": model.state_dict(), "ema.safetensors": ema.state_dict()}
-    files["optimizer.safetensors"] = optimizer_tensors
-    for name, tensors in files.items():
-        save_tensors(tensors, tmp / name)
-    meta = {"step": step, "optimizer": optimizer_meta, "extra": extra}
-    meta["sha256"] = {name: sha256(tmp / name) for name in files}
-    (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-    fsync_file(tmp / "state.json")
-    fsync_dir(tmp)
+    try:
+        write_state_folder(tmp, step, model=model, ema=ema, optimizer=optimizer, extra=extra)
+    except OSError as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise WriteFailedError(
+            f"could not save the checkpoint of step {step} in {run_dir} ({write_failure(error)}); the"
+            " previous checkpoint is kept: free some space, then --resume"
+        ) from error
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -103,6 +112,29 @@ def save_training_state(
     for old in list_states(run_dir)[keep:]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def write_state_folder(
+    folder: Path,
+    step: int,
+    *,
+    model: torch.nn.Module,
+    ema: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    extra: dict,
+) -> None:
+    """The three safetensors files and state.json (with their checksums), flushed to disk."""
+    folder.mkdir(parents=True)
+    optimizer_tensors, optimizer_meta = optimizer_to_safe(optimizer.state_dict())
+    files = {"model.safetensors": model.state_dict(), "ema.safetensors": ema.state_dict()}
+    files["optimizer.safetensors"] = optimizer_tensors
+    for name, tensors in files.items():
+        save_tensors(tensors, folder / name)
+    meta = {"step": step, "optimizer": optimizer_meta, "extra": extra}
+    meta["sha256"] = {name: sha256(folder / name) for name in files}
+    (folder / "state.json").write_text(json.dumps(meta, indent=1))
+    fsync_file(folder / "state.json")
+    fsync_dir(folder)
 
 
 def list_states(run_dir: Path) -> list[Path]:

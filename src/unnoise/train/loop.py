@@ -19,7 +19,7 @@ from ..diffusion.formulations import FORMULATIONS
 from ..errors import UnnoiseError
 from ..nn.presets import PRESETS
 from ..nn.unet import count_parameters
-from ..release import save_release
+from ..release import WriteFailedError, save_release
 from ..settings import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
 from ..text.encoders import CachedTextEncoder, load_text_encoder
 from .checkpoint import latest_good_state, load_optimizer_state, remove_temporaries, save_training_state
@@ -179,7 +179,13 @@ class Run:
     def write_release(self, step: int) -> None:
         release = model_config(self.config, self.network_config, self.text)
         release["training"] = {"steps": step, "images_seen": step * self.config.batch_size}
-        save_release(self.dir / "model", self.ema.module, release)
+        try:
+            save_release(self.dir / "model", self.ema.module, release)
+        except WriteFailedError as error:
+            raise WriteFailedError(
+                f"{error}; step {step}'s checkpoint is saved in {self.dir}: free some space, then --resume"
+                " writes the release from it"
+            ) from error
 
     # --- one step --------------------------------------------------------------------------------------
 
@@ -317,51 +323,52 @@ def _train(config: TrainConfig, setup: Distributed, resume: bool, log) -> Path:
         return run_dir / "model"
 
     logger = MetricsLog(run_dir / "log.csv", enabled=setup.is_main)
-    progress = progress_bar(start, config.steps, enabled=setup.is_main)
     batches = run.micro_batches(start)
     bad_in_a_row, window_start, window_loss, window_steps = 0, time.perf_counter(), 0.0, 0
-    for step in range(start, config.steps):
-        lr = learning_rate(config, step)
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr
-        loss = run.backward(batches)
-        grad_norm = torch.nn.utils.clip_grad_norm_(run.network.parameters(), config.grad_clip)
-        if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
+    with progress_bar(start, config.steps, enabled=setup.is_main) as progress:  # closed on an error too
+        for step in range(start, config.steps):
+            lr = learning_rate(config, step)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            loss = run.backward(batches)
+            grad_norm = torch.nn.utils.clip_grad_norm_(run.network.parameters(), config.grad_clip)
+            if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
+                run.optimizer.zero_grad(set_to_none=True)
+                bad_in_a_row += 1
+                log(f"step {step}: non-finite loss or gradient ({loss}); step skipped")
+                if bad_in_a_row >= config.max_bad_steps:
+                    raise UnnoiseError(
+                        f"training diverged: {bad_in_a_row} non-finite losses in a row at step {step}. The"
+                        f" last good checkpoint is in {run_dir}; lower --lr or use --precision fp32, then"
+                        " --resume"
+                    )
+                continue
+            bad_in_a_row = 0
+            run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
-            bad_in_a_row += 1
-            log(f"step {step}: non-finite loss or gradient ({loss}); step skipped")
-            if bad_in_a_row >= config.max_bad_steps:
-                raise UnnoiseError(
-                    f"training diverged: {bad_in_a_row} non-finite losses in a row at step {step}. The last"
-                    f" good checkpoint is in {run_dir}; lower --lr or use --precision fp32, then --resume"
-                )
-            continue
-        bad_in_a_row = 0
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
-        images_seen = (step + 1) * config.batch_size
-        run.ema.update(
-            run.network, ema_decay(config.batch_size, images_seen, config.ema_half_life, config.ema_warmup)
-        )
-        window_loss, window_steps = window_loss + loss, window_steps + 1
-        done = step + 1
+            images_seen = (step + 1) * config.batch_size
+            run.ema.update(
+                run.network,
+                ema_decay(config.batch_size, images_seen, config.ema_half_life, config.ema_warmup),
+            )
+            window_loss, window_steps = window_loss + loss, window_steps + 1
+            done = step + 1
 
-        if done % config.log_every == 0 or done == config.steps:
-            mean_loss = float(mean_across(torch.tensor(window_loss / window_steps), setup))
-            rate = window_steps * config.batch_size / (time.perf_counter() - window_start)
-            logger.write(step=done, loss=mean_loss, lr=lr, grad_norm=float(grad_norm), images_per_s=rate)
-            progress.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.1f}")
-            window_start, window_loss, window_steps = time.perf_counter(), 0.0, 0
-        if done % config.checkpoint_every == 0 or done == config.steps:
-            run.save(done)
-        if (
-            setup.is_main
-            and config.sample_every
-            and (done % config.sample_every == 0 or done == config.steps)
-        ):
-            save_sample_grid(run, run_dir / "samples" / f"step-{done:08d}.png")
-        progress.update(1)
-    progress.close()
+            if done % config.log_every == 0 or done == config.steps:
+                mean_loss = float(mean_across(torch.tensor(window_loss / window_steps), setup))
+                rate = window_steps * config.batch_size / (time.perf_counter() - window_start)
+                logger.write(step=done, loss=mean_loss, lr=lr, grad_norm=float(grad_norm), images_per_s=rate)
+                progress.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.1f}")
+                window_start, window_loss, window_steps = time.perf_counter(), 0.0, 0
+            if done % config.checkpoint_every == 0 or done == config.steps:
+                run.save(done)
+            if (
+                setup.is_main
+                and config.sample_every
+                and (done % config.sample_every == 0 or done == config.steps)
+            ):
+                save_sample_grid(run, run_dir / "samples" / f"step-{done:08d}.png")
+            progress.update(1)
     log(f"done: {config.steps} steps; model in {run_dir / 'model'}")
     return run_dir / "model"
 
