@@ -91,6 +91,55 @@ def test_from_png_never_loads_a_model_from_a_path_the_png_names(model, tmp_path)
     assert chosen.returncode == 0, chosen.stderr
 
 
+A1111_TEXT = (
+    "a red circle\nNegative prompt: blurry\nSteps: 3, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7,"
+    " Seed: 1234, Size: 512x512, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Denoising strength: 0.7,"
+    " Clip skip: 2, Hires upscale: 2, Hires upscaler: Latent, Version: v1.9.3"
+)
+
+
+def a1111_png(path: Path, text: str) -> Path:
+    """A PNG as AUTOMATIC1111 writes it: any pixels, its settings in the `parameters` text chunk."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)
+    Image.new("RGB", (64, 64), "gray").save(path, pnginfo=info)
+    return path
+
+
+def test_from_png_recreates_an_automatic1111_png_and_names_what_it_cannot(model, tmp_path):
+    """Issue 13: `--from-png` failed on a real AUTOMATIC1111 PNG; a hires-fix PNG was refused as an edit."""
+    png = a1111_png(tmp_path / "a1111.png", A1111_TEXT)
+    refused = run_cli("generate", "--from-png", str(png), "--out", str(tmp_path / "o"))
+    assert refused.returncode == 2 and "'v1-5-pruned-emaonly', which is not a shipped model" in refused.stderr
+    run = run_cli("generate", "--from-png", str(png), "--model", str(model), "--out", str(tmp_path / "o"))
+    assert run.returncode == 0, run.stderr
+    assert (
+        "not re-created from" in run.stderr
+        and "Hires upscale: 2" in run.stderr
+        and "Clip skip: 2" in run.stderr
+    )
+    assert "not 512x512" in run.stderr  # the tiny model draws at most 4x its 16x16 pixels
+    made = read_png_parameters(run.stdout.split()[-1])
+    assert (made.prompt, made.negative_prompt, made.sampler, made.seed) == (
+        "a red circle",
+        "blurry",
+        "dpmpp_2m",
+        1234,
+    )
+    assert (made.steps, made.guidance, made.denoising_strength) == (3, 7.0, None)
+    assert (made.width, made.height) == (32, 32)
+
+
+def test_from_png_names_an_edit_it_cannot_recreate(tmp_path):
+    text = A1111_TEXT.split(", Clip skip")[0]  # img2img: a denoising strength without a hires fix
+    run = run_cli(
+        "generate", "--from-png", str(a1111_png(tmp_path / "edit.png", text)), "--out", str(tmp_path)
+    )
+    assert run.returncode == 2 and "is an edit (img2img or inpainting)" in run.stderr, run.stderr
+
+
 def test_cli_writes_images_and_a_contact_sheet(model, tmp_path):
     run = subprocess.run(
         [

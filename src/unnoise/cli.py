@@ -177,20 +177,14 @@ def _save_numbered(image, folder: Path, stem: str) -> Path:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .errors import UnnoiseError
-    from .images import read_png_parameters
 
     if args.from_png:
-        return _generate_from_png(args, read_png_parameters(args.from_png))
+        return _generate_from_png(args)
     if args.prompt is None:
         raise UnnoiseError("give a PROMPT, or --from-png FILE")
     s = _settings(args)
     pipe = _load(args, args.model or "shapes-32")
-    width, height = pipe.size_for(args.width, args.height)
-    if (args.width or width, args.height or height) != (width, height):
-        print(
-            f"unnoise: {width}x{height}, not {args.width}x{args.height}: at most {pipe.size_note()}",
-            file=sys.stderr,
-        )
+    width, height = _size_said(pipe, args.width, args.height)
     images = _with_progress(
         args.steps,
         lambda callback: pipe.generate(
@@ -214,17 +208,34 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return _save(images, args.out, [str(s.seed + i) for i in range(len(images))])
 
 
-def _generate_from_png(args: argparse.Namespace, settings) -> int:
-    """The image a PNG's parameters describe, again (its model, unless --model names another)."""
-    from .errors import UnnoiseError
+def _size_said(pipe, width: int | None, height: int | None) -> tuple[int, int]:
+    """The size the model will draw for the one asked, said on stderr when it differs."""
+    made = pipe.size_for(width, height)
+    if (width or made[0], height or made[1]) != made:
+        print(
+            f"unnoise: {made[0]}x{made[1]}, not {width}x{height}: at most {pipe.size_note()}", file=sys.stderr
+        )
+    return made
 
+
+def _generate_from_png(args: argparse.Namespace) -> int:
+    """The image a PNG's parameters describe, again (its model, unless --model names another); what an
+    AUTOMATIC1111 PNG describes beyond that (a hires fix, clip skip, ...) is named on stderr."""
+    from .errors import UnnoiseError
+    from .images import read_png_text
+    from .settings import ImageSettings, not_recreated
+
+    text = read_png_text(args.from_png)
+    settings = ImageSettings.from_parameters(text)
     if settings.denoising_strength is not None:
         raise UnnoiseError(
             f"{args.from_png} is an edit (img2img or inpainting) of an input image the PNG does not hold;"
             " run `unnoise edit` or `unnoise inpaint` with that image instead"
         )
     pipe = _load(args, args.model or _shipped_model_named(args.from_png, settings.model or "shapes-32"))
-    width, height = pipe.size_for(settings.width, settings.height)
+    for part in not_recreated(text):
+        print(f"unnoise: not re-created from {args.from_png}: {part}", file=sys.stderr)
+    width, height = _size_said(pipe, settings.width, settings.height)
     settings = settings.replace(width=width, height=height, model=pipe.name, model_hash=pipe.model_hash)
     images = _with_progress(settings.steps, lambda callback: pipe.render(settings, callback=callback))
     return _save(images, args.out, [str(settings.seed)])

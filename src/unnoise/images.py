@@ -84,6 +84,11 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 def read_png_parameters(path: str | Path) -> ImageSettings:
+    return ImageSettings.from_parameters(read_png_text(path))
+
+
+def read_png_text(path: str | Path) -> str:
+    """The `parameters` text chunk of a PNG (ours or AUTOMATIC1111's)."""
     try:
         with Image.open(path) as image:
             text = image.info.get("parameters")
@@ -91,7 +96,7 @@ def read_png_parameters(path: str | Path) -> ImageSettings:
         raise UnnoiseError(f"cannot read {path}: {error}") from None
     if not text:
         raise UnnoiseError(f"{path} carries no 'parameters' text chunk")
-    return ImageSettings.from_parameters(text)
+    return text
 
 
 # --- image files in and out ------------------------------------------------------------------------------

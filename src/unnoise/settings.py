@@ -52,6 +52,10 @@ A1111_SAMPLERS: dict[str, str] = {
 A1111_LABELS: dict[str, str] = {ours: label for label, ours in A1111_SAMPLERS.items()}
 SCHEDULE_TYPE = "Karras"  # what A1111 calls the default schedule of every formulation here (rho = 7)
 SCHEDULE_TYPES = ("Automatic", "Karras")  # the A1111 schedule types that name it
+# AUTOMATIC1111's second pass ("hires fix"): its "Denoising strength" belongs to that pass, not to an edit
+HIRES_KEYS = ("Hires upscale", "Hires resize", "Hires steps", "Hires upscaler")
+# what else an AUTOMATIC1111 PNG may describe that unnoise does not re-create
+NOT_RECREATED = (*HIRES_KEYS, "Clip skip", "Face restoration", "Lora hashes", "TI hashes", "Refiner", "ENSD")
 
 
 def sampler_name(name: str | None) -> str:
@@ -215,6 +219,8 @@ class ImageSettings:
         def optional(key: str, kind):
             return kind(values[key]) if key in values else None
 
+        hires = any(key in values for key in HIRES_KEYS)
+
         try:
             width, height = (int(v) for v in values["Size"].split("x")) if "Size" in values else (None, None)
             sampler = sampler_name(values.get("Sampler"))
@@ -242,7 +248,7 @@ class ImageSettings:
                 variation_strength=float(values.get("Variation seed strength", 0.0)),
                 mix_prompt=labelled["Mix prompt:"],
                 prompt_mix=float(values.get("Prompt mix", 0.0)),
-                denoising_strength=optional("Denoising strength", float),
+                denoising_strength=None if hires else optional("Denoising strength", float),
                 mask_blur=optional("Mask blur", int),
                 inpaint_area="masked" if values.get("Inpaint area") == "Only masked" else None,
                 masked_padding=optional("Masked area padding", int),
@@ -252,6 +258,13 @@ class ImageSettings:
             )
         except (KeyError, ValueError) as error:
             raise UnnoiseError(f"the PNG's parameters are incomplete or malformed ({error})") from None
+
+
+def not_recreated(text: str) -> list[str]:
+    """The parts of a `parameters` text (AUTOMATIC1111's) that `from_parameters` drops: "Hires upscale: 2",
+    "Clip skip: 2", ... A re-created image is that of the first pass, without them."""
+    found = re.findall(r"\s*([\w ]+):\s*([^,]*)", text.strip().splitlines()[-1]) if text.strip() else []
+    return [f"{k.strip()}: {v.strip()}" for k, v in found if k.strip() in NOT_RECREATED]
 
 
 def _finite(value, what: str) -> float:
