@@ -493,3 +493,45 @@ def test_a_model_trained_on_first_last_tokens_is_loaded_with_them(tmp_path):
     assert pipe.text.encoder.token_layers == "first-last" and pipe.text.name.endswith("-first-last")
     with pytest.raises(UnnoiseError, match="--text-token-layers must be 'last' or 'first-last'"):
         replace(config, text_token_layers="all").validate()
+
+
+def test_a_model_trained_with_a_relative_text_encoder_path_loads_from_anywhere(tmp_path, monkeypatch):
+    """Issue 13: config.json kept `--text-encoder encoders/minilm` as given, relative to where training
+    ran; it now holds the path relative to the release, so the release loads from any directory and moves
+    with its encoder."""
+    from unnoise.pipeline import load
+    from unnoise.text.encoders import packaged_minilm_path
+
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    encoder = project / "encoders" / "minilm"
+    encoder.mkdir(parents=True)
+    elsewhere.mkdir()
+    for file in packaged_minilm_path().iterdir():
+        (encoder / file.name).symlink_to(file)
+    monkeypatch.chdir(project)
+    config = TrainConfig(preset="tiny", batch_size=2, steps=1, checkpoint_every=1, sample_every=0)
+    train(replace(config, text_encoder="encoders/minilm", out="runs/relative"))
+    _, release = load_release(project / "runs" / "relative" / "model")
+    assert release["text_encoder"]["name"] == "../../../encoders/minilm"
+
+    monkeypatch.chdir(elsewhere)
+    assert load(project / "runs" / "relative" / "model").text.encoder.path == encoder
+    moved = (tmp_path / "moved").resolve()
+    project.rename(moved)
+    assert load(moved / "runs" / "relative" / "model").text.encoder.path == moved / "encoders" / "minilm"
+
+
+def test_a_releases_text_encoder_path_is_relative_to_the_release_then_to_where_it_was_trained(
+    tmp_path, monkeypatch
+):
+    from unnoise.release import locate_text_encoder
+
+    (tmp_path / "encoder").mkdir()
+    release = tmp_path / "runs" / "run" / "model"
+    release.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert locate_text_encoder(release, "../../../encoder") == str(tmp_path / "encoder")
+    assert locate_text_encoder(release, "encoder") == str(tmp_path / "encoder")  # written before issue 13
+    assert locate_text_encoder(release, "missing") == str(release / "missing")  # named in the error
+    assert locate_text_encoder(release, "minilm") == "minilm"
+    assert locate_text_encoder(release, str(tmp_path / "encoder")) == str(tmp_path / "encoder")

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from .diffusion.formulations import FORMULATIONS
 from .errors import UnnoiseError
-from .text.encoders import TOKEN_LAYERS
+from .text.encoders import TOKEN_LAYERS, is_packaged_encoder
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"  # models shipped inside the package
 
@@ -148,6 +148,27 @@ def check_release_config(folder: Path, config: dict) -> None:
         raise refuse("text_encoder.token_layers", f"one of {', '.join(TOKEN_LAYERS)}", token_layers)
 
 
+def text_encoder_reference(encoder: str, release_folder: Path) -> str:
+    """How config.json names a release's text encoder: the packaged one by name, a folder by its path
+    relative to the release folder, so that a release and its encoder may move together (issue 13)."""
+    if is_packaged_encoder(encoder):
+        return encoder
+    return os.path.relpath(Path(encoder).expanduser().resolve(), Path(release_folder).resolve())
+
+
+def locate_text_encoder(folder: Path, name: str) -> str:
+    """The text encoder config.json names, as a name or an absolute path: a relative path is relative to
+    the release folder; releases written before issue 13 held one relative to where training ran, which is
+    tried when the release's own does not exist."""
+    path = Path(name).expanduser()
+    if is_packaged_encoder(name) or path.is_absolute():
+        return name
+    beside_release = (Path(folder) / path).resolve()
+    if beside_release.exists() or not path.exists():
+        return str(beside_release)
+    return str(path.resolve())  # a release from before issue 13, loaded from where it was trained
+
+
 def load_release(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(float32 state dict, config) of a release folder, checked against the checksum in its config."""
     config = read_release_config(folder)
@@ -225,15 +246,18 @@ def model_hash(config: dict) -> str:
 def load_network(folder: Path) -> tuple[torch.nn.Module, dict]:
     """(network with the release's weights, the release's config); a mismatch is a clear error.
 
-    Every field `unnoise.load` reads is checked first (`check_release_config`), and the network before
-    anything is allocated: it is built on the meta device (no memory) and its tensor shapes compared with
-    the safetensors header, so a config that asks for a huge network next to small weights is refused at
-    once; only then are the weights read and checked."""
+    Every field `unnoise.load` reads is checked first (`check_release_config`), and the text encoder's path
+    in the config returned is absolute (`locate_text_encoder`). The network is checked before anything is
+    allocated: it is built on the meta device (no memory) and its tensor shapes compared with the
+    safetensors header, so a config that asks for a huge network next to small weights is refused at once;
+    only then are the weights read and checked."""
     from .nn.presets import network_config_from_dict
 
     folder = Path(folder)
     config = read_release_config(folder)
     check_release_config(folder, config)
+    encoder = config["text_encoder"]
+    config = {**config, "text_encoder": {**encoder, "name": locate_text_encoder(folder, encoder["name"])}}
     try:  # "network" since issue 11; earlier releases hold a UNet's shape under "unet"
         network_config = network_config_from_dict(config.get("network") or config["unet"])
         with torch.device("meta"):

@@ -328,11 +328,13 @@ def load_text_encoder(
     """
     if not isinstance(token_layers, str) or token_layers not in TOKEN_LAYERS:
         raise UnnoiseError(f"token layers must be one of {', '.join(TOKEN_LAYERS)}, got {token_layers!r}")
-    if name_or_path is None or str(name_or_path).lower() in ("minilm", MINILM.lower()):
-        name_or_path = None
-    else:
-        name_or_path = str(Path(name_or_path).resolve())
-    return _load_shared(name_or_path, str(device), max_tokens, token_layers)
+    path = None if is_packaged_encoder(name_or_path) else str(Path(name_or_path).expanduser().resolve())
+    return _load_shared(path, str(device), max_tokens, token_layers)
+
+
+def is_packaged_encoder(name_or_path: str | Path | None) -> bool:
+    """Whether `name_or_path` names the packaged all-MiniLM-L6-v2 (None, "minilm") rather than a folder."""
+    return name_or_path is None or str(name_or_path).lower() in ("minilm", MINILM.lower())
 
 
 @functools.lru_cache(maxsize=4)

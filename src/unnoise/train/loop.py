@@ -19,7 +19,7 @@ from ..diffusion.formulations import FORMULATIONS
 from ..errors import UnnoiseError
 from ..nn.presets import PRESETS
 from ..nn.unet import count_parameters
-from ..release import WriteFailedError, save_release
+from ..release import WriteFailedError, save_release, text_encoder_reference
 from ..settings import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
 from ..text.encoders import CachedTextEncoder, load_text_encoder
 from .checkpoint import latest_good_state, load_optimizer_state, remove_temporaries, save_training_state
@@ -42,7 +42,7 @@ SAMPLE_PROMPTS = {
 }
 
 
-def model_config(config: TrainConfig, network_config, text_encoder) -> dict:
+def model_config(config: TrainConfig, network_config, text_encoder, release_folder: Path) -> dict:
     """What `unnoise.load` needs to rebuild the denoiser and its text encoder: the release's config.json."""
     return {
         "format": "unnoise-model/1",
@@ -50,7 +50,7 @@ def model_config(config: TrainConfig, network_config, text_encoder) -> dict:
         "network": network_config.to_dict(),
         "formulation": config.formulation,
         "text_encoder": {
-            "name": config.text_encoder,
+            "name": text_encoder_reference(config.text_encoder, release_folder),
             "fingerprint": text_encoder.name,
             "max_tokens": config.max_tokens,
             "token_layers": config.text_token_layers,
@@ -177,7 +177,7 @@ class Run:
         barrier(self.setup)
 
     def write_release(self, step: int) -> None:
-        release = model_config(self.config, self.network_config, self.text)
+        release = model_config(self.config, self.network_config, self.text, self.dir / "model")
         release["training"] = {"steps": step, "images_seen": step * self.config.batch_size}
         try:
             save_release(self.dir / "model", self.ema.module, release)
