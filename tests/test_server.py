@@ -200,18 +200,14 @@ def test_cancel_and_disconnect_mid_job_leave_the_worker_ready(client, server):
     assert health["worker_alive"] and not health["busy"]
 
 
-@pytest.mark.parametrize("action", ["interrupt", "skip"])
-def test_interrupt_and_skip_stop_the_running_request(client, server, action):
-    """Issue 13: /sdapi/v1/skip was a 404. A batch here is one sampling run, so skip stops it as interrupt
-    does; both are called through the real webuiapi client."""
+def interrupted(client, server, path: str, body: dict, action: str = "interrupt") -> httpx.Response:
+    """The answer to a long request interrupted (through the real webuiapi client) once it has begun."""
     import webuiapi
 
     result = {}
 
     def slow():
-        result["reply"] = httpx.post(
-            f"{server.url}/sdapi/v1/txt2img", json={"prompt": "x", "steps": 200}, timeout=60
-        )
+        result["reply"] = httpx.post(f"{server.url}{path}", json=body, timeout=60)
 
     thread = threading.Thread(target=slow)
     thread.start()
@@ -219,12 +215,49 @@ def test_interrupt_and_skip_stop_the_running_request(client, server, action):
     assert client.get("/sdapi/v1/progress").json()["current_image"]  # the preview of x0_hat
     assert getattr(webuiapi.WebUIApi(host="127.0.0.1", port=server.port), action)() == {}
     thread.join(timeout=60)
-    # issue 13: as in AUTOMATIC1111, the interrupted request returns the image as it is (it was a 409)
-    reply = result["reply"]
-    assert reply.status_code == 200, reply.text
-    assert png_of(reply.json()["images"][0]).size == (32, 32)
-    assert "at step" in json.loads(reply.json()["info"])["comments"]["interrupted"]
     assert wait_until(lambda: not client.get("/health").json()["busy"])
+    return result["reply"]
+
+
+@pytest.mark.parametrize("action", ["interrupt", "skip"])
+def test_interrupt_and_skip_stop_the_running_request(client, server, action):
+    """Issue 13: /sdapi/v1/skip was a 404. A batch here is one sampling run, so skip stops it as interrupt
+    does; both are called through the real webuiapi client."""
+    reply = interrupted(client, server, "/sdapi/v1/txt2img", {"prompt": "x", "steps": 200, "seed": 9}, action)
+    # issue 13: as in AUTOMATIC1111, the interrupted request returns the image as it is (it was a 409)
+    assert reply.status_code == 200, reply.text
+    image, info = png_of(reply.json()["images"][0]), json.loads(reply.json()["info"])
+    assert image.size == (32, 32)
+    assert "at step" in info["comments"]["interrupted"]
+    # with its parameters text (it had none), which says where it stopped
+    assert info["infotexts"][0] == image.info["parameters"]
+    assert (
+        image.info["parameters"].startswith("x\nSteps: 200, Sampler: DPM++ 2M")
+        and "Seed: 9" in info["infotexts"][0]
+    )
+    assert "Interrupted: step " in info["infotexts"][0]
+
+
+def test_an_interrupted_edit_is_finished_as_a_complete_one(client, server):
+    """Interrupted img2img and inpainting answered the model's 32x32 x0 estimate: now resized back to the
+    answer's size, composited into the input (every kept pixel the input's), with parameters."""
+    rng = np.random.default_rng(5)
+    source = Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    mask = Image.new("L", (48, 40), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    body = {"prompt": "a blue square", "steps": 200, "seed": 1, "init_images": [b64_png(source)],
+            "mask": b64_png(mask), "denoising_strength": 1.0}  # fmt: skip
+    reply = interrupted(client, server, "/sdapi/v1/img2img", body)
+    assert reply.status_code == 200, reply.text
+    image, info = png_of(reply.json()["images"][0]), json.loads(reply.json()["info"])
+    out, keep = np.asarray(image.convert("RGB")), np.asarray(mask) == 0
+    assert image.size == (48, 40) and np.array_equal(out[keep], np.asarray(source)[keep])
+    assert "RePaint jump: 2" in info["infotexts"][0] and "Interrupted: step" in image.info["parameters"]
+    plain = {**body, "mask": None, "denoising_strength": 0.9, "width": 48, "height": 32}
+    reply = interrupted(client, server, "/sdapi/v1/img2img", plain)
+    image, info = png_of(reply.json()["images"][0]), json.loads(reply.json()["info"])
+    assert image.size == (48, 32) and "Denoising strength: 0.9" in image.info["parameters"]
+    assert "Interrupted: step" in info["infotexts"][0]
 
 
 def test_a_full_queue_answers_429_with_retry_after(pipe):
@@ -682,3 +715,47 @@ def test_a_request_past_the_deadline_is_a_503_and_frees_the_worker(pipe):
             assert c.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1}).status_code == 200
     finally:
         running.stop()
+
+
+def test_webuiapi_img2img_and_inpainting_with_its_default_arguments(server):
+    """Issue 13: webuiapi's img2img with its defaults (512x512, resize_mode 0, inpaint_full_res, mask_blur 4,
+    eta 1, image_cfg_scale 1.5, ...) gets images: only-masked inpainting keeps the image's size and its kept
+    pixels, as AUTOMATIC1111 does; the whole picture is made at the size txt2img's rule gives, and the info
+    says what was asked, what was made and that the input was stretched (resize_mode 0, "Just resize")."""
+    import webuiapi
+
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
+    rng = np.random.default_rng(4)
+    source = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64), 255)
+    mask.paste(0, (40, 40, 64, 64))  # inverted: the black corner is regenerated, the white rest kept
+    far = np.ones((64, 64), dtype=bool)
+    far[24:, 24:] = False  # more than mask_blur's reach (4 px, about 3 sigma) from the regenerated corner
+    src = np.asarray(source)
+
+    masked = api.img2img(images=[source], mask_image=mask, inpainting_mask_invert=1, steps=4, seed=1)
+    out = np.asarray(masked.image.convert("RGB"))
+    assert masked.image.size == (64, 64) and np.array_equal(out[far], src[far])
+    assert not np.array_equal(out[48:, 48:], src[48:, 48:])
+    assert "keeps its 64x64" in masked.info["comments"]["size"]
+    assert "Inpaint area: Only masked" in masked.info["infotexts"][0]
+    assert masked.image.info["parameters"] == masked.info["infotexts"][0]
+
+    whole = api.img2img(
+        images=[source], mask_image=mask, inpainting_mask_invert=1, inpaint_full_res=False, steps=4, seed=1
+    )
+    out = np.asarray(whole.image.convert("RGB"))
+    assert whole.image.size == (64, 64) and np.array_equal(
+        out[far], src[far]
+    )  # 512x512 -> 64x64, the input's
+    assert "asked for 512x512; made 64x64" in whole.info["comments"]["size"]
+
+    wide = source.crop((0, 0, 64, 48))
+    stretched = api.img2img(images=[wide], steps=4, seed=1)
+    assert stretched.image.size == (64, 64)
+    assert "stretched the 64x48 input to 64x64" in stretched.info["comments"]["resize"]
+    cropped = api.img2img(images=[wide], steps=4, seed=1, resize_mode=1, width=32, height=32)
+    assert cropped.image.size == (32, 32) and "comments" not in cropped.info  # asked for: nothing to say
+
+    info = api.png_info(masked.image)  # AUTOMATIC1111's PNG Info, through the client
+    assert info.info == masked.info["infotexts"][0] and info.parameters["Seed"] == 1

@@ -69,6 +69,10 @@ class Job:
     total_steps: int  # sampler steps expected (for progress; the sampler may report a few more)
     seed: int  # of the first image
     notes: dict[str, str] = field(default_factory=dict)  # what the client should know: "size", "interrupted"
+    # finish_early(pipe, x0, stopped): what the x0 estimates (N, 3, H, W) of an interrupted call become, the
+    # call's own finishing (resized back, composited, with parameters); None: the x0 images as they are.
+    # None once finished, as `call` is
+    finish_early: Callable[[Pipeline, torch.Tensor, str], list[Image.Image]] | None = None
     id: str = field(default_factory=lambda: secrets.token_hex(8))
     state: State = "queued"
     step: int = 0
@@ -251,12 +255,7 @@ class Worker:
             self.use_free_cores()
         job.update(state="running", started=time.time())
         try:
-            images = job.call(self.pipe, self._reporter(job))
-        except SamplingInterruptedError as stop:
-            images = to_pil(stop.denoised)
-            job.notes["interrupted"] = (
-                f"at step {job.step} of {job.total_steps}: the images are its x0 estimates"
-            )
+            images = self._images(job)
         except CancelledError:
             job.update(state="cancelled", finished=time.time())
             return
@@ -271,10 +270,22 @@ class Worker:
             job.update(state="failed", error=INTERNAL_ERROR, internal=True, finished=time.time())
             return
         finally:
-            job.call = None
+            job.call = job.finish_early = None
         job.update(state="done", images=[png_bytes(im) for im in images], finished=time.time())
         took = job.finished - job.started
         self.seconds_per_job = 0.8 * self.seconds_per_job + 0.2 * took
+
+    def _images(self, job: Job) -> list[Image.Image]:
+        """The job's images: its call's, or for an interrupted call its x0 estimates, finished as the call
+        finishes its images."""
+        try:
+            return job.call(self.pipe, self._reporter(job))
+        except SamplingInterruptedError as stop:
+            stopped = f"step {job.step} of {job.total_steps}"
+            job.notes["interrupted"] = f"at {stopped}: the images are its x0 estimates"
+            if job.finish_early is None:
+                return to_pil(stop.denoised)
+            return job.finish_early(self.pipe, stop.denoised, stopped)
 
     def past_deadline(self, job: Job) -> bool:
         return time.time() - job.created > self.deadline

@@ -9,22 +9,26 @@ import io
 import secrets
 from typing import Any
 
+import numpy as np
 from fastapi import HTTPException
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import UnnoiseError
+from ..images import open_image, open_mask
 from ..pipeline import Pipeline
 from ..settings import (
     DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
     MASKED_CONTENTS,
+    REPAINT_JUMP,
     REPAINT_RESAMPLE,
     SCHEDULE_TYPE,
     SCHEDULE_TYPES,
     ImageSettings,
     sampler_name,
 )
+from .calls import Edit, Generation, Inpainting
 from .jobs import Job
 
 MAX_STEPS = 200
@@ -87,6 +91,9 @@ UNHONOURED = (
 
 class Img2Img(Txt2Img):
     init_images: list[str] = Field(..., min_length=1, max_length=1)  # one base64 image (a data URL is fine)
+    # how the input is brought to width x height: 0 stretched, 1 cropped, 2 filled (AUTOMATIC1111's modes;
+    # its 3, an upscale in latent space, has no meaning here); without width and height it keeps its size
+    resize_mode: int = Field(0, ge=0, le=2)
     denoising_strength: float = Field(0.75, ge=0.0, le=1.0)
     mask: str | None = None  # base64: white = regenerate
     mask_blur: int = Field(0, ge=0, le=64)
@@ -173,69 +180,139 @@ def job_for(body: Txt2Img, pipe: Pipeline) -> Job:
             422,
             f"unknown scheduler {body.scheduler!r}: unnoise samples on Karras' schedule ({SCHEDULE_TYPE})",
         )
-    s = ImageSettings(  # the first image's: checked here, so a mistake is a 422 before the queue
-        body.prompt,
-        negative_prompt=body.negative_prompt,
-        sampler=our_sampler(body.sampler_name or body.sampler_index),
-        steps=body.steps,
-        guidance=body.cfg_scale,
-        seed=random_seed(body.seed),
+    first = checked(  # the first image's: checked here, so a mistake is a 422 before the queue
+        ImageSettings(
+            body.prompt,
+            negative_prompt=body.negative_prompt,
+            sampler=our_sampler(body.sampler_name or body.sampler_index),
+            steps=body.steps,
+            guidance=body.cfg_scale,
+            seed=random_seed(body.seed),
+        )
     )
-    try:
-        s.check()
-    except UnnoiseError as error:
-        raise HTTPException(422, str(error)) from None
     init = getattr(body, "init_images", None)
     if not init:
-        width, height = pipe.size_for(body.width, body.height)
-        asked = (body.width or pipe.resolution, body.height or pipe.resolution)
-        notes = {}
-        if asked != (width, height):
-            notes["size"] = (
-                f"asked for {asked[0]}x{asked[1]}; made {width}x{height}: at most {pipe.size_note()}"
-            )
-        variation_seed = random_seed(body.subseed) if body.subseed_strength > 0 else None
-
-        def generate(pipe: Pipeline, callback) -> list[Image.Image]:
-            return pipe.generate(
-                s.prompt, negative_prompt=s.negative_prompt, sampler=s.sampler, steps=s.steps,
-                guidance=s.guidance, seed=s.seed, num_images=count, width=width, height=height,
-                variation_seed=variation_seed, variation_strength=body.subseed_strength, callback=callback,
-            )  # fmt: skip
-
-        return Job("generate", generate, total_steps=body.steps, seed=s.seed, notes=notes)
-    image = decode_image(init[0], "init image")
-    strength = body.denoising_strength
-    steps = max(1, round(body.steps * strength))
+        return generation_job(body, first, count, pipe)
+    image = open_image(decode_image(init[0], "init image"))
     if body.mask is None:
+        return edit_job(body, first, count, image, pipe)
+    return inpainting_job(body, first, count, image, pipe)
 
-        def edit(pipe: Pipeline, callback) -> list[Image.Image]:
-            return pipe.edit(
-                image, s.prompt, strength=strength, negative_prompt=s.negative_prompt, sampler=s.sampler,
-                steps=s.steps, guidance=s.guidance, seed=s.seed, num_images=count, callback=callback,
-            )  # fmt: skip
 
-        return Job("edit", edit, total_steps=steps, seed=s.seed)
-    mask = decode_image(body.mask, "mask")
-    if getattr(body, "inpainting_mask_invert", 0):
-        mask = ImageOps.invert(mask.convert("L"))
+def checked(settings: ImageSettings) -> ImageSettings:
+    try:
+        return settings.check()
+    except UnnoiseError as error:
+        raise HTTPException(422, str(error)) from None
+
+
+def generation_job(body: Txt2Img, first: ImageSettings, count: int, pipe: Pipeline) -> Job:
+    """txt2img at the size `Pipeline.size_for` gives for the request's, which the notes say if it differs."""
+    width, height = pipe.size_for(body.width, body.height)
+    asked = (body.width or pipe.resolution, body.height or pipe.resolution)
+    variation_seed = random_seed(body.subseed) if body.subseed_strength > 0 else None
+    settings = first.replace(
+        width=width, height=height, variation_seed=variation_seed, variation_strength=body.subseed_strength
+    )
+    call = Generation(checked(settings), count)
+    notes = size_notes(asked, (width, height), pipe)
+    return Job(
+        "generate",
+        call.run,
+        total_steps=body.steps,
+        seed=settings.seed,
+        notes=notes,
+        finish_early=call.finish,
+    )
+
+
+def edit_job(body: Img2Img, first: ImageSettings, count: int, image: Image.Image, pipe: Pipeline) -> Job:
+    """img2img of the whole picture, at the size asked for (see `whole_picture`)."""
+    image, notes = whole_picture(image, body, pipe)
+    call = Edit(checked(first.replace(denoising_strength=body.denoising_strength)), count, image)
+    steps = max(1, round(body.steps * body.denoising_strength))
+    return Job("edit", call.run, total_steps=steps, seed=first.seed, notes=notes, finish_early=call.finish)
+
+
+def inpainting_job(
+    body: Img2Img, first: ImageSettings, count: int, image: Image.Image, pipe: Pipeline
+) -> Job:
+    """Inpainting. As in AUTOMATIC1111, "only masked" (inpaint_full_res) keeps the image's size and draws the
+    masked area at the model's; the whole picture is made at the size asked for (see `whole_picture`)."""
+    mask = open_mask(decode_image(body.mask, "mask"))
+    if body.inpainting_mask_invert:
+        mask = ImageOps.invert(mask)
     if mask.size != image.size:
         raise HTTPException(
             422, f"the mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}"
         )
-    area = "masked" if body.inpaint_full_res else "whole"
-    feather, padding = body.mask_blur, body.inpaint_full_res_padding
-    content = MASKED_CONTENTS[body.inpainting_fill]
-
-    def inpaint(pipe: Pipeline, callback) -> list[Image.Image]:
-        return pipe.inpaint(
-            image, mask, s.prompt, strength=strength, feather=feather, area=area, padding=padding,
-            masked_content=content, negative_prompt=s.negative_prompt, sampler=s.sampler, steps=s.steps,
-            guidance=s.guidance, seed=s.seed, num_images=count, callback=callback,
-        )  # fmt: skip
-
+    if body.inpaint_full_res:
+        notes = {}
+        if body.width is not None or body.height is not None:
+            r = pipe.resolution
+            notes["size"] = (
+                f"inpaint_full_res (only masked): the image keeps its {image.width}x{image.height}, as in"
+                f" AUTOMATIC1111, and the masked area is drawn at this model's {r}x{r}"
+            )
+    else:
+        size = image.size
+        image, notes = whole_picture(image, body, pipe)
+        if image.size != size:
+            mask = resized(mask, image.size, body.resize_mode)
+    settings = first.replace(
+        denoising_strength=body.denoising_strength,
+        mask_blur=body.mask_blur,
+        inpaint_area="masked" if body.inpaint_full_res else None,
+        masked_padding=body.inpaint_full_res_padding if body.inpaint_full_res else None,
+        repaint_jump=REPAINT_JUMP,
+        repaint_resample=REPAINT_RESAMPLE,
+        masked_content=MASKED_CONTENTS[body.inpainting_fill],
+    )
+    call = Inpainting(checked(settings), count, image, mask)
     # RePaint runs each block again
-    return Job("inpaint", inpaint, total_steps=steps * REPAINT_RESAMPLE, seed=s.seed)
+    steps = max(1, round(body.steps * body.denoising_strength)) * REPAINT_RESAMPLE
+    return Job("inpaint", call.run, total_steps=steps, seed=first.seed, notes=notes, finish_early=call.finish)
+
+
+def size_notes(asked: tuple[int, int], made: tuple[int, int], pipe: Pipeline) -> dict[str, str]:
+    if asked == made:
+        return {}
+    return {"size": f"asked for {asked[0]}x{asked[1]}; made {made[0]}x{made[1]}: at most {pipe.size_note()}"}
+
+
+RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill")  # AUTOMATIC1111's resize_mode 0, 1, 2
+
+
+def whole_picture(image: Image.Image, body: Img2Img, pipe: Pipeline) -> tuple[Image.Image, dict[str, str]]:
+    """The input brought to the size asked for (txt2img's rule, `Pipeline.size_for`) by AUTOMATIC1111's
+    resize_mode, and the notes that say what changed; with no width or height, the input as it is."""
+    if body.width is None and body.height is None:
+        return image, {}
+    asked = (body.width or image.width, body.height or image.height)
+    width, height = pipe.size_for(*asked)
+    notes = size_notes(asked, (width, height), pipe)
+    if body.resize_mode == 0 and round(image.height * width / image.width) != height:
+        notes["resize"] = (
+            f"resize_mode 0 ({RESIZE_MODES[0]}) stretched the {image.width}x{image.height} input to"
+            f" {width}x{height}; resize_mode 1 crops it to that shape, 2 fills the sides"
+        )
+    return resized(image, (width, height), body.resize_mode), notes
+
+
+def resized(image: Image.Image, size: tuple[int, int], mode: int) -> Image.Image:
+    """The image at `size` as AUTOMATIC1111's resize_mode makes it: 0 stretched, 1 scaled to cover and
+    cropped to the middle, 2 scaled to fit with the sides filled by its edge pixels."""
+    if image.size == size:
+        return image
+    if mode == 0:
+        return image.resize(size, Image.LANCZOS)
+    if mode == 1:
+        return ImageOps.fit(image, size, Image.LANCZOS)
+    inner = ImageOps.contain(image, size, Image.LANCZOS)
+    left, top = (size[0] - inner.width) // 2, (size[1] - inner.height) // 2
+    pixels = np.asarray(inner)  # (H, W, 3) or (H, W)
+    sides = ((top, size[1] - inner.height - top), (left, size[0] - inner.width - left))
+    return Image.fromarray(np.pad(pixels, sides + ((0, 0),) * (pixels.ndim - 2), mode="edge"))
 
 
 def b64(png: bytes) -> str:

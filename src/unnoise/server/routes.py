@@ -16,15 +16,17 @@ from starlette.concurrency import run_in_threadpool
 
 from ..diffusion.samplers import SAMPLERS
 from ..errors import UnnoiseError
-from ..pipeline import Pipeline
+from ..images import open_image
 from ..settings import (
     A1111_LABELS,
     DEFAULT_STEPS,
+    REPAINT_JUMP,
     REPAINT_RESAMPLE,
     SCHEDULE_TYPE,
     ImageSettings,
     a1111_label,
 )
+from .calls import Inpainting
 from .jobs import FINISHED, Job
 from .requests import (
     MAX_IMAGE_BYTES,
@@ -233,15 +235,14 @@ def openai_routes(service: Service) -> APIRouter:
                 400, "the mask (or the image, without a mask) has no transparent part to edit"
             )
         regenerate = source.convert("RGBA").getchannel("A").point(lambda a: 255 if a == 0 else 0)
-        seed = random_seed(-1)
-
-        def edit(pipe: Pipeline, callback) -> list[Image.Image]:
-            return pipe.inpaint(picture, regenerate, prompt, seed=seed, num_images=n, callback=callback)
-
-        job = await service.finished(
-            service.submit(Job("inpaint", edit, total_steps=DEFAULT_STEPS * REPAINT_RESAMPLE, seed=seed)),
-            http,
-        )
+        settings = ImageSettings(  # what Pipeline.inpaint writes for its defaults
+            prompt, seed=random_seed(-1), denoising_strength=1.0, mask_blur=0, repaint_jump=REPAINT_JUMP,
+            repaint_resample=REPAINT_RESAMPLE, masked_content="original",
+        )  # fmt: skip
+        call = Inpainting(settings, n, open_image(picture), regenerate)
+        steps = DEFAULT_STEPS * REPAINT_RESAMPLE
+        job = Job("inpaint", call.run, steps, settings.seed, finish_early=call.finish)
+        job = await service.finished(service.submit(job), http)
         return {"created": int(time.time()), "data": [{"b64_json": b64(png)} for png in service.result(job)]}
 
     return router
