@@ -224,6 +224,7 @@ def test_eval_shapes_command_runs_on_a_model(model, tmp_path):
     )
     assert run.returncode == 0, run.stderr
     assert "counting" in run.stdout
+    assert "prompt/s" in run.stderr or "s/prompt" in run.stderr  # issue 13: eval showed no progress
     assert set(json.loads(report.read_text())) >= {"settings"}
     saved = sorted(
         p.relative_to(tmp_path / "images").as_posix() for p in (tmp_path / "images").rglob("*.png")
@@ -234,6 +235,14 @@ def test_eval_shapes_command_runs_on_a_model(model, tmp_path):
         and saved[0].endswith(("pass.png", "fail.png"))
     )
     assert read_png_parameters(tmp_path / "images" / saved[0]).steps == 2
+
+
+def test_eval_inpaint_shows_its_progress(model, tmp_path):
+    report = str(tmp_path / "inpaint.json")
+    run = run_cli("eval", "inpaint", "--model", str(model), "--samples", "1", "--steps", "1",
+                  "--resample", "1", "--report", report)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "trial/s" in run.stderr or "s/trial" in run.stderr
 
 
 def test_guidance_in_one_batch_equals_two_calls(model):
@@ -429,6 +438,7 @@ def test_edit_inpaint_and_interpolate_commands_write_their_images(model, tmp_pat
     ):
         run = unnoise_cli(*args, *common)
         assert run.returncode == 0, (args, run.stderr)
+        assert "step/s" in run.stderr or "s/step" in run.stderr  # a progress bar (interpolate had none)
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == [
         "00000-edit-3.png",
