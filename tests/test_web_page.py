@@ -141,6 +141,7 @@ def test_a_batch_shows_in_seed_order_and_survives_a_reload(page, server):
         for c in page.locator(".batch").first.locator("figcaption").all_inner_texts()
     ]
     assert seeds == ["40", "41", "42"]
+    assert "CFG scale: 3.25" in page.locator(".batch").first.locator("figcaption").first.inner_text()
     before = page.locator("#gallery figure").count()
     page.reload()
     ready(page)
@@ -162,6 +163,11 @@ def test_reuse_seed_and_send_to_img2img(page, server):
     page.locator("#gallery figure").first.get_by_text("img2img").click()
     assert page.is_checked("input[name=mode][value=img2img]")
     page.wait_for_function("document.getElementById('picture').width === 32")
+    page.evaluate("document.getElementById('picture').width = 1")  # so the next wait sees a fresh drawing
+    page.locator("#gallery figure").first.get_by_role("button", name="inpaint").click()
+    assert page.is_checked("input[name=mode][value=inpaint]")
+    page.wait_for_function("document.getElementById('picture').width === 32")
+    assert page.is_visible("#paint")  # the mask can be painted over the sent image
 
 
 def test_width_and_height_make_that_size_or_say_what_they_made(page, server):
@@ -179,6 +185,8 @@ def test_width_and_height_make_that_size_or_say_what_they_made(page, server):
     first = page.locator("#gallery figure img").first
     first.evaluate("(img) => img.decode()")
     assert first.evaluate("(img) => [img.naturalWidth, img.naturalHeight]") == [48, 32]
+    box = first.bounding_box()  # shown at its true aspect ratio, not squashed into a square
+    assert abs(box["width"] / box["height"] - 1.5) < 0.05, box
     page.fill("#width", "512")
     page.fill("#height", "512")
     page.click("#generate")
@@ -213,6 +221,38 @@ def test_dropping_a_png_restores_its_settings(page, server):
         "7",
         "2.5",
     )
+
+
+def test_dropping_an_automatic1111_png_restores_its_settings(page, server):
+    """Issue 13: a PNG made by AUTOMATIC1111 (its sampler label, schedule type and model) restores too."""
+    from PIL import PngImagePlugin
+
+    text = (
+        "a blue square\nNegative prompt: red\nSteps: 9, Sampler: DPM++ 2M, Schedule type: Karras,"
+        " CFG scale: 6.5, Seed: 4242, Size: 64x32, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly,"
+        " Version: v1.9.3"
+    )
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 32), "gray").save(buffer, format="PNG", pnginfo=info)
+    page.goto(server.url + "/")
+    ready(page)
+    page.evaluate(
+        """(data) => {
+            const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], "a1111.png", { type: "image/png" }));
+            document.body.dispatchEvent(new DragEvent("drop", { dataTransfer: transfer, bubbles: true }));
+        }""",
+        base64.b64encode(buffer.getvalue()).decode(),
+    )
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('settings restored')")
+    restored = [
+        page.input_value(f"#{k}") for k in ("prompt", "negative", "sampler", "steps", "guidance", "seed")
+    ]
+    assert restored == ["a blue square", "red", "dpmpp_2m", "9", "6.5", "4242"]
+    assert (page.input_value("#width"), page.input_value("#height")) == ("64", "32")
 
 
 def test_the_page_fits_a_phone(page, server):
