@@ -544,7 +544,7 @@ def test_options_schedulers_png_info_and_openai_models(client, server):
     import openai
 
     options = client.get("/sdapi/v1/options").json()
-    assert options["sd_model_checkpoint"].startswith("shapes-32") and len(options["sd_checkpoint_hash"]) == 10
+    assert options["sd_model_checkpoint"].startswith("shapes-32") and len(options["sd_checkpoint_hash"]) == 64
     assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "shapes-32"}).status_code == 200
     other = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "sd-1.5"})
     assert (
@@ -759,3 +759,40 @@ def test_webuiapi_img2img_and_inpainting_with_its_default_arguments(server):
 
     info = api.png_info(masked.image)  # AUTOMATIC1111's PNG Info, through the client
     assert info.info == masked.info["infotexts"][0] and info.parameters["Seed"] == 1
+
+
+def test_models_carry_the_weights_sha256_and_the_openai_client_retrieves_one(server, pipe, tmp_path):
+    """Issue 13: /sd-models gave sha256 None and options the short hash where AUTOMATIC1111 gives the
+    weights' full SHA-256 (webuiapi matches the two); openai's models.retrieve was a 404."""
+    import shutil
+
+    import openai
+    import webuiapi
+
+    from unnoise.release import read_release_config, resolve_model, sha256
+
+    shipped = resolve_model("shapes-32")
+    digest = read_release_config(shipped)["weights_sha256"]
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
+    model = api.get_sd_models()[0]
+    assert model["sha256"] == digest and model["hash"] == digest[:10] == pipe.model_hash
+    assert api.get_options()["sd_checkpoint_hash"] == digest
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="not-needed-on-loopback", max_retries=0)
+    found = client.models.retrieve("shapes-32")
+    assert found.id == "shapes-32" and found.object == "model"
+    with pytest.raises(openai.NotFoundError, match=r"'sd-1\.5' does not exist"):
+        client.models.retrieve("sd-1.5")
+
+    older = tmp_path / "older"  # a release whose config records no checksum: computed from its weights
+    shutil.copytree(shipped, older)
+    config = read_release_config(older)
+    del config["weights_sha256"]
+    (older / "config.json").write_text(json.dumps(config))
+    port = free_port()
+    running = Server(create_app(pipe, port=port, models={"older": older}), port)
+    try:
+        listed = {m["model_name"]: m for m in httpx.get(f"{running.url}/sdapi/v1/sd-models").json()}
+    finally:
+        running.stop()
+    assert listed["older"]["sha256"] == sha256(older / "model.safetensors") == digest
+    assert listed["older"]["title"] == f"older [{digest[:10]}]"

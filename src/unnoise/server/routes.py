@@ -121,9 +121,9 @@ def a1111_routes(service: Service) -> APIRouter:
     async def sd_models() -> list[dict[str, Any]]:
         """The models this server may switch to (`POST /sdapi/v1/options` with `sd_model_checkpoint`)."""
         return [
-            {"title": service.titled(name, digest), "model_name": name, "hash": digest or None,
-             "sha256": None, "filename": name, "config": None}
-            for name, digest in service.catalogue()
+            {"title": service.titled(name, short), "model_name": name, "hash": short or None,
+             "sha256": digest or None, "filename": name, "config": None}
+            for name, short, digest in await run_in_threadpool(service.catalogue)
         ]  # fmt: skip
 
     @router.post("/sdapi/v1/refresh-checkpoints")
@@ -137,10 +137,11 @@ def a1111_routes(service: Service) -> APIRouter:
     @router.get("/sdapi/v1/options")
     async def options() -> dict[str, Any]:
         """The few AUTOMATIC1111 options that mean something here (webuiapi reads the model's from them)."""
-        return {
-            "sd_model_checkpoint": service.model_title(),
-            "sd_checkpoint_hash": service.pipe.model_hash or None,
-        }
+        name = service.pipe.name
+        digest = await run_in_threadpool(service.digest_of, name)
+        # the weights' SHA-256, as AUTOMATIC1111 gives it (webuiapi finds it among /sd-models' "sha256")
+        return {"sd_model_checkpoint": service.titled(name, service.short_hash(name, digest)),
+                "sd_checkpoint_hash": digest or None}  # fmt: skip
 
     @router.post("/sdapi/v1/options")
     async def set_options(body: dict[str, Any], request: Request) -> dict[str, Any]:
@@ -153,7 +154,7 @@ def a1111_routes(service: Service) -> APIRouter:
         if wanted is not None:
             if not isinstance(wanted, str):
                 raise HTTPException(422, "sd_model_checkpoint must be a model's name")
-            await service.switch(service.model_named(wanted), request)
+            await service.switch(await run_in_threadpool(service.model_named, wanted), request)
         return {}
 
     @router.post("/sdapi/v1/png-info")
@@ -190,6 +191,13 @@ def openai_routes(service: Service) -> APIRouter:
             {"id": name, "object": "model", "created": 0, "owned_by": "unnoise"} for name in service.names()
         ]
         return {"object": "list", "data": models}
+
+    @router.get("/v1/models/{model_id}")
+    async def openai_model(model_id: str) -> dict[str, Any]:
+        """One model of the list (the openai client's `models.retrieve`); 404 in OpenAI's shape if none."""
+        if model_id not in service.names():
+            raise HTTPException(404, f"The model '{model_id}' does not exist")
+        return {"id": model_id, "object": "model", "created": 0, "owned_by": "unnoise"}
 
     @router.post("/v1/images/generations")
     async def openai_images(body: OpenAIImages, http: Request) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from fastapi import HTTPException, Request
 
 from ..errors import UnnoiseError
 from ..pipeline import Pipeline
-from ..release import model_hash, read_release_config
+from ..release import read_release_config, sha256
 from .jobs import Job, QueueFullError, Worker, log
 from .requests import b64, parameters_of
 
@@ -23,6 +23,7 @@ class Service:
     def __init__(self, worker: Worker, models: dict[str, Path], load: Callable[[Path], Pipeline]):
         """`models`: the released models clients may switch to, by name; `load` loads one of them."""
         self.worker, self.models, self.load = worker, models, load
+        self.digests: dict[Path, str] = {}  # weights file -> SHA-256, for releases whose config has none
 
     @property
     def pipe(self) -> Pipeline:
@@ -33,32 +34,47 @@ class Service:
         """Every model a client may ask for: the one serving now first."""
         return list(dict.fromkeys([self.pipe.name, *sorted(self.models)]))
 
-    def hash_of(self, name: str) -> str:
-        """A model's short hash (AUTOMATIC1111's), from its config.json; '' when it has none or is damaged
-        (a damaged release is listed, and refused when switched to)."""
-        if name == self.pipe.name:
-            return self.pipe.model_hash
+    def digest_of(self, name: str) -> str:
+        """A model's full SHA-256 of its weights, as AUTOMATIC1111 lists it: from its config.json, or for a
+        release without one computed from the weights file once; '' when unknown (a damaged release is
+        listed, and refused when switched to). The model serving now is known by its short hash, which its
+        catalogued release must begin with."""
+        folder = self.models.get(name)
         try:
-            return model_hash(read_release_config(self.models[name]))
-        except (UnnoiseError, OSError, KeyError):
-            return ""
+            digest = read_release_config(folder).get("weights_sha256") if folder else ""
+            digest = digest if isinstance(digest, str) else ""
+            if folder and not digest:
+                digest = self.computed_digest(folder / "model.safetensors")
+        except (UnnoiseError, OSError):
+            digest = ""
+        if name == self.pipe.name and not digest.startswith(self.pipe.model_hash):
+            return ""  # a catalogued release of the same name that is not the one serving
+        return digest
 
-    def catalogue(self) -> list[tuple[str, str]]:
-        """(name, short hash) of every model a client may ask for; each config.json is read once."""
-        return [(name, self.hash_of(name)) for name in self.names()]
+    def computed_digest(self, weights: Path) -> str:
+        if weights not in self.digests:
+            self.digests[weights] = sha256(weights)
+        return self.digests[weights]
+
+    def short_hash(self, name: str, digest: str) -> str:
+        """AUTOMATIC1111's short hash: the first 10 hex digits of the weights' SHA-256."""
+        return (self.pipe.model_hash if name == self.pipe.name else "") or digest[:10]
+
+    def catalogue(self) -> list[tuple[str, str, str]]:
+        """(name, short hash, SHA-256) of every model a client may ask for; each config.json is read once.
+        It reads files: call it off the event loop."""
+        named = [(name, self.digest_of(name)) for name in self.names()]
+        return [(name, self.short_hash(name, digest), digest) for name, digest in named]
 
     @staticmethod
     def titled(name: str, digest: str) -> str:
         """As AUTOMATIC1111 titles a model: "name [hash]"."""
         return f"{name} [{digest}]" if digest else name
 
-    def title(self, name: str) -> str:
-        return self.titled(name, self.hash_of(name))
-
     def model_named(self, wanted: str) -> str:
         """The catalogued name a client's model name or title ("name [hash]") means; 422 if none."""
-        for name, digest in self.catalogue():
-            if wanted in (name, self.titled(name, digest)):
+        for name, short, _ in self.catalogue():
+            if wanted in (name, self.titled(name, short)):
                 return name
         known = ", ".join(self.names())
         raise HTTPException(422, f"no model {wanted!r} here; this server has: {known}")
@@ -119,6 +135,3 @@ class Service:
         view["images"] = [b64(png) for png in job.images]
         view["parameters"] = [parameters_of(png) for png in job.images]
         return view
-
-    def model_title(self) -> str:
-        return self.title(self.pipe.name)
