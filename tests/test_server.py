@@ -394,6 +394,26 @@ def test_an_api_key_guards_everything_but_the_page(pipe):
             assert c.get("/sdapi/v1/samplers").status_code == 401
             assert c.get("/sdapi/v1/samplers", headers={"Authorization": "Bearer wrong"}).status_code == 401
             assert c.get("/sdapi/v1/samplers", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        # issue 13: AUTOMATIC1111's --api-auth is HTTP Basic, which webuiapi's set_auth sends: the key is the
+        # password, any user name
+        import openai
+        import webuiapi
+
+        api = webuiapi.WebUIApi(host="127.0.0.1", port=running.port)
+        api.set_auth("user", "s3cret")
+        assert api.txt2img(prompt="a red circle", steps=2, width=32, height=32).image.size == (32, 32)
+        api.set_auth("user", "wrong")
+        with pytest.raises(RuntimeError, match="401"):
+            api.png_info(Image.new("RGB", (8, 8)))
+        for broken in ("Basic !!!", "Basic " + base64.b64encode(b"no-colon").decode(), "s3cret", "Bearer"):
+            assert (
+                httpx.get(f"{running.url}/sdapi/v1/samplers", headers={"Authorization": broken}).status_code
+                == 401
+            )
+        keyed = openai.OpenAI(base_url=f"{running.url}/v1", api_key="s3cret", max_retries=0)
+        assert keyed.models.retrieve("shapes-32").id == "shapes-32"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{running.url}/v1", api_key="wrong", max_retries=0).models.list()
     finally:
         running.stop()
 

@@ -6,12 +6,15 @@
 - Origin: a browser sends it with cross-site requests; an origin other than the Host the request names
   (same scheme-less host and port) is refused, so no other page can make a visitor's browser generate.
   There are no CORS headers at all.
-- API key: when set, every request but the page and its static files needs `Authorization: Bearer KEY`.
+- API key: when set, every request but the page and its static files needs `Authorization: Bearer KEY`, or
+  HTTP Basic auth with the key as the password and any user name (AUTOMATIC1111's --api-auth).
 - Body: at most `max_body` bytes, whether or not a Content-Length was sent.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import ipaddress
 import json
@@ -105,11 +108,30 @@ class Guard:
             return 403, f"requests from {origin} are not allowed"
         path = scope["path"]
         open_path = path == "/" or any(path.startswith(p) for p in OPEN_PATHS[1:])
-        if self.api_key and not open_path:
-            given = headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-                return 401, "a valid API key is needed: Authorization: Bearer KEY"
+        if self.api_key and not open_path and not self.holds_key(headers.get("authorization", "")):
+            return 401, (
+                "a valid API key is needed: Authorization: Bearer KEY, or HTTP Basic auth with the key as the"
+                " password"
+            )
         return None
+
+    def holds_key(self, authorization: str) -> bool:
+        """`Bearer KEY` (OpenAI's clients), or HTTP Basic auth whose password is the key, any user name
+        (AUTOMATIC1111's --api-auth, which webuiapi's set_auth sends)."""
+        scheme, _, credentials = authorization.partition(" ")
+        if scheme.lower() == "bearer":
+            given = credentials
+        elif scheme.lower() == "basic":
+            try:
+                user_and_password = base64.b64decode(credentials, validate=True).decode("utf-8")
+            except (binascii.Error, UnicodeDecodeError):
+                return False
+            _, colon, given = user_and_password.partition(":")
+            if not colon:
+                return False
+        else:
+            return False
+        return hmac.compare_digest(given.encode(), self.api_key.encode())
 
     def names_us(self, hostname: str) -> bool:
         hostname = hostname.lower()
