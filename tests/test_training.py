@@ -4,6 +4,7 @@ skipped and then stop the run, and two DDP processes compute the single process'
 import errno
 import itertools
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -118,7 +119,7 @@ def test_a_state_json_that_parses_but_is_wrong_falls_back_too(tmp_path, edit, re
     assert reason in messages[0]
 
 
-def test_resume_repairs_a_stale_release_and_removes_temporaries(tmp_path):
+def test_resume_repairs_a_stale_release_and_removes_temporaries(tmp_path, caplog):
     """Issue 12: a kill during the final release write left model/ a checkpoint behind for good."""
     config = dict(preset="tiny", batch_size=4, checkpoint_every=2, sample_every=0, out=str(tmp_path))
     train(TrainConfig(steps=2, **config))
@@ -130,9 +131,9 @@ def test_resume_repairs_a_stale_release_and_removes_temporaries(tmp_path):
     (tmp_path / "model" / "model.safetensors").write_bytes(stale_weights)
     (tmp_path / ".tmp-state-00000006-123").mkdir()
     (tmp_path / "model" / ".tmp-model-123.safetensors").write_bytes(b"half")
-    messages = []
-    train(TrainConfig(steps=4, **config), resume=True, log=messages.append)
-    assert any("was at step 2" in m for m in messages), messages
+    caplog.set_level(logging.INFO, logger="unnoise.train")
+    train(TrainConfig(steps=4, **config), resume=True)
+    assert any("was at step 2" in m for m in caplog.messages), caplog.messages
     _, release = load_release(tmp_path / "model")
     assert release["training"]["steps"] == 4
     assert not list(tmp_path.glob(".tmp-*")) and not list((tmp_path / "model").glob(".tmp-*"))
@@ -204,7 +205,7 @@ def test_the_release_loads_without_training_code_and_detects_tampering(tmp_path)
         load_release(tmp_path / "model")
 
 
-def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch, caplog):
     real, calls = Run.micro_batch_loss, []
 
     def nan_from_step_3(self, batch):
@@ -213,7 +214,6 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
         return loss * float("nan") if len(calls) > 3 else loss
 
     monkeypatch.setattr(Run, "micro_batch_loss", nan_from_step_3)
-    messages = []
     config = TrainConfig(
         preset="tiny",
         batch_size=4,
@@ -224,8 +224,9 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
         out=str(tmp_path),
     )
     with pytest.raises(UnnoiseError, match="training diverged: 4 non-finite losses in a row at step 6"):
-        train(config, log=messages.append)
-    assert sum("step skipped" in m for m in messages) == 4
+        train(config)
+    skipped = [r for r in caplog.records if "step skipped" in r.message]
+    assert len(skipped) == 4 and all(r.levelno == logging.WARNING for r in skipped)
     assert latest_good_state(tmp_path)["step"] == 2
 
 
@@ -251,7 +252,7 @@ def test_bad_options_are_named(tmp_path):
         TrainConfig(data=str(tmp_path), shapes_mix="single=1").validate()
 
 
-def test_training_on_a_folder_of_captioned_images(tmp_path):
+def test_training_on_a_folder_of_captioned_images(tmp_path, caplog):
     data = tmp_path / "data"
     data.mkdir()
     for i, colour in enumerate(["red", "blue", "green"]):
@@ -259,7 +260,7 @@ def test_training_on_a_folder_of_captioned_images(tmp_path):
         (data / f"{i}.txt").write_text(f"a {colour} picture")
     (data / "broken.png").write_bytes(b"not a png")
     (data / "broken.txt").write_text("a broken file")
-    messages = []
+    caplog.set_level(logging.INFO, logger="unnoise.train")
     train(
         TrainConfig(
             preset="tiny",
@@ -271,9 +272,8 @@ def test_training_on_a_folder_of_captioned_images(tmp_path):
             flip=True,
             out=str(tmp_path / "run"),
         ),
-        log=messages.append,
     )
-    assert "3 usable" in messages[0] and "not an image" in messages[0]
+    assert "3 usable" in caplog.messages[0] and "not an image" in caplog.messages[0]
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
 
 
@@ -535,3 +535,35 @@ def test_a_releases_text_encoder_path_is_relative_to_the_release_then_to_where_i
     assert locate_text_encoder(release, "missing") == str(release / "missing")  # named in the error
     assert locate_text_encoder(release, "minilm") == "minilm"
     assert locate_text_encoder(release, str(tmp_path / "encoder")) == str(tmp_path / "encoder")
+
+
+def test_the_loop_speaks_through_the_unnoise_train_logger(tmp_path, caplog):
+    """Issue 12: the loop printed its messages; it logs them to `unnoise.train`, warnings as warnings."""
+    caplog.set_level(logging.INFO, logger="unnoise.train")
+    train(
+        TrainConfig(
+            preset="tiny", batch_size=4, steps=2, checkpoint_every=2, sample_every=0, out=str(tmp_path)
+        )
+    )
+    assert {record.name for record in caplog.records} == {"unnoise.train"}
+    assert caplog.messages[0].startswith("tiny unet") and caplog.messages[-1].startswith("done: 2 steps")
+
+
+def test_without_logging_set_up_the_loops_messages_are_printed_as_before(capsys):
+    from unnoise.train.loop import logger, show_messages_on_the_terminal
+
+    handlers, level, propagate = logger.handlers[:], logger.level, logger.propagate
+    try:
+        show_messages_on_the_terminal()  # pytest's handlers on the root logger count as set up
+        assert logger.handlers == handlers
+        logger.handlers.clear()
+        logger.propagate = False  # as in a process that never set logging up
+        show_messages_on_the_terminal()
+        show_messages_on_the_terminal()
+        assert len(logger.handlers) == 1
+        logger.info("resumed from step 4")
+        assert capsys.readouterr().out == "resumed from step 4\n"
+    finally:
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate

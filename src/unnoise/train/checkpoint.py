@@ -9,8 +9,10 @@ state whose checksums fail is reported and the previous one is used.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,8 @@ from ..release import (
     sha256,
     write_failure,
 )
+
+logger = logging.getLogger("unnoise.train")
 
 STATE_PREFIX = "state-"
 STATE_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors")
@@ -201,7 +205,7 @@ def remove_temporaries(run_dir: Path) -> int:
     return removed
 
 
-def latest_good_state(run_dir: Path, report=print) -> dict | None:
+def latest_good_state(run_dir: Path, report: Callable[[str], None] = logger.warning) -> dict | None:
     """The newest training state that loads cleanly; damaged ones are reported and skipped."""
     for state_dir in list_states(run_dir):
         try:

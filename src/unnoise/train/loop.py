@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from .config import TrainConfig
 from .data import Batch, make_batch, open_source
 from .distributed import Distributed, barrier, init_distributed, mean_across, shutdown
 from .ema import EMA, ema_decay
+
+logger = logging.getLogger("unnoise.train")  # what the loop says: on stdout unless logging is configured
 
 SAMPLE_PROMPTS = {
     "shapes": [
@@ -60,9 +63,11 @@ def model_config(config: TrainConfig, network_config, text_encoder, release_fold
 
 
 class Run:
-    """Everything one training process holds: model, EMA, optimizer, data and text encoder."""
+    """Everything one training process holds: model, EMA, optimizer, data and text encoder.
 
-    def __init__(self, config: TrainConfig, setup: Distributed, log):
+    `log` receives what resuming has to say (by default the `unnoise.train` logger)."""
+
+    def __init__(self, config: TrainConfig, setup: Distributed, log: Callable[[str], None] = logger.info):
         self.config, self.setup, self.log = config, setup, log
         if config.preset not in PRESETS:
             raise UnnoiseError(f"unknown preset {config.preset!r}; choose from {', '.join(PRESETS)}")
@@ -291,18 +296,40 @@ def training_formulation(config: TrainConfig):
     return replace(formulation, **moved)
 
 
-def train(config: TrainConfig, *, resume: bool = False, log=print) -> Path:
-    """Train until config.steps; returns the folder of the released model (EMA weights)."""
+def train(config: TrainConfig, *, resume: bool = False) -> Path:
+    """Train until config.steps; returns the folder of the released model (EMA weights).
+
+    Messages go to the `unnoise.train` logger, printed on stdout when the application configured no
+    logging; only the first process speaks."""
     config.validate()
     setup = init_distributed(config.device)
-    log = log if setup.is_main else (lambda *_: None)
+    if setup.is_main:
+        show_messages_on_the_terminal()
+    else:
+        logger.setLevel(logging.ERROR)  # the other processes would repeat what the first says
     try:
-        return _train(config, setup, resume, log)
+        return _train(config, setup, resume)
     finally:
         shutdown(setup)
 
 
-def _train(config: TrainConfig, setup: Distributed, resume: bool, log) -> Path:
+class TerminalHandler(logging.Handler):
+    """Each message as a bare line on stdout, as `print` would (the stdout of the moment, so a redirect
+    applies)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), flush=True)
+
+
+def show_messages_on_the_terminal() -> None:
+    """Print the loop's messages unless the application has a handler for them (on `unnoise.train` or a
+    logger above it, such as the root logger of `logging.basicConfig`)."""
+    if not logger.hasHandlers():
+        logger.addHandler(TerminalHandler())
+        logger.setLevel(logging.INFO)
+
+
+def _train(config: TrainConfig, setup: Distributed, resume: bool) -> Path:
     run_dir = Path(config.out)
     if setup.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -311,18 +338,18 @@ def _train(config: TrainConfig, setup: Distributed, resume: bool, log) -> Path:
                 f"{run_dir} already holds a training run: pass --resume, or choose another --out"
             )
         if remove_temporaries(run_dir):  # what a killed write left; only rank 0 ever writes here
-            log(f"removed the half-written files a stopped run left in {run_dir}")
+            logger.info(f"removed the half-written files a stopped run left in {run_dir}")
     barrier(setup)
-    run = Run(config, setup, log)
-    log(run.describe())
+    run = Run(config, setup)
+    logger.info(run.describe())
     start = run.resume() if resume else 0
     if setup.is_main:  # only once the model and its checkpoint agree: a refused resume keeps the old one
         (run_dir / "config.json").write_text(config.to_json())
     if start >= config.steps:
-        log(f"already trained for {start} steps (--steps {config.steps})")
+        logger.info(f"already trained for {start} steps (--steps {config.steps})")
         return run_dir / "model"
 
-    logger = MetricsLog(run_dir / "log.csv", enabled=setup.is_main)
+    metrics = MetricsLog(run_dir / "log.csv", enabled=setup.is_main)
     batches = run.micro_batches(start)
     bad_in_a_row, window_start, window_loss, window_steps = 0, time.perf_counter(), 0.0, 0
     with progress_bar(start, config.steps, enabled=setup.is_main) as progress:  # closed on an error too
@@ -335,7 +362,7 @@ def _train(config: TrainConfig, setup: Distributed, resume: bool, log) -> Path:
             if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
                 run.optimizer.zero_grad(set_to_none=True)
                 bad_in_a_row += 1
-                log(f"step {step}: non-finite loss or gradient ({loss}); step skipped")
+                logger.warning(f"step {step}: non-finite loss or gradient ({loss}); step skipped")
                 if bad_in_a_row >= config.max_bad_steps:
                     raise UnnoiseError(
                         f"training diverged: {bad_in_a_row} non-finite losses in a row at step {step}. The"
@@ -357,7 +384,7 @@ def _train(config: TrainConfig, setup: Distributed, resume: bool, log) -> Path:
             if done % config.log_every == 0 or done == config.steps:
                 mean_loss = float(mean_across(torch.tensor(window_loss / window_steps), setup))
                 rate = window_steps * config.batch_size / (time.perf_counter() - window_start)
-                logger.write(step=done, loss=mean_loss, lr=lr, grad_norm=float(grad_norm), images_per_s=rate)
+                metrics.write(step=done, loss=mean_loss, lr=lr, grad_norm=float(grad_norm), images_per_s=rate)
                 progress.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.1f}")
                 window_start, window_loss, window_steps = time.perf_counter(), 0.0, 0
             if done % config.checkpoint_every == 0 or done == config.steps:
@@ -369,7 +396,7 @@ def _train(config: TrainConfig, setup: Distributed, resume: bool, log) -> Path:
             ):
                 save_sample_grid(run, run_dir / "samples" / f"step-{done:08d}.png")
             progress.update(1)
-    log(f"done: {config.steps} steps; model in {run_dir / 'model'}")
+    logger.info(f"done: {config.steps} steps; model in {run_dir / 'model'}")
     return run_dir / "model"
 
 
