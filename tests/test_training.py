@@ -567,3 +567,12 @@ def test_without_logging_set_up_the_loops_messages_are_printed_as_before(capsys)
         logger.handlers[:] = handlers
         logger.setLevel(level)
         logger.propagate = propagate
+
+
+def test_resume_warns_of_a_damaged_checkpoint(tmp_path, caplog):
+    config = dict(preset="tiny", batch_size=4, checkpoint_every=2, sample_every=0, out=str(tmp_path))
+    train(TrainConfig(steps=4, **config))
+    (list_states(tmp_path)[0] / "ema.safetensors").write_bytes(b"half")
+    train(TrainConfig(steps=4, **config), resume=True)
+    warnings = [r.message for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "skipping damaged checkpoint" in warnings[0], caplog.messages

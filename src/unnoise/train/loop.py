@@ -137,7 +137,7 @@ class Run:
     # --- state -----------------------------------------------------------------------------------------
 
     def resume(self) -> int:
-        state = latest_good_state(self.dir, report=self.log)
+        state = latest_good_state(self.dir)  # damaged checkpoints are logged as warnings
         if state is None:
             self.log(f"no checkpoint in {self.dir}: starting from scratch")
             return 0
