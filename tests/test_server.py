@@ -514,15 +514,55 @@ def test_a1111_fields_are_honoured_or_refused_by_name(client):
     assert reply.status_code == 200, reply.text
     assert "Sampler: Euler a" in png_of(reply.json()["images"][0]).info["parameters"]
     assert json.loads(reply.json()["info"])["seed"] == 2**32 - 1
-    for extra, named in (
-        ({"enable_hr": True}, "enable_hr"),
-        ({"styles": ["cinematic"]}, "styles"),
-        ({"override_settings": {"CLIP_stop_at_last_layers": 2}}, "override_settings"),
-        ({"scheduler": "Exponential"}, "Exponential"),
-        ({"seed": 2**32}, "seed"),
+    # the sampler fields are options of the samplers that take them (they were ignored)
+    for extra, written in (
+        ({"sampler_name": "DDIM", "eta": 0.5}, "Eta: 0.5"),
+        ({"sampler_name": "Euler a", "eta": 0.5, "s_noise": 0.9}, "Eta: 0.5, S noise: 0.9"),
+        (
+            {"sampler_name": "Heun", "s_churn": 1, "s_tmin": 0.1, "s_tmax": 0, "s_noise": 1},
+            "S churn: 1, S tmin: 0.1",
+        ),
     ):
-        refused = client.post("/sdapi/v1/txt2img", json={**base, **extra})
+        honoured = client.post("/sdapi/v1/txt2img", json={**base, **extra})
+        assert honoured.status_code == 200, (extra, honoured.text)
+        assert written in json.loads(honoured.json()["info"])["infotexts"][0], extra
+    plain = client.post(
+        "/sdapi/v1/txt2img", json={**base, "eta": 1.0, "s_churn": 0, "s_tmax": 0, "s_noise": 1}
+    )
+    assert (
+        plain.status_code == 200
+        and plain.json()["images"] == client.post("/sdapi/v1/txt2img", json=base).json()["images"]
+    )  # the values that ask for nothing (webuiapi's defaults) change nothing
+    image = b64_png(Image.new("RGB", (32, 32)))
+    for path, extra, named in (
+        ("txt2img", {"enable_hr": True}, "enable_hr"),
+        ("txt2img", {"restore_faces": True}, "restore_faces"),
+        ("txt2img", {"tiling": True}, "tiling"),
+        ("txt2img", {"styles": ["cinematic"]}, "styles"),
+        ("txt2img", {"override_settings": {"CLIP_stop_at_last_layers": 2}}, "override_settings"),
+        ("txt2img", {"script_name": "x/y/z plot"}, "script_name"),
+        ("txt2img", {"alwayson_scripts": {"ADetailer": {"args": [True]}}}, "alwayson_scripts"),
+        ("txt2img", {"scheduler": "Exponential"}, "Exponential"),
+        ("txt2img", {"seed": 2**32}, "seed"),
+        ("txt2img", {"seed_resize_from_h": 64}, "seed_resize_from_h"),
+        ("txt2img", {"seed_resize_from_w": 64}, "seed_resize_from_w"),
+        ("txt2img", {"eta": 0.5}, "eta=0.5"),  # DPM++ 2M takes no eta
+        ("txt2img", {"s_churn": 1}, "s_churn=1"),
+        ("txt2img", {"s_noise": 0.5}, "s_noise=0.5"),
+        ("txt2img", {"s_tmin": 0.5}, "s_tmin=0.5"),
+        ("txt2img", {"s_tmax": 5}, "s_tmax=5"),
+        ("txt2img", {"sampler_name": "Euler a", "s_churn": 1}, "s_churn=1"),
+        ("img2img", {"init_images": [image], "image_cfg_scale": 2}, "image_cfg_scale"),
+        ("img2img", {"init_images": [image], "initial_noise_multiplier": 0.5}, "initial_noise_multiplier"),
+        ("img2img", {"init_images": [image], "resize_mode": 3}, "resize_mode"),
+    ):
+        refused = client.post(f"/sdapi/v1/{path}", json={**base, **extra})
         assert refused.status_code == 422 and named in refused.json()["error"], (extra, refused.text)
+    defaults = {
+        "init_images": [image], "image_cfg_scale": 1.5, "initial_noise_multiplier": 1, "resize_mode": 0,
+        "seed_resize_from_h": 0, "seed_resize_from_w": -1, "restore_faces": False, "tiling": False,
+    }  # fmt: skip
+    assert client.post("/sdapi/v1/img2img", json={**base, **defaults}).status_code == 200
 
 
 def test_an_inverted_mask_regenerates_the_black_part(client):
@@ -626,6 +666,10 @@ def test_webuiapi_with_its_default_arguments_gets_images(server):
     assert api.util_get_current_model().startswith("shapes-32")
     wide = api.txt2img(prompt="a red circle", steps=4, width=48, height=32, sampler_name="Euler a", seed=3)
     assert wide.image.size == (48, 32) and "comments" not in wide.info
+    ddim = api.txt2img(prompt="a red circle", steps=2, width=32, height=32, sampler_name="DDIM")
+    assert (
+        "Sampler: DDIM, Schedule type: Karras, Eta: 1," in ddim.info["infotexts"][0]
+    )  # webuiapi's eta, as A1111
 
 
 def test_a_cancelled_queued_job_gives_its_place_back_and_finished_jobs_keep_no_inputs(pipe):

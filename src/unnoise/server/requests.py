@@ -6,14 +6,16 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 import secrets
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from fastapi import HTTPException
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..diffusion.samplers import SAMPLERS
 from ..errors import UnnoiseError
 from ..images import open_image, open_mask
 from ..pipeline import Pipeline
@@ -26,7 +28,9 @@ from ..settings import (
     SCHEDULE_TYPE,
     SCHEDULE_TYPES,
     ImageSettings,
+    a1111_label,
     sampler_name,
+    sampler_options,
 )
 from .calls import Edit, Generation, Inpainting
 from .jobs import Job
@@ -51,7 +55,9 @@ def our_sampler(name: str | None) -> str:
 
 
 class Txt2Img(BaseModel):
-    """AUTOMATIC1111's txt2img fields that mean something here; other fields are accepted and ignored."""
+    """AUTOMATIC1111's txt2img fields that mean something here. Fields that ask for something unnoise cannot
+    do are a 422 that names them (see `unhonoured`); the rest only matter to A1111 itself (saving on its own
+    disk, hires-fix settings without enable_hr) and are accepted and ignored."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -69,6 +75,12 @@ class Txt2Img(BaseModel):
     scheduler: str | None = Field(None, max_length=64)  # the schedule type: Karras (or Automatic) only
     batch_size: int = Field(1, ge=1, le=MAX_IMAGES)
     n_iter: int = Field(1, ge=1, le=MAX_IMAGES)
+    # the sampler's options, for the samplers that take them (see `sampler_options_of`)
+    eta: float | None = Field(None, ge=0.0, le=10.0)
+    s_churn: float | None = Field(None, ge=0.0, le=1000.0)
+    s_noise: float | None = Field(None, ge=0.0, le=10.0)
+    s_tmin: float | None = Field(None, ge=0.0, le=1e6)
+    s_tmax: float | None = Field(None, ge=0.0, le=1e6)  # 0 is no upper bound, as in A1111
     # AUTOMATIC1111 features unnoise does not have: given with anything but their off value, a 422 names
     # them, so a client never gets an image that silently ignored what it asked for
     enable_hr: bool = False
@@ -78,15 +90,20 @@ class Txt2Img(BaseModel):
     override_settings: dict[str, Any] = Field(default_factory=dict)
     script_name: str | None = Field(None, max_length=256)
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+    seed_resize_from_h: int = Field(-1, ge=-1, le=4096)  # A1111's noise drawn at another size
+    seed_resize_from_w: int = Field(-1, ge=-1, le=4096)
+
+    # each unhonoured field's values that ask for nothing: A1111's defaults and webuiapi's
+    UNHONOURED: ClassVar[dict[str, tuple[Any, ...]]] = {
+        "enable_hr": (False,), "restore_faces": (None, False), "tiling": (None, False), "styles": ([],),
+        "override_settings": ({},), "script_name": (None, ""), "alwayson_scripts": ({},),
+        "seed_resize_from_h": (-1, 0), "seed_resize_from_w": (-1, 0),
+    }  # fmt: skip
 
     def unhonoured(self) -> list[str]:
-        """The fields set to something unnoise cannot do (each one's "off" is empty, False or None)."""
-        return [name for name in UNHONOURED if getattr(self, name)]
-
-
-UNHONOURED = (
-    "enable_hr", "restore_faces", "tiling", "styles", "override_settings", "script_name", "alwayson_scripts",
-)  # fmt: skip
+        """The fields set to something unnoise cannot do, as `name=value`."""
+        return [f"{name}={getattr(self, name)!r}" for name, off in self.UNHONOURED.items()
+                if getattr(self, name) not in off]  # fmt: skip
 
 
 class Img2Img(Txt2Img):
@@ -102,6 +119,12 @@ class Img2Img(Txt2Img):
     inpainting_mask_invert: int = Field(0, ge=0, le=1)  # 1: regenerate the black part of the mask
     # what the masked part starts from below strength 1: 0 fill, 1 original, 2 latent noise, 3 latent nothing
     inpainting_fill: int = Field(0, ge=0, le=3)
+    image_cfg_scale: float | None = Field(None, ge=0.0, le=30.0)  # instruct-pix2pix's image guidance
+    initial_noise_multiplier: float | None = Field(None, ge=0.0, le=10.0)  # scales img2img's starting noise
+
+    UNHONOURED: ClassVar[dict[str, tuple[Any, ...]]] = {
+        **Txt2Img.UNHONOURED, "image_cfg_scale": (None, 1.5), "initial_noise_multiplier": (None, 1.0)
+    }  # fmt: skip
 
 
 class JobRequest(Img2Img):
@@ -168,23 +191,55 @@ def random_seed(value: int) -> int:
     return secrets.randbelow(2**31) if value == -1 else value
 
 
+# AUTOMATIC1111's sampler fields and the value of each that asks for nothing (its default for the samplers
+# that take it; s_tmax 0 is read as no bound)
+A1111_SAMPLER_FIELDS = {"eta": 1.0, "s_churn": 0.0, "s_noise": 1.0, "s_tmin": 0.0, "s_tmax": math.inf}
+
+
+def sampler_options_of(body: Txt2Img, sampler: str) -> dict[str, float]:
+    """The sampler fields the sampler takes, where they differ from its own defaults (webuiapi's eta 1 runs
+    DDIM with eta 1, as in AUTOMATIC1111). A field the sampler does not take, set to anything but the value
+    that asks for nothing, is a 422 that names it."""
+    takes = sampler_options(sampler)
+    options, refused = {}, []
+    for name, neutral in A1111_SAMPLER_FIELDS.items():
+        value = getattr(body, name)
+        if value is None:
+            continue
+        value = math.inf if name == "s_tmax" and value == 0 else value
+        if name in takes:
+            if value != takes[name]:
+                options[name] = value
+        elif value != neutral:
+            samplers = ", ".join(a1111_label(s) for s in sorted(SAMPLERS) if name in sampler_options(s))
+            refused.append(f"{name}={value:g} (the samplers that take it: {samplers})")
+    if refused:
+        raise HTTPException(422, f"the sampler {a1111_label(sampler)} takes no {'; no '.join(refused)}")
+    return options
+
+
 def job_for(body: Txt2Img, pipe: Pipeline) -> Job:
     """The Pipeline call a request asks for, checked before it waits in the queue."""
     count = body.batch_size * body.n_iter
     if count > MAX_IMAGES:
         raise HTTPException(422, f"batch_size x n_iter is {count}; at most {MAX_IMAGES} images per request")
-    if body.unhonoured():
-        raise HTTPException(422, f"unnoise cannot honour {', '.join(body.unhonoured())}: leave them off")
+    unhonoured = body.unhonoured()
+    if unhonoured:
+        raise HTTPException(
+            422, f"unnoise cannot honour {', '.join(unhonoured)}: leave them out or at A1111's defaults"
+        )
     if (body.scheduler or "automatic").lower() not in {t.lower() for t in SCHEDULE_TYPES}:
         raise HTTPException(
             422,
             f"unknown scheduler {body.scheduler!r}: unnoise samples on Karras' schedule ({SCHEDULE_TYPE})",
         )
+    sampler = our_sampler(body.sampler_name or body.sampler_index)
     first = checked(  # the first image's: checked here, so a mistake is a 422 before the queue
         ImageSettings(
             body.prompt,
             negative_prompt=body.negative_prompt,
-            sampler=our_sampler(body.sampler_name or body.sampler_index),
+            sampler=sampler,
+            sampler_options=sampler_options_of(body, sampler),
             steps=body.steps,
             guidance=body.cfg_scale,
             seed=random_seed(body.seed),
