@@ -73,11 +73,25 @@ def test_the_math_knows_nothing_of_the_edges():
     """diffusion/, nn/, text/, data/ and the top-level modules they share never import training, pipeline,
     CLI, server or evaluation code; the pipeline imports no edge either."""
     core = [p for folder in ("diffusion", "nn", "text", "data") for p in (PACKAGE / folder).glob("*.py")]
-    core += [PACKAGE / f"{name}.py" for name in ("settings", "images", "release", "errors", "testing")]
+    core += [p for p in PACKAGE.glob("*.py") if p.stem not in (*EDGES, "__init__", "__main__")]
+    assert {"settings", "images", "release", "errors", "threads"} <= {p.stem for p in core}
     for path in core:
         assert not forbidden_imports(path, EDGES), f"{path.name} imports {forbidden_imports(path, EDGES)}"
     edges = ("train", "cli", "server", "demo", "eval")
     assert not forbidden_imports(PACKAGE / "pipeline.py", edges)
+
+
+def test_the_edges_do_not_import_each_other():
+    """The server, training and evaluation stand on the pipeline and the core; only the CLI ties edges."""
+    for edge, forbidden in [
+        ("server", ("cli", "train", "eval", "demo")),
+        ("train", ("cli", "server", "eval", "demo")),
+        ("eval", ("cli", "server", "train", "demo")),
+    ]:
+        for path in (PACKAGE / edge).glob("*.py"):
+            assert not forbidden_imports(path, forbidden), (
+                f"{path} imports {forbidden_imports(path, forbidden)}"
+            )
 
 
 def test_the_layering_check_sees_every_form_of_import(tmp_path):

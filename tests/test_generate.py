@@ -460,3 +460,17 @@ def test_eval_names_an_unusable_image_folder_before_drawing(tmp_path):
         "eval", "shapes", "--model", str(tmp_path / "no-model"), "--save-images", str(tmp_path / "taken")
     )
     assert run.returncode == 2 and "is a file" in run.stderr and "no model" not in run.stderr, run.stderr
+
+
+def test_a_loaded_model_keeps_a_bounded_number_of_prompt_encodings(model):
+    """Issue 12: every distinct prompt was cached for ever (about 60 KB each) in a long-running server."""
+    from unnoise.pipeline import PROMPT_CACHE
+
+    pipe = unnoise.load(model)
+    assert pipe.text.max_entries == PROMPT_CACHE  # the cache itself is tested in test_text_encoders.py
+    pipe.text.max_entries = 2
+    pipe.generate(
+        "a red circle", steps=1, guidance=2.0, seed=1
+    )  # caches "a red circle" and "" (unconditional)
+    pipe.generate("a blue square", steps=1, guidance=2.0, seed=1)
+    assert len(pipe.text) == 2 and "a red circle" not in pipe.text and "a blue square" in pipe.text

@@ -1,0 +1,59 @@
+"""`unnoise serve` as a user starts it: its own process, its own signals, its own environment."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+
+from unnoise.cli import build_parser
+
+from .test_server import free_port, wait_until
+
+
+def test_the_api_key_can_come_from_the_environment_so_ps_does_not_show_it(monkeypatch):
+    """Issue 12: `--api-key KEY` is visible to every user in `ps`; UNNOISE_API_KEY is not."""
+    monkeypatch.setenv("UNNOISE_API_KEY", "s3cret")
+    assert build_parser().parse_args(["serve"]).api_key == "s3cret"
+    monkeypatch.delenv("UNNOISE_API_KEY")
+    assert build_parser().parse_args(["serve"]).api_key is None
+
+
+def test_sigterm_stops_the_server_promptly_with_work_queued():
+    """Issue 12: SIGTERM ran the whole queue first (83 s); now every job is cancelled and it exits."""
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "unnoise", "serve", "--port", str(port), "--threads", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def healthy() -> bool:
+            try:
+                return httpx.get(f"{url}/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        assert wait_until(healthy, timeout=120), "the server did not start"
+        jobs = [httpx.post(f"{url}/jobs", json={"prompt": "x", "steps": 200}, timeout=10) for _ in range(4)]
+        assert all(job.status_code == 202 for job in jobs), [job.text for job in jobs]
+        assert wait_until(lambda: httpx.get(f"{url}/health", timeout=5).json()["busy"], timeout=30)
+        started = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+        assert time.monotonic() - started < 10  # four 200-step jobs would take far longer
+        output = server.stdout.read()
+        # uvicorn shuts down gracefully, then re-raises the signal so the exit status says SIGTERM
+        assert server.returncode in (0, -signal.SIGTERM), output
+        assert "Application shutdown complete" in output, output
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
