@@ -684,6 +684,7 @@ def test_a_cancelled_queued_job_gives_its_place_back_and_finished_jobs_keep_no_i
             second = c.post("/jobs", json={"prompt": "x", "steps": 200}).json()["id"]
             assert c.post("/jobs", json={"prompt": "x", "steps": 200}).status_code == 429
             c.delete(f"/jobs/{second}")
+            assert app.state.worker.get(second).call is None  # a job cancelled in the queue keeps no inputs
             third = c.post("/jobs", json={"prompt": "x", "steps": 200})
             assert third.status_code == 202, third.text  # the cancelled job's place is free again
             for job_id in (first, third.json()["id"]):
@@ -695,6 +696,14 @@ def test_a_cancelled_queued_job_gives_its_place_back_and_finished_jobs_keep_no_i
         assert app.state.worker.get(done).call is None
     finally:
         running.stop()
+    # a job that outlives its deadline in the queue keeps none either
+    from unnoise.server.jobs import Job, Worker
+
+    worker = Worker(pipe, deadline=0.3)
+    slow = worker.submit(Job("generate", lambda pipe, report: time.sleep(0.5) or [], 1, 0))
+    waiting = worker.submit(Job("generate", lambda pipe, report: [], 1, 0))
+    assert wait_until(lambda: waiting.state == "failed") and waiting.timed_out and slow.state == "done"
+    assert waiting.call is None
 
 
 def test_every_answer_forbids_framing_and_each_request_is_logged_once_without_its_key(pipe, caplog):

@@ -112,6 +112,11 @@ class Job:
         if self.state in FINISHED:
             self.ended.set()
 
+    def drop_call(self) -> None:
+        """Let go of the bound call, and with it the decoded input images (about 10 MB for a large img2img):
+        a job ended, however it ended, keeps only its results."""
+        self.call = self.finish_early = None
+
     def wait_for_change(self, version: int, timeout: float) -> int:
         """Block until the job's version passes `version` (or `timeout` seconds); returns the version."""
         with self.changed:
@@ -192,10 +197,12 @@ class Worker:
         return self.jobs.get(job_id)
 
     def cancel(self, job: Job) -> None:
-        """A queued job is cancelled at once; a running one at its next step."""
+        """A queued job is cancelled at once, and lets go of its inputs; a running one at its next step."""
         job.cancel_requested.set()
-        if job.state == "queued":
-            job.update(state="cancelled", finished=time.time())
+        with self.lock:  # the worker starts a job under the lock: a job here is queued or running
+            if job.state == "queued":
+                job.update(state="cancelled", finished=time.time())
+                job.drop_call()
 
     def close(self) -> None:
         """Cancel every job not yet finished (the server is stopping)."""
@@ -232,10 +239,7 @@ class Worker:
             self.ready.set()
         while True:
             job = self.waiting.get()
-            if job.state == "cancelled":
-                continue
-            if self.past_deadline(job):  # it waited its whole deadline in the queue
-                self.time_out(job)
+            if not self._start(job):
                 continue
             self.current = job
             try:
@@ -250,10 +254,21 @@ class Worker:
             log.info("running on %d thread(s): other processes keep the other cores busy", threads)
             torch.set_num_threads(threads)
 
+    def _start(self, job: Job) -> bool:
+        """Mark a job taken from the queue running; False for one cancelled, or out of time, while it
+        waited (a cancel finds the job either queued or running, never in between)."""
+        with self.lock:
+            if job.state != "queued":
+                return False
+            if self.past_deadline(job):  # it waited its whole deadline in the queue
+                self.time_out(job)
+                return False
+            job.update(state="running", started=time.time())
+            return True
+
     def _run(self, job: Job) -> None:
         if self.cpu_share is not None:
             self.use_free_cores()
-        job.update(state="running", started=time.time())
         try:
             images = self._images(job)
         except CancelledError:
@@ -270,7 +285,7 @@ class Worker:
             job.update(state="failed", error=INTERNAL_ERROR, internal=True, finished=time.time())
             return
         finally:
-            job.call = job.finish_early = None
+            job.drop_call()
         job.update(state="done", images=[png_bytes(im) for im in images], finished=time.time())
         took = job.finished - job.started
         self.seconds_per_job = 0.8 * self.seconds_per_job + 0.2 * took
@@ -292,6 +307,7 @@ class Worker:
 
     def time_out(self, job: Job) -> None:
         job.update(state="failed", error=self.deadline_message(), timed_out=True, finished=time.time())
+        job.drop_call()
 
     def deadline_message(self) -> str:
         return (
