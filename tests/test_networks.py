@@ -146,12 +146,21 @@ def test_query_positions_let_cross_attention_read_words_differently_across_the_i
 @pytest.fixture(scope="module")
 def tiny_release(tmp_path_factory):
     """A valid release of the untrained tiny UNet (its config.json is what each case below breaks)."""
-    from unnoise.release import save_release
+    from unnoise.release import release_config, save_release
 
     folder = tmp_path_factory.mktemp("release")
     network = PRESETS["tiny"].build()
-    text_encoder = {"name": "minilm", "max_tokens": 32, "token_layers": "last"}
-    config = {"network": network.config.to_dict(), "formulation": "edm", "text_encoder": text_encoder}
+    config = release_config(
+        folder,
+        network.config,
+        formulation="edm",
+        text_encoder="minilm",
+        text_fingerprint="all-MiniLM-L6-v2-35cd86d015-t32",
+        max_tokens=32,
+        token_layers="last",
+        steps=3,
+        images_seen=12,
+    )
     return save_release(folder, network, config)
 
 
@@ -198,3 +207,13 @@ def test_the_unbroken_release_loads(tiny_release):
 
     pipe = unnoise.load(tiny_release)
     assert pipe.resolution == 16 and pipe.text.max_tokens == 32
+
+
+def test_the_release_format_is_written_and_read_in_one_module(tiny_release):
+    """Issue 12: train/loop.py held the release schema; release.py now writes it as well as reading it."""
+    from unnoise.release import RELEASE_FORMAT, read_release_config, released_steps
+
+    config = read_release_config(tiny_release)
+    assert config["format"] == RELEASE_FORMAT and config["resolution"] == 16
+    assert config["text_encoder"]["name"] == "minilm" and released_steps(tiny_release) == 3
+    assert released_steps(tiny_release / "missing") is None

@@ -12,16 +12,22 @@ import os
 import reprlib
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import __version__
 from .diffusion.formulations import FORMULATIONS
 from .errors import UnnoiseError
 from .text.encoders import TOKEN_LAYERS, is_packaged_encoder
 
+if TYPE_CHECKING:
+    from .nn.presets import NetworkConfig
+
 MODELS_DIR = Path(__file__).resolve().parent / "models"  # models shipped inside the package
+RELEASE_FORMAT = "unnoise-model/1"
 
 
 class CorruptCheckpointError(UnnoiseError):
@@ -78,6 +84,48 @@ def load_tensors(path: Path, expected_sha256: str | None = None) -> dict[str, to
         return load_file(str(path))
     except Exception as error:  # safetensors raises its own error types for damaged headers
         raise CorruptCheckpointError(f"{path} is not a readable safetensors file: {error}") from None
+
+
+def release_config(
+    folder: Path,
+    network: NetworkConfig,
+    *,
+    formulation: str,
+    text_encoder: str,
+    text_fingerprint: str,
+    max_tokens: int,
+    token_layers: str,
+    steps: int,
+    images_seen: int,
+) -> dict:
+    """The config.json of a release to be written in `folder`: what `unnoise.load` needs to rebuild the
+    denoiser and its text encoder, and how far training had come (`save_release` adds the weights' checksum).
+
+    text_encoder: "minilm" or the encoder's folder (saved relative to the release folder); text_fingerprint:
+    the loaded encoder's name, which changes with its weights' files and settings."""
+    return {
+        "format": RELEASE_FORMAT,
+        "unnoise_version": __version__,
+        "network": network.to_dict(),
+        "formulation": formulation,
+        "text_encoder": {
+            "name": text_encoder_reference(text_encoder, folder),
+            "fingerprint": text_fingerprint,
+            "max_tokens": max_tokens,
+            "token_layers": token_layers,
+        },
+        "resolution": network.resolution,
+        "training": {"steps": steps, "images_seen": images_seen},
+    }
+
+
+def released_steps(folder: Path) -> int | None:
+    """The training step a release was written at; None if it is missing, damaged or says none."""
+    try:
+        steps = json.loads((Path(folder) / "config.json").read_text())["training"]["steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return steps if isinstance(steps, int) else None
 
 
 def save_release(folder: Path, network: torch.nn.Module, config: dict, *, dtype=torch.float16) -> Path:

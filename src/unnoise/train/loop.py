@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import logging
 import math
 import time
@@ -14,13 +13,12 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
 from ..diffusion.denoiser import Denoiser, min_snr_weight
 from ..diffusion.formulations import FORMULATIONS
 from ..errors import UnnoiseError
 from ..nn.presets import PRESETS
 from ..nn.unet import count_parameters
-from ..release import WriteFailedError, save_release, text_encoder_reference
+from ..release import WriteFailedError, release_config, released_steps, save_release
 from ..settings import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
 from ..text.encoders import CachedTextEncoder, load_text_encoder
 from .checkpoint import latest_good_state, load_optimizer_state, remove_temporaries, save_training_state
@@ -43,23 +41,6 @@ SAMPLE_PROMPTS = {
         "a yellow square above a red triangle",
     ]
 }
-
-
-def model_config(config: TrainConfig, network_config, text_encoder, release_folder: Path) -> dict:
-    """What `unnoise.load` needs to rebuild the denoiser and its text encoder: the release's config.json."""
-    return {
-        "format": "unnoise-model/1",
-        "unnoise_version": __version__,
-        "network": network_config.to_dict(),
-        "formulation": config.formulation,
-        "text_encoder": {
-            "name": text_encoder_reference(config.text_encoder, release_folder),
-            "fingerprint": text_encoder.name,
-            "max_tokens": config.max_tokens,
-            "token_layers": config.text_token_layers,
-        },
-        "resolution": network_config.resolution,
-    }
 
 
 class Run:
@@ -158,10 +139,7 @@ class Run:
         """A run killed while writing its release leaves model/ a checkpoint behind: write it again."""
         if not self.setup.is_main:
             return
-        try:
-            released = json.loads((self.dir / "model" / "config.json").read_text())["training"]["steps"]
-        except (OSError, ValueError, KeyError, TypeError):
-            released = None
+        released = released_steps(self.dir / "model")
         if released != step:
             self.log(f"the release in {self.dir / 'model'} was at step {released}: writing step {step}'s")
             self.write_release(step)
@@ -182,10 +160,20 @@ class Run:
         barrier(self.setup)
 
     def write_release(self, step: int) -> None:
-        release = model_config(self.config, self.network_config, self.text, self.dir / "model")
-        release["training"] = {"steps": step, "images_seen": step * self.config.batch_size}
+        c, folder = self.config, self.dir / "model"
+        release = release_config(
+            folder,
+            self.network_config,
+            formulation=c.formulation,
+            text_encoder=c.text_encoder,
+            text_fingerprint=self.text.name,
+            max_tokens=c.max_tokens,
+            token_layers=c.text_token_layers,
+            steps=step,
+            images_seen=step * c.batch_size,
+        )
         try:
-            save_release(self.dir / "model", self.ema.module, release)
+            save_release(folder, self.ema.module, release)
         except WriteFailedError as error:
             raise WriteFailedError(
                 f"{error}; step {step}'s checkpoint is saved in {self.dir}: free some space, then --resume"
