@@ -83,6 +83,13 @@ def wait_until(predicate, timeout=60.0):
     return False
 
 
+def submit(client, body: dict) -> tuple[str, dict[str, str]]:
+    """POST /jobs: the job's id and the header that shows its owner's token."""
+    reply = client.post("/jobs", json=body)
+    assert reply.status_code == 202, reply.text
+    return reply.json()["id"], {"X-Job-Token": reply.json()["token"]}
+
+
 # --- AUTOMATIC1111 ---------------------------------------------------------------------------------------
 
 
@@ -163,13 +170,11 @@ def read_events(response) -> list[tuple[str, dict]]:
 
 
 def test_a_job_streams_previews_to_several_watchers_then_its_images(client, server):
-    job = client.post("/jobs", json={"prompt": "two green circles", "steps": 12, "seed": 3})
-    assert job.status_code == 202
-    job_id = job.json()["id"]
+    job_id, owner = submit(client, {"prompt": "two green circles", "steps": 12, "seed": 3})
     streams = [[], []]
 
     def watch(k):
-        with httpx.stream("GET", f"{server.url}/jobs/{job_id}/events", timeout=60) as r:
+        with httpx.stream("GET", f"{server.url}/jobs/{job_id}/events", headers=owner, timeout=60) as r:
             streams[k] = read_events(r)
 
     watchers = [threading.Thread(target=watch, args=(k,)) for k in range(2)]
@@ -182,18 +187,18 @@ def test_a_job_streams_previews_to_several_watchers_then_its_images(client, serv
     progress = [e for name, e in streams[0] if name == "progress"]
     assert progress and any(e["preview"] for e in progress)
     assert png_of(next(e["preview"] for e in progress if e["preview"])).size == (32, 32)
-    final = client.get(f"/jobs/{job_id}").json()
+    final = client.get(f"/jobs/{job_id}", headers=owner).json()
     assert final["state"] == "done" and final["progress"] == 1.0
     assert final["parameters"][0].startswith("two green circles")
 
 
 def test_cancel_and_disconnect_mid_job_leave_the_worker_ready(client, server):
-    job_id = client.post("/jobs", json={"prompt": "a red circle", "steps": 200}).json()["id"]
-    with httpx.stream("GET", f"{server.url}/jobs/{job_id}/events", timeout=60) as r:
+    job_id, owner = submit(client, {"prompt": "a red circle", "steps": 200})
+    with httpx.stream("GET", f"{server.url}/jobs/{job_id}/events", headers=owner, timeout=60) as r:
         next(r.iter_lines())  # a watcher that goes away mid-job
-    assert wait_until(lambda: client.get(f"/jobs/{job_id}").json()["step"] > 0)
-    assert client.delete(f"/jobs/{job_id}").status_code == 200
-    assert wait_until(lambda: client.get(f"/jobs/{job_id}").json()["state"] == "cancelled")
+    assert wait_until(lambda: client.get(f"/jobs/{job_id}", headers=owner).json()["step"] > 0)
+    assert client.delete(f"/jobs/{job_id}", headers=owner).status_code == 200
+    assert wait_until(lambda: client.get(f"/jobs/{job_id}", headers=owner).json()["state"] == "cancelled")
     after = client.post("/sdapi/v1/txt2img", json={"prompt": "a blue square", "steps": 3})
     assert after.status_code == 200 and len(after.json()["images"]) == 1
     health = client.get("/health").json()
@@ -265,14 +270,16 @@ def test_a_full_queue_answers_429_with_retry_after(pipe):
     running = Server(create_app(pipe, port=port, queue_size=1), port)
     try:
         with httpx.Client(base_url=running.url, timeout=30) as c:
-            first = c.post("/jobs", json={"prompt": "x", "steps": 200}).json()["id"]
-            assert wait_until(lambda: c.get(f"/jobs/{first}").json()["state"] == "running")
+            first, first_owner = submit(c, {"prompt": "x", "steps": 200})
+            assert wait_until(
+                lambda: c.get(f"/jobs/{first}", headers=first_owner).json()["state"] == "running"
+            )
             second = c.post("/jobs", json={"prompt": "x", "steps": 200})
             third = c.post("/jobs", json={"prompt": "x", "steps": 200})
             assert second.status_code == 202 and third.status_code == 429
             assert int(third.headers["retry-after"]) >= 1 and "queue is full" in third.json()["error"]
-            for job_id in (first, second.json()["id"]):
-                c.delete(f"/jobs/{job_id}")
+            c.delete(f"/jobs/{first}", headers=first_owner)
+            c.delete(f"/jobs/{second.json()['id']}", headers={"X-Job-Token": second.json()["token"]})
             assert wait_until(lambda: not c.get("/health").json()["busy"])
     finally:
         running.stop()
@@ -679,20 +686,22 @@ def test_a_cancelled_queued_job_gives_its_place_back_and_finished_jobs_keep_no_i
     running = Server(app, port)
     try:
         with httpx.Client(base_url=running.url, timeout=30) as c:
-            first = c.post("/jobs", json={"prompt": "x", "steps": 200}).json()["id"]
-            assert wait_until(lambda: c.get(f"/jobs/{first}").json()["state"] == "running")
-            second = c.post("/jobs", json={"prompt": "x", "steps": 200}).json()["id"]
+            first, first_owner = submit(c, {"prompt": "x", "steps": 200})
+            assert wait_until(
+                lambda: c.get(f"/jobs/{first}", headers=first_owner).json()["state"] == "running"
+            )
+            second, second_owner = submit(c, {"prompt": "x", "steps": 200})
             assert c.post("/jobs", json={"prompt": "x", "steps": 200}).status_code == 429
-            c.delete(f"/jobs/{second}")
+            c.delete(f"/jobs/{second}", headers=second_owner)
             assert app.state.worker.get(second).call is None  # a job cancelled in the queue keeps no inputs
             third = c.post("/jobs", json={"prompt": "x", "steps": 200})
             assert third.status_code == 202, third.text  # the cancelled job's place is free again
-            for job_id in (first, third.json()["id"]):
-                c.delete(f"/jobs/{job_id}")
+            c.delete(f"/jobs/{first}", headers=first_owner)
+            c.delete(f"/jobs/{third.json()['id']}", headers={"X-Job-Token": third.json()["token"]})
             assert wait_until(lambda: not c.get("/health").json()["busy"])
             image = b64_png(Image.new("RGB", (512, 512)))
-            done = c.post("/jobs", json={"prompt": "x", "steps": 2, "init_images": [image]}).json()["id"]
-            assert wait_until(lambda: c.get(f"/jobs/{done}").json()["state"] == "done")
+            done, owner = submit(c, {"prompt": "x", "steps": 2, "init_images": [image]})
+            assert wait_until(lambda: c.get(f"/jobs/{done}", headers=owner).json()["state"] == "done")
         assert app.state.worker.get(done).call is None
     finally:
         running.stop()
@@ -736,15 +745,15 @@ def test_a_client_that_hangs_up_cancels_its_job(client, server):
 
 def test_many_watchers_hold_no_threads(client):
     """Issue 12: each SSE watcher held a worker thread: 60 on one job made `GET /` take 16 s."""
-    job = client.post("/jobs", json={"prompt": "x", "steps": 60}).json()["id"]
+    job, owner = submit(client, {"prompt": "x", "steps": 60})
     threads = threading.active_count()
     streams = [httpx.Client(base_url=str(client.base_url), timeout=30) for _ in range(60)]
-    opened = [s.stream("GET", f"/jobs/{job}/events").__enter__() for s in streams]
+    opened = [s.stream("GET", f"/jobs/{job}/events", headers=owner).__enter__() for s in streams]
     try:
         assert all(r.status_code == 200 for r in opened) and client.get("/").status_code == 200
         assert threading.active_count() - threads < 10  # the server's threads, not one per watcher
     finally:
-        client.delete(f"/jobs/{job}")
+        client.delete(f"/jobs/{job}", headers=owner)
         for response, s in zip(opened, streams, strict=True):
             response.close()
             s.close()
@@ -869,3 +878,23 @@ def test_models_carry_the_weights_sha256_and_the_openai_client_retrieves_one(ser
         running.stop()
     assert listed["older"]["sha256"] == sha256(older / "model.safetensors") == digest
     assert listed["older"]["title"] == f"older [{digest[:10]}]"
+
+
+def test_only_its_owner_sees_or_cancels_a_job(client, server):
+    """Issue 12: any client could see or cancel another's job, and /sdapi/v1/progress gave the running
+    job's id. A job is its submitter's: POST /jobs answers a token, without which the job does not exist."""
+    job_id, owner = submit(client, {"prompt": "x", "steps": 200})
+    other_id, other = submit(client, {"prompt": "y", "steps": 2})
+    try:
+        assert wait_until(lambda: client.get(f"/jobs/{job_id}", headers=owner).json()["step"] > 0)
+        for headers in ({}, other, {"X-Job-Token": "guess"}):
+            for method, path in (("GET", ""), ("GET", "/events"), ("DELETE", "")):
+                reply = client.request(method, f"/jobs/{job_id}{path}", headers=headers)
+                assert reply.status_code == 404 and f"no job '{job_id}'" in reply.json()["error"], reply.text
+        assert client.get("/jobs/0123456789abcdef", headers=owner).status_code == 404  # the same answer
+        state = client.get("/sdapi/v1/progress").json()["state"]
+        assert state["sampling_step"] > 0 and job_id not in json.dumps(state)
+        assert client.get(f"/jobs/{job_id}", headers=owner).json()["state"] == "running"
+    finally:
+        assert client.delete(f"/jobs/{job_id}", headers=owner).json()["id"] == job_id
+    assert wait_until(lambda: client.get(f"/jobs/{other_id}", headers=other).json()["state"] == "done")

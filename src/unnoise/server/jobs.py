@@ -74,6 +74,8 @@ class Job:
     # None once finished, as `call` is
     finish_early: Callable[[Pipeline, torch.Tensor, str], list[Image.Image]] | None = None
     id: str = field(default_factory=lambda: secrets.token_hex(8))
+    # the owner's proof: /jobs answers it to the submitter only, and asks for it to show or cancel the job
+    token: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)
     state: State = "queued"
     step: int = 0
     preview: bytes | None = None  # PNG of the current x0_hat of the first image

@@ -9,7 +9,7 @@ import json
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
+from fastapi import APIRouter, File, Form, Header, HTTPException, Request, UploadFile
 from fastapi.responses import StreamingResponse
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
@@ -94,7 +94,7 @@ def a1111_routes(service: Service) -> APIRouter:
                 "sampling_step": job.step,
                 "sampling_steps": job.total_steps,
                 "interrupted": job.cancel_requested.is_set() or job.interrupt_requested.is_set(),
-                "job": job.id,
+                "job": job.kind,  # what runs, not its id: a job is its submitter's (see /jobs)
             },
         }
 
@@ -256,6 +256,9 @@ def openai_routes(service: Service) -> APIRouter:
     return router
 
 
+JobToken = Annotated[str | None, Header(max_length=64)]  # X-Job-Token: the token POST /jobs answered
+
+
 def job_routes(service: Service) -> APIRouter:
     """/jobs: submit at once (202), then poll, watch (server-sent events) or cancel."""
     router = APIRouter()
@@ -263,25 +266,26 @@ def job_routes(service: Service) -> APIRouter:
 
     @router.post("/jobs", status_code=202)
     async def create_job(body: JobRequest) -> dict[str, Any]:
+        """The job, queued. Its `token` is the owner's: send it as `X-Job-Token` to see or cancel the job."""
         job = service.submit(await run_in_threadpool(job_for, body, service.pipe))  # decoding off the loop
-        return {**job.summary(), "events": f"/jobs/{job.id}/events"}
+        return {**job.summary(), "token": job.token, "events": f"/jobs/{job.id}/events"}
 
     @router.get("/jobs/{job_id}")
-    async def get_job(job_id: str) -> dict[str, Any]:
-        return service.view(service.job(job_id))
+    async def get_job(job_id: str, x_job_token: JobToken = None) -> dict[str, Any]:
+        return service.view(service.job(job_id, x_job_token))
 
     @router.delete("/jobs/{job_id}")
-    async def cancel_job(job_id: str) -> dict[str, Any]:
-        job = service.job(job_id)
+    async def cancel_job(job_id: str, x_job_token: JobToken = None) -> dict[str, Any]:
+        job = service.job(job_id, x_job_token)
         if job.state not in FINISHED:
             worker.cancel(job)
         return job.summary()
 
     @router.get("/jobs/{job_id}/events")
-    async def job_events(job_id: str, request: Request) -> StreamingResponse:
+    async def job_events(job_id: str, request: Request, x_job_token: JobToken = None) -> StreamingResponse:
         """Server-sent events: `progress` at every step with a preview of x0_hat, then `done`, `failed` or
-        `cancelled` with the results. Any number of clients may watch one job."""
-        job = service.job(job_id)
+        `cancelled` with the results. Any number of the owner's clients may watch one job."""
+        job = service.job(job_id, x_job_token)
 
         async def stream():
             version = -1

@@ -4,6 +4,7 @@ turning its outcome into an answer, the model being served and the models it may
 from __future__ import annotations
 
 import asyncio
+import hmac
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -123,10 +124,12 @@ class Service:
             raise HTTPException(409, "the job was interrupted")
         return job.images
 
-    def job(self, job_id: str) -> Job:
+    def job(self, job_id: str, token: str | None) -> Job:
+        """The job, for its owner: the token its submission answered. Another client gets the 404 of a job
+        that does not exist, so ids cannot be probed."""
         job = self.worker.get(job_id)
-        if job is None:
-            raise HTTPException(404, f"no job {job_id!r}")
+        if job is None or not hmac.compare_digest(job.token.encode(), (token or "").encode()):
+            raise HTTPException(404, f"no job {job_id!r} with this X-Job-Token (the one POST /jobs answered)")
         return job
 
     @staticmethod

@@ -39,7 +39,7 @@ async function start() {
   $("file").addEventListener("change", loadPicture);
   $("clear").addEventListener("click", clearMask);
   $("form").addEventListener("submit", (e) => { e.preventDefault(); generate(); });
-  $("cancel").addEventListener("click", () => job && api(`/jobs/${job}`, { method: "DELETE" }));
+  $("cancel").addEventListener("click", () => job && api(`/jobs/${job.id}`, { method: "DELETE", headers: owner(job) }));
   paintable($("mask"));
   showMode();
   document.addEventListener("dragover", (e) => e.preventDefault());
@@ -139,16 +139,19 @@ async function generate() {
   let created;
   try { created = await api("/jobs", { method: "POST", body: JSON.stringify(request()) }); }
   catch (error) { setStatus(error.message, true); return; }
-  job = created.id;
+  job = { id: created.id, token: created.token };  // the token shows the server the job is ours
   $("generate").disabled = true; $("cancel").disabled = false;
   setStatus("queued");
   watch(job);
 }
 
-// Server-sent events read through fetch, so the API key can go in a header (EventSource cannot send one).
-async function watch(id) {
-  const headers = apiKey() ? { Authorization: "Bearer " + apiKey() } : {};
-  const response = await fetch(`/jobs/${id}/events`, { headers });
+function owner(job) { return { "X-Job-Token": job.token }; }
+
+// Server-sent events read through fetch, so the API key and the job's token can go in headers (EventSource
+// cannot send any).
+async function watch(job) {
+  const headers = apiKey() ? { Authorization: "Bearer " + apiKey(), ...owner(job) } : owner(job);
+  const response = await fetch(`/jobs/${job.id}/events`, { headers });
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
   for (;;) {
