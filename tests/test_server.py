@@ -490,6 +490,10 @@ def test_a_bug_is_a_500_logged_for_the_operator_and_a_users_mistake_a_422(pipe, 
         if status == 500:
             assert "tensor shapes broke" not in answer.text and "internal error" in answer.json()["error"]
             assert "tensor shapes broke" in caplog.text and "Traceback" in caplog.text
+            assert any(  # and its access line, at ERROR
+                r.name == "unnoise.server.access" and r.getMessage().startswith("POST /sdapi/v1/txt2img 500")
+                for r in caplog.records
+            )
         else:
             assert answer.json()["error"] == "steps too many" and not caplog.text
 
@@ -510,6 +514,10 @@ def test_serve_refuses_a_port_out_of_range_and_an_unbounded_queue():
         )
     with pytest.raises(UnnoiseError, match="no model 'no-such-model'"):
         serve("no-such-model", host="127.0.0.1", port=7860, api_key=None, queue_size=4)
+    with pytest.raises(
+        UnnoiseError, match="--log-level must be one of debug, info, warning, error, critical"
+    ):
+        serve("shapes-32", host="127.0.0.1", port=7860, api_key=None, queue_size=4, log_level="loud")
 
 
 # --- issue 13: what AUTOMATIC1111's and OpenAI's clients expect ------------------------------------------
@@ -716,23 +724,47 @@ def test_a_cancelled_queued_job_gives_its_place_back_and_finished_jobs_keep_no_i
 
 
 def test_every_answer_forbids_framing_and_each_request_is_logged_once_without_its_key(pipe, caplog):
-    """Issue 12: the page could be framed by another site; issue 13: the server logged no requests."""
+    """Issue 12: the page could be framed by another site; issue 13: the server logged no requests, then
+    logged them without the job they made or touched and all at one level."""
+    import logging
+    import re
+
     port = free_port()
-    running = Server(create_app(pipe, port=port, queue_size=2, api_key="sekrit-key"), port)
+    app = create_app(pipe, port=port, queue_size=2, api_key="sekrit-key", deadline=2.0)
+    running = Server(app, port)
+    key = {"Authorization": "Bearer sekrit-key"}
     try:
         with caplog.at_level("INFO", logger="unnoise.server.access"):
-            page = httpx.get(f"{running.url}/", headers={"Authorization": "Bearer sekrit-key"})
+            page = httpx.get(f"{running.url}/", headers=key)
             refused = httpx.get(f"{running.url}/sdapi/v1/sd-models")
+            with httpx.Client(base_url=running.url, headers=key, timeout=60) as c:
+                job_id, owner = submit(c, {"prompt": "x", "steps": 1})
+                assert wait_until(lambda: c.get(f"/jobs/{job_id}", headers=owner).json()["state"] == "done")
+                made = c.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1})
+                late = c.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 200, "batch_size": 8})
     finally:
         running.stop()
     for reply in (page, refused):
         assert reply.headers["x-frame-options"] == "DENY"
         assert "frame-ancestors 'none'" in reply.headers["content-security-policy"]
-    assert refused.status_code == 401
-    lines = [r.getMessage() for r in caplog.records if r.name == "unnoise.server.access"]
-    assert any(line.startswith("GET / 200") for line in lines), lines
-    assert any(line.startswith("GET /sdapi/v1/sd-models 401") for line in lines), lines
-    assert "sekrit-key" not in caplog.text
+    assert refused.status_code == 401 and made.status_code == 200 and late.status_code == 503
+    records = [r for r in caplog.records if r.name == "unnoise.server.access"]
+    lines = [r.getMessage() for r in records]
+
+    def level_of(pattern: str) -> int:
+        found = [r.levelno for r in records if re.fullmatch(pattern, r.getMessage())]
+        assert len(found) == 1, (pattern, lines)  # one line a request
+        return found[0]
+
+    assert level_of(r"GET / 200 \d+ ms") == logging.INFO
+    assert level_of(r"GET /sdapi/v1/sd-models 401 \d+ ms") == logging.WARNING
+    assert level_of(rf"POST /jobs 202 \d+ ms job {job_id}") == logging.INFO
+    assert level_of(r"POST /sdapi/v1/txt2img 200 \d+ ms job [0-9a-f]{16}") == logging.INFO
+    assert level_of(r"POST /sdapi/v1/txt2img 503 \d+ ms job [0-9a-f]{16}") == logging.ERROR
+    assert any(
+        line.startswith(f"GET /jobs/{job_id} 200") and line.endswith(f"job {job_id}") for line in lines
+    )
+    assert "sekrit-key" not in caplog.text and owner["X-Job-Token"] not in caplog.text
 
 
 def test_a_client_that_hangs_up_cancels_its_job(client, server):

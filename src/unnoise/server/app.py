@@ -38,6 +38,7 @@ from .security import Guard
 from .service import Service
 
 STATIC = Path(__file__).resolve().parent / "static"
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 def create_app(
@@ -148,9 +149,11 @@ def serve(
     deadline: float = DEFAULT_DEADLINE,
     models_dirs: tuple[str, ...] = (),
     auto_threads: bool = False,
+    log_level: str = "info",
 ) -> None:
     """`unnoise serve`: load the model and run uvicorn until interrupted. Clients may switch to the shipped
-    models and the releases in `models_dirs`."""
+    models and the releases in `models_dirs`. `log_level` is the least a logged line is: each request's
+    access line is INFO, WARNING for a 4xx, ERROR for a 5xx."""
     import uvicorn
 
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
@@ -161,10 +164,12 @@ def serve(
         raise UnnoiseError(f"--queue-size must be at least 1, got {queue_size}")
     if not deadline > 0:
         raise UnnoiseError(f"--deadline must be a positive number of seconds, got {deadline}")
+    if log_level.lower() not in LOG_LEVELS:
+        raise UnnoiseError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
     models = model_catalogue(Path(d) for d in models_dirs)
     served = resolve_model(model)  # an unknown model is an error before anything loads
     models.setdefault(model_name(served), served)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     app = create_app(
         lambda: load(model, device=device),
         host=host,
@@ -180,6 +185,6 @@ def serve(
     print(f"unnoise: serving {app.state.worker.pipe.name} on http://{host}:{port}/ (API docs at /docs)")
     # one line a request comes from our access log (security.Guard), with the duration; not uvicorn's
     uvicorn.run(
-        app, host=host, port=port, log_level="info", access_log=False, limit_concurrency=256,
+        app, host=host, port=port, log_level=log_level.lower(), access_log=False, limit_concurrency=256,
         timeout_graceful_shutdown=5,  # SIGTERM: the lifespan cancels every job; nothing waits for the queue
     )  # fmt: skip

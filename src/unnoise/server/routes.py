@@ -53,8 +53,8 @@ def a1111_routes(service: Service) -> APIRouter:
     worker = service.worker
 
     async def a1111(body: Txt2Img, request: Request) -> dict[str, Any]:
-        job = service.submit(await run_in_threadpool(job_for, body, service.pipe))  # decoding off the loop
-        job = await service.finished(job, request)
+        job = await run_in_threadpool(job_for, body, service.pipe)  # decoding off the loop
+        job = await service.finished(service.submit(job, request), request)
         pngs = service.result(job)
         infotexts = [parameters_of(png) for png in pngs]
         seed = job.seed
@@ -212,7 +212,7 @@ def openai_routes(service: Service) -> APIRouter:
             if not (1 <= width <= 4096 and 1 <= height <= 4096):
                 raise HTTPException(400, f"size {body.size!r}: each side must be in 1..4096")
         request = Txt2Img(prompt=body.prompt, batch_size=body.n, width=width, height=height)
-        job = await service.finished(service.submit(job_for(request, service.pipe)), http)
+        job = await service.finished(service.submit(job_for(request, service.pipe), http), http)
         return {"created": int(time.time()), "data": [{"b64_json": b64(png)} for png in service.result(job)]}
 
     @router.post("/v1/images/edits")
@@ -250,7 +250,7 @@ def openai_routes(service: Service) -> APIRouter:
         call = Inpainting(settings, n, open_image(picture), regenerate)
         steps = DEFAULT_STEPS * REPAINT_RESAMPLE
         job = Job("inpaint", call.run, steps, settings.seed, finish_early=call.finish)
-        job = await service.finished(service.submit(job), http)
+        job = await service.finished(service.submit(job, http), http)
         return {"created": int(time.time()), "data": [{"b64_json": b64(png)} for png in service.result(job)]}
 
     return router
@@ -265,18 +265,19 @@ def job_routes(service: Service) -> APIRouter:
     worker = service.worker
 
     @router.post("/jobs", status_code=202)
-    async def create_job(body: JobRequest) -> dict[str, Any]:
+    async def create_job(body: JobRequest, request: Request) -> dict[str, Any]:
         """The job, queued. Its `token` is the owner's: send it as `X-Job-Token` to see or cancel the job."""
-        job = service.submit(await run_in_threadpool(job_for, body, service.pipe))  # decoding off the loop
+        job = await run_in_threadpool(job_for, body, service.pipe)  # decoding off the loop
+        job = service.submit(job, request)
         return {**job.summary(), "token": job.token, "events": f"/jobs/{job.id}/events"}
 
     @router.get("/jobs/{job_id}")
-    async def get_job(job_id: str, x_job_token: JobToken = None) -> dict[str, Any]:
-        return service.view(service.job(job_id, x_job_token))
+    async def get_job(job_id: str, request: Request, x_job_token: JobToken = None) -> dict[str, Any]:
+        return service.view(service.job(job_id, x_job_token, request))
 
     @router.delete("/jobs/{job_id}")
-    async def cancel_job(job_id: str, x_job_token: JobToken = None) -> dict[str, Any]:
-        job = service.job(job_id, x_job_token)
+    async def cancel_job(job_id: str, request: Request, x_job_token: JobToken = None) -> dict[str, Any]:
+        job = service.job(job_id, x_job_token, request)
         if job.state not in FINISHED:
             worker.cancel(job)
         return job.summary()
@@ -285,7 +286,7 @@ def job_routes(service: Service) -> APIRouter:
     async def job_events(job_id: str, request: Request, x_job_token: JobToken = None) -> StreamingResponse:
         """Server-sent events: `progress` at every step with a preview of x0_hat, then `done`, `failed` or
         `cancelled` with the results. Any number of the owner's clients may watch one job."""
-        job = service.job(job_id, x_job_token)
+        job = service.job(job_id, x_job_token, request)
 
         async def stream():
             version = -1

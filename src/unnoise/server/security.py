@@ -42,8 +42,24 @@ SAFETY_HEADERS = [
 access = logging.getLogger("unnoise.server.access")
 
 
+LOG_NOTES = "unnoise.log"  # the scope key of a request's additions to its access line
+
+
 class BodyTooLargeError(Exception):
     pass
+
+
+def note_job(scope: dict, job_id: str) -> None:
+    """Name the job a request made or touched on its access line."""
+    scope.setdefault(LOG_NOTES, {})["job"] = job_id
+
+
+def log_request(scope: dict, status: int, milliseconds: float, job_id: str | None) -> None:
+    """One line a request: method, path (never the query or the headers, so never a key or a job's token),
+    status, duration and the job; WARNING for a 4xx, ERROR for a 5xx."""
+    level = logging.ERROR if status >= 500 else logging.WARNING if status >= 400 else logging.INFO
+    job = f" job {job_id}" if job_id else ""
+    access.log(level, "%s %s %s %.0f ms%s", scope["method"], scope["path"], status, milliseconds, job)
 
 
 class Guard:
@@ -56,9 +72,12 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         began = time.perf_counter()
-        status = await self.answer(scope, receive, send)
-        took = (time.perf_counter() - began) * 1000  # one line a request: never its headers, so never a key
-        access.info("%s %s %s %.0f ms", scope["method"], scope["path"], status, took)
+        scope[LOG_NOTES] = notes = {}  # what the routes add to the line (note_job)
+        status = 500  # what the client gets if the application raises
+        try:
+            status = await self.answer(scope, receive, send)
+        finally:
+            log_request(scope, status, (time.perf_counter() - began) * 1000, notes.get("job"))
 
     async def answer(self, scope, receive, send) -> int:
         """Refuse or pass the request on; returns the status answered."""

@@ -16,6 +16,7 @@ from ..pipeline import Pipeline
 from ..release import read_release_config, sha256
 from .jobs import Job, QueueFullError, Worker, log
 from .requests import b64, parameters_of
+from .security import note_job
 
 POLL_SECONDS = 0.05  # how often a waiting request looks at its job
 
@@ -85,14 +86,17 @@ class Service:
         if name == self.pipe.name:
             return
         switch = self.worker.switch_job(lambda: self.load(self.models[name]), name)
-        self.result(await self.finished(self.submit(switch), request))
+        self.result(await self.finished(self.submit(switch, request), request))
 
-    def submit(self, job: Job) -> Job:
-        """The job, queued; a full queue is a 429 with Retry-After."""
+    def submit(self, job: Job, request: Request) -> Job:
+        """The job, queued (and named on the request's access line); a full queue is a 429 with
+        Retry-After."""
         try:
-            return self.worker.submit(job)
+            self.worker.submit(job)
         except QueueFullError as full:
             raise HTTPException(429, str(full), headers={"Retry-After": str(full.retry_after)}) from None
+        note_job(request.scope, job.id)
+        return job
 
     async def finished(self, job: Job, request: Request) -> Job:
         """The job once it ends, waited for on the event loop (a waiting client holds no thread). A client
@@ -124,12 +128,13 @@ class Service:
             raise HTTPException(409, "the job was interrupted")
         return job.images
 
-    def job(self, job_id: str, token: str | None) -> Job:
+    def job(self, job_id: str, token: str | None, request: Request) -> Job:
         """The job, for its owner: the token its submission answered. Another client gets the 404 of a job
         that does not exist, so ids cannot be probed."""
         job = self.worker.get(job_id)
         if job is None or not hmac.compare_digest(job.token.encode(), (token or "").encode()):
             raise HTTPException(404, f"no job {job_id!r} with this X-Job-Token (the one POST /jobs answered)")
+        note_job(request.scope, job.id)
         return job
 
     @staticmethod
