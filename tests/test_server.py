@@ -871,6 +871,14 @@ def test_webuiapi_img2img_and_inpainting_with_its_default_arguments(server):
     cropped = api.img2img(images=[wide], steps=4, seed=1, resize_mode=1, width=32, height=32)
     assert cropped.image.size == (32, 32) and "comments" not in cropped.info  # asked for: nothing to say
 
+    halves = Image.new("RGB", (16, 32), (200, 0, 0))
+    halves.paste((0, 0, 200), (0, 16, 16, 32))  # red above blue
+    filled = api.img2img(images=[halves], denoising_strength=0, resize_mode=2, width=32, height=32)
+    pixels = np.asarray(filled.image.convert("RGB"))  # strength 0: the input as brought to 32x32
+    assert (pixels[:8, :] == (200, 0, 0)).all() and (pixels[-8:, :] == (0, 0, 200)).all()  # the sides filled
+    thin = api.img2img(images=[Image.new("RGB", (1, 80))], steps=2, resize_mode=2, width=32, height=32)
+    assert thin.image.size == (32, 32)
+
     info = api.png_info(masked.image)  # AUTOMATIC1111's PNG Info, through the client
     assert info.info == masked.info["infotexts"][0] and info.parameters["Seed"] == 1
 

@@ -363,7 +363,8 @@ def resized(image: Image.Image, size: tuple[int, int], mode: int) -> Image.Image
         return image.resize(size, Image.LANCZOS)
     if mode == 1:
         return ImageOps.fit(image, size, Image.LANCZOS)
-    inner = ImageOps.contain(image, size, Image.LANCZOS)
+    scale = min(size[0] / image.width, size[1] / image.height)  # the whole image inside, at least 1 px wide
+    inner = image.resize([max(1, round(side * scale)) for side in image.size], Image.LANCZOS)
     left, top = (size[0] - inner.width) // 2, (size[1] - inner.height) // 2
     pixels = np.asarray(inner)  # (H, W, 3) or (H, W)
     sides = ((top, size[1] - inner.height - top), (left, size[0] - inner.width - left))
