@@ -225,6 +225,35 @@ def test_masked_area_inpainting_also_keeps_every_pixel_outside_the_mask(pipe):
     assert "Inpaint area: Only masked, Masked area padding: 3" in out.info["parameters"]
 
 
+def test_a_run_stopped_by_its_callback_is_finished_as_a_complete_one(pipe):
+    """AUTOMATIC1111's interrupt: a callback raising StopSamplingError ends sampling at that step; the
+    images come from that step's x0 estimates, composited into the input like a complete inpainting."""
+    from unnoise.pipeline import StopSamplingError
+
+    rng = np.random.default_rng(2)
+    image = Image.fromarray(rng.integers(0, 256, (64, 48, 3), dtype=np.uint8))
+    mask = Image.new("L", (48, 64), 0)
+    mask.paste(255, (30, 40, 44, 50))
+    seen = []
+
+    def stop_at_the_second_step(step):
+        seen.append(step.index)
+        if len(seen) == 2:
+            raise StopSamplingError(step.denoised, "step 2 of 8")
+
+    out = pipe.inpaint(
+        image, mask, "a red circle", steps=8, resample=1, seed=0, callback=stop_at_the_second_step
+    )
+    keep = np.asarray(mask) == 0
+    assert len(seen) == 2 and out[0].size == (48, 64)
+    assert np.array_equal(pixels(out[0])[keep], pixels(image)[keep])
+    assert out[0].info["parameters"].endswith("Interrupted: step 2 of 8")
+    seen.clear()
+    edit = pipe.edit(image, "a red circle", strength=1.0, steps=8, seed=0, callback=stop_at_the_second_step)
+    assert len(seen) == 2 and edit[0].size == (48, 64)  # resized back to the input's size, as a complete one
+    assert edit[0].info["parameters"].endswith("Interrupted: step 2 of 8")
+
+
 def test_the_masked_area_is_a_square_around_the_mask_inside_the_image():
     mask = Image.new("L", (48, 64), 0)
     mask.paste(255, (30, 40, 44, 50))  # 14 x 10 pixels

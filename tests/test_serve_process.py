@@ -57,3 +57,8 @@ def test_sigterm_stops_the_server_promptly_with_work_queued():
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def test_serve_takes_a_log_level():
+    assert build_parser().parse_args(["serve"]).log_level == "info"
+    assert build_parser().parse_args(["serve", "--log-level", "warning"]).log_level == "warning"

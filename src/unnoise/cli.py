@@ -402,6 +402,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         deadline=args.deadline,
         models_dirs=tuple(args.models_dir),
         auto_threads=args.threads == "auto",
+        log_level=args.log_level,
     )
     return 0
 
@@ -645,6 +646,12 @@ def build_parser() -> argparse.ArgumentParser:
         " which `ps` does not show",
     )
     p.add_argument("--queue-size", type=int, default=16, help="requests that may wait; more get HTTP 429")
+    p.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error", "critical"),
+        default="info",
+        help="info: a line per request; warning: only 4xx and 5xx answers and faults (default info)",
+    )
     p.add_argument(
         "--deadline",
         type=float,

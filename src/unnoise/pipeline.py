@@ -48,6 +48,17 @@ PROMPT_CACHE = 1024  # prompts whose encodings a loaded model keeps (about 60 KB
 MAX_SIZE_FACTOR = 4  # a request may ask for up to this many times the model's own pixels
 
 
+class StopSamplingError(Exception):
+    """Raised by a `callback` to end sampling at that step (AUTOMATIC1111's interrupt): the images are made
+    from the step's x0 estimates and finished as complete ones are (resized back, composited into the
+    input), their parameters text ending with `Interrupted: <note>`."""
+
+    def __init__(self, denoised: torch.Tensor, note: str):
+        super().__init__(note)
+        self.denoised = denoised  # (N, 3, H, W): the denoiser's current estimate of every image
+        self.note = note  # e.g. "step 3 of 20"
+
+
 @dataclass(frozen=True)
 class Inpainting:
     """What inpainting adds to img2img: the region to regenerate at the model's size (1, 1, R, R), True =
@@ -310,40 +321,50 @@ class Pipeline:
         cond = self.condition(each)
         uncond = self.text.encode([s.negative_prompt for s in each]).to(self.device)
         denoiser = cfg(self.denoiser, first.guidance, uncond)
-        sigmas = default_sigmas(self.denoiser.formulation, first.steps)
-        common = dict(
-            sampler=first.sampler, cond=cond, generator=generators, callback=callback, **first.sampler_options
-        )
+        stopped = ""
         with torch.no_grad():
-            if init is not None and first.denoising_strength == 0:
-                x = init.expand_as(noise)  # nothing to regenerate: no step runs
-            elif inpainting is not None:
-                x = inpaint(
-                    denoiser,
-                    init.expand_as(noise),
-                    noise=noise,
-                    sigmas=sigmas,
-                    strength=first.denoising_strength,
-                    mask=inpainting.mask,
-                    jump=inpainting.jump,
-                    resample=inpainting.resample,
-                    **common,
-                )
-            elif init is not None:
-                x = img2img(
-                    denoiser,
-                    init.expand_as(noise),
-                    noise,
-                    sigmas,
-                    strength=first.denoising_strength,
-                    **common,
-                )
-            else:
-                x = sample(denoiser, noise, sigmas, **common)
+            try:
+                x = self.draw(denoiser, noise, first, cond, generators, init, inpainting, callback)
+            except StopSamplingError as stop:
+                x, stopped = stop.denoised, f", Interrupted: {stop.note}"
         images = to_pil(x)
         for image, settings in zip(images, each, strict=True):
-            image.info["parameters"] = settings.parameters()
+            image.info["parameters"] = settings.parameters() + stopped
         return images
+
+    def draw(
+        self,
+        denoiser: Denoiser,
+        noise: torch.Tensor,
+        first: ImageSettings,
+        cond: TextEmbedding,
+        generators: list[torch.Generator],
+        init: torch.Tensor | None,
+        inpainting: Inpainting | None,
+        callback: Callback,
+    ) -> torch.Tensor:
+        """x (N, 3, H, W) in [-1, 1] from unit `noise` (N, 3, H, W): generation, img2img of `init`, or
+        inpainting; `first` holds the sampler, its options, the steps and the strength they share."""
+        sigmas = default_sigmas(self.denoiser.formulation, first.steps)
+        options = first.sampler_options  # the sampler's own keywords (eta, s_churn, ...), checked by name
+        if init is not None and first.denoising_strength == 0:
+            return init.expand_as(noise)  # nothing to regenerate: no step runs
+        if inpainting is not None:
+            return inpaint(
+                denoiser, init.expand_as(noise), noise=noise, sigmas=sigmas,
+                strength=first.denoising_strength, mask=inpainting.mask, jump=inpainting.jump,
+                resample=inpainting.resample, sampler=first.sampler, cond=cond, generator=generators,
+                callback=callback, **options,
+            )  # fmt: skip
+        if init is not None:
+            return img2img(
+                denoiser, init.expand_as(noise), noise, sigmas, strength=first.denoising_strength,
+                sampler=first.sampler, cond=cond, generator=generators, callback=callback, **options,
+            )  # fmt: skip
+        return sample(
+            denoiser, noise, sigmas, sampler=first.sampler, cond=cond, generator=generators,
+            callback=callback, **options,
+        )  # fmt: skip
 
     def noise(self, settings: ImageSettings, generator: torch.Generator) -> torch.Tensor:
         """The image's unit starting noise (3, H, W), drawn first from its own generator."""

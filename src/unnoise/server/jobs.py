@@ -24,7 +24,7 @@ from PIL import Image
 
 from ..errors import UnnoiseError
 from ..images import png_bytes, to_pil
-from ..pipeline import Pipeline
+from ..pipeline import Pipeline, StopSamplingError
 from ..threads import CpuShare
 
 State = Literal["queued", "running", "done", "failed", "cancelled"]
@@ -37,14 +37,6 @@ INTERNAL_ERROR = "internal error (the server's log has the details)"
 
 class CancelledError(Exception):
     """Raised inside the sampler's callback to stop a job at the next step."""
-
-
-class SamplingInterruptedError(Exception):
-    """Raised inside the sampler's callback to end a job early with its current x0_hat as the images."""
-
-    def __init__(self, denoised):
-        super().__init__("interrupted")
-        self.denoised = denoised  # (N, 3, H, W): the denoiser's current estimate of every image
 
 
 class DeadlineError(Exception):
@@ -69,10 +61,6 @@ class Job:
     total_steps: int  # sampler steps expected (for progress; the sampler may report a few more)
     seed: int  # of the first image
     notes: dict[str, str] = field(default_factory=dict)  # what the client should know: "size", "interrupted"
-    # finish_early(pipe, x0, stopped): what the x0 estimates (N, 3, H, W) of an interrupted call become, the
-    # call's own finishing (resized back, composited, with parameters); None: the x0 images as they are.
-    # None once finished, as `call` is
-    finish_early: Callable[[Pipeline, torch.Tensor, str], list[Image.Image]] | None = None
     id: str = field(default_factory=lambda: secrets.token_hex(8))
     # the owner's proof: /jobs answers it to the submitter only, and asks for it to show or cancel the job
     token: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)
@@ -117,7 +105,7 @@ class Job:
     def drop_call(self) -> None:
         """Let go of the bound call, and with it the decoded input images (about 10 MB for a large img2img):
         a job ended, however it ended, keeps only its results."""
-        self.call = self.finish_early = None
+        self.call = None
 
     def wait_for_change(self, version: int, timeout: float) -> int:
         """Block until the job's version passes `version` (or `timeout` seconds); returns the version."""
@@ -293,16 +281,9 @@ class Worker:
         self.seconds_per_job = 0.8 * self.seconds_per_job + 0.2 * took
 
     def _images(self, job: Job) -> list[Image.Image]:
-        """The job's images: its call's, or for an interrupted call its x0 estimates, finished as the call
-        finishes its images."""
-        try:
-            return job.call(self.pipe, self._reporter(job))
-        except SamplingInterruptedError as stop:
-            stopped = f"step {job.step} of {job.total_steps}"
-            job.notes["interrupted"] = f"at {stopped}: the images are its x0 estimates"
-            if job.finish_early is None:
-                return to_pil(stop.denoised)
-            return job.finish_early(self.pipe, stop.denoised, stopped)
+        """The job's images; an interrupted call finishes them from its x0 estimates (Pipeline's
+        StopSamplingError), and the job notes where it stopped."""
+        return job.call(self.pipe, self._reporter(job))
 
     def past_deadline(self, job: Job) -> bool:
         return time.time() - job.created > self.deadline
@@ -324,7 +305,9 @@ class Worker:
             if self.past_deadline(job):
                 raise DeadlineError
             if job.interrupt_requested.is_set():
-                raise SamplingInterruptedError(step.denoised)
+                stopped = f"step {job.step} of {job.total_steps}"
+                job.notes["interrupted"] = f"at {stopped}: the images are finished from its x0 estimates"
+                raise StopSamplingError(step.denoised, stopped)
             preview = png_bytes(to_pil(step.denoised[:1])[0])  # (1, 3, R, R) -> the first image's x0_hat
             job.update(step=job.step + 1, preview=preview)
 

@@ -277,7 +277,6 @@ def generation_job(body: Txt2Img, first: ImageSettings, count: int, pipe: Pipeli
         total_steps=body.steps,
         seed=settings.seed,
         notes=notes,
-        finish_early=call.finish,
     )
 
 
@@ -286,7 +285,7 @@ def edit_job(body: Img2Img, first: ImageSettings, count: int, image: Image.Image
     image, notes = whole_picture(image, body, pipe)
     call = Edit(checked(first.replace(denoising_strength=body.denoising_strength)), count, image)
     steps = max(1, round(body.steps * body.denoising_strength))
-    return Job("edit", call.run, total_steps=steps, seed=first.seed, notes=notes, finish_early=call.finish)
+    return Job("edit", call.run, total_steps=steps, seed=first.seed, notes=notes)
 
 
 def inpainting_job(
@@ -326,7 +325,7 @@ def inpainting_job(
     call = Inpainting(checked(settings), count, image, mask)
     # RePaint runs each block again
     steps = max(1, round(body.steps * body.denoising_strength)) * REPAINT_RESAMPLE
-    return Job("inpaint", call.run, total_steps=steps, seed=first.seed, notes=notes, finish_early=call.finish)
+    return Job("inpaint", call.run, total_steps=steps, seed=first.seed, notes=notes)
 
 
 def size_notes(asked: tuple[int, int], made: tuple[int, int], pipe: Pipeline) -> dict[str, str]:

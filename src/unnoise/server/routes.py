@@ -249,7 +249,7 @@ def openai_routes(service: Service) -> APIRouter:
         )  # fmt: skip
         call = Inpainting(settings, n, open_image(picture), regenerate)
         steps = DEFAULT_STEPS * REPAINT_RESAMPLE
-        job = Job("inpaint", call.run, steps, settings.seed, finish_early=call.finish)
+        job = Job("inpaint", call.run, steps, settings.seed)
         job = await service.finished(service.submit(job, http), http)
         return {"created": int(time.time()), "data": [{"b64_json": b64(png)} for png in service.result(job)]}
 
