@@ -175,6 +175,10 @@ def test_width_and_height_make_that_size_or_say_what_they_made(page, server):
     page.goto(server.url + "/")
     ready(page)
     assert (page.input_value("#width"), page.input_value("#height")) == ("32", "32")
+    from unnoise.server.requests import REQUEST_MAX_IMAGES, REQUEST_MAX_STEPS
+
+    bounds = (page.get_attribute("#steps", "max"), page.get_attribute("#count", "max"))
+    assert bounds == (str(REQUEST_MAX_STEPS), str(REQUEST_MAX_IMAGES))  # the server's, written once
     page.fill("#prompt", "a red circle")
     page.fill("#count", "1")
     page.fill("#steps", "3")

@@ -32,7 +32,7 @@ from ..settings import (
 )
 from ..threads import CpuShare
 from .jobs import DEFAULT_DEADLINE, INTERNAL_ERROR, Worker, log
-from .requests import MAX_BODY, MAX_IMAGES, MAX_STEPS
+from .requests import MAX_BODY, REQUEST_MAX_IMAGES, REQUEST_MAX_STEPS
 from .routes import a1111_routes, job_routes, openai_routes
 from .security import Guard
 from .service import Service
@@ -121,7 +121,11 @@ def create_app(
 
     @app.get("/config", include_in_schema=False)
     async def config() -> dict[str, Any]:
-        limits = {"max_steps": MAX_STEPS, "max_images": MAX_IMAGES, "needs_key": api_key is not None}
+        limits = {
+            "max_steps": REQUEST_MAX_STEPS,
+            "max_images": REQUEST_MAX_IMAGES,
+            "needs_key": api_key is not None,
+        }
         defaults = {"sampler": DEFAULT_SAMPLER, "steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE}
         return {
             "model": service.pipe.name,

@@ -35,8 +35,9 @@ from ..settings import (
 from .calls import Edit, Generation, Inpainting
 from .jobs import Job
 
-MAX_STEPS = 200
-MAX_IMAGES = 8  # per request: batch_size x n_iter, or n
+# a request's bounds on its cost, tighter than the library's own (settings.MAX_STEPS, settings.MAX_IMAGES)
+REQUEST_MAX_STEPS = 200
+REQUEST_MAX_IMAGES = 8  # per request: batch_size x n_iter, or n
 MAX_PROMPT = 2000  # characters
 MAX_IMAGE_BYTES = 8 * 1024 * 1024  # one decoded input image
 MAX_PIXELS = 2048 * 2048  # one input image, checked before it is decoded
@@ -63,7 +64,7 @@ class Txt2Img(BaseModel):
 
     prompt: str = Field("", max_length=MAX_PROMPT)
     negative_prompt: str = Field("", max_length=MAX_PROMPT)
-    steps: int = Field(DEFAULT_STEPS, ge=1, le=MAX_STEPS)
+    steps: int = Field(DEFAULT_STEPS, ge=1, le=REQUEST_MAX_STEPS)
     cfg_scale: float = Field(DEFAULT_GUIDANCE, ge=0.0, le=30.0)
     seed: int = Field(-1, ge=-1, le=2**32 - 1)  # AUTOMATIC1111's range; -1 is random
     subseed: int = Field(-1, ge=-1, le=2**32 - 1)  # AUTOMATIC1111's variation seed
@@ -73,8 +74,8 @@ class Txt2Img(BaseModel):
     sampler_name: str | None = Field(None, max_length=64)
     sampler_index: str | None = Field(None, max_length=64)  # AUTOMATIC1111's older name for the sampler
     scheduler: str | None = Field(None, max_length=64)  # the schedule type: Karras (or Automatic) only
-    batch_size: int = Field(1, ge=1, le=MAX_IMAGES)
-    n_iter: int = Field(1, ge=1, le=MAX_IMAGES)
+    batch_size: int = Field(1, ge=1, le=REQUEST_MAX_IMAGES)
+    n_iter: int = Field(1, ge=1, le=REQUEST_MAX_IMAGES)
     # the sampler's options, for the samplers that take them (see `sampler_options_of`)
     eta: float | None = Field(None, ge=0.0, le=10.0)
     s_churn: float | None = Field(None, ge=0.0, le=1000.0)
@@ -143,7 +144,7 @@ class OpenAIImages(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     prompt: str = Field(..., max_length=MAX_PROMPT)
-    n: int = Field(1, ge=1, le=MAX_IMAGES)
+    n: int = Field(1, ge=1, le=REQUEST_MAX_IMAGES)
     size: str | None = Field(None, max_length=16)
     response_format: str | None = Field("b64_json", max_length=16)
     model: str | None = Field(None, max_length=128)
@@ -221,8 +222,10 @@ def sampler_options_of(body: Txt2Img, sampler: str) -> dict[str, float]:
 def job_for(body: Txt2Img, pipe: Pipeline) -> Job:
     """The Pipeline call a request asks for, checked before it waits in the queue."""
     count = body.batch_size * body.n_iter
-    if count > MAX_IMAGES:
-        raise HTTPException(422, f"batch_size x n_iter is {count}; at most {MAX_IMAGES} images per request")
+    if count > REQUEST_MAX_IMAGES:
+        raise HTTPException(
+            422, f"batch_size x n_iter is {count}; at most {REQUEST_MAX_IMAGES} images per request"
+        )
     unhonoured = body.unhonoured()
     if unhonoured:
         raise HTTPException(

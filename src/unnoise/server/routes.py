@@ -30,8 +30,8 @@ from .calls import Inpainting
 from .jobs import FINISHED, Job
 from .requests import (
     MAX_IMAGE_BYTES,
-    MAX_IMAGES,
     MAX_PROMPT,
+    REQUEST_MAX_IMAGES,
     Img2Img,
     JobRequest,
     OpenAIImages,
@@ -221,7 +221,7 @@ def openai_routes(service: Service) -> APIRouter:
         image: Annotated[UploadFile, File()],
         prompt: Annotated[str, Form(max_length=MAX_PROMPT)],
         mask: Annotated[UploadFile | None, File()] = None,
-        n: Annotated[int, Form(ge=1, le=MAX_IMAGES)] = 1,
+        n: Annotated[int, Form(ge=1, le=REQUEST_MAX_IMAGES)] = 1,
         size: Annotated[str | None, Form(max_length=16)] = None,
         response_format: Annotated[str | None, Form(max_length=16)] = None,
         model: Annotated[str | None, Form(max_length=128)] = None,

@@ -33,6 +33,7 @@ async function start() {
   for (const name of config.samplers) $("sampler").add(new Option(name, name, name === defaults.sampler, name === defaults.sampler));
   $("steps").value = defaults.steps;
   $("guidance").value = defaults.guidance;
+  $("steps").max = config.max_steps; $("count").max = config.max_images;  // the server's bounds
   for (const side of ["width", "height"]) $(side).value = config.resolution;  // other sizes: rounded by the server, which says so
   $("size").title = `up to ${config.size_rule}`;
   document.querySelectorAll("input[name=mode]").forEach((r) => r.addEventListener("change", showMode));
