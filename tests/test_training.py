@@ -576,3 +576,24 @@ def test_resume_warns_of_a_damaged_checkpoint(tmp_path, caplog):
     train(TrainConfig(steps=4, **config), resume=True)
     warnings = [r.message for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "skipping damaged checkpoint" in warnings[0], caplog.messages
+
+
+def test_a_run_started_with_relative_folders_resumes_from_another_directory(tmp_path, monkeypatch):
+    """The run's config.json names --text-encoder (and --data) folders absolutely, so `--resume` works from
+    anywhere; before, it looked for encoders/minilm under wherever it was resumed from."""
+    from unnoise.text.encoders import packaged_minilm_path
+
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    encoder = project / "encoders" / "minilm"
+    encoder.mkdir(parents=True)
+    elsewhere.mkdir()
+    for file in packaged_minilm_path().iterdir():
+        (encoder / file.name).symlink_to(file)
+    monkeypatch.chdir(project)
+    common = ["--preset", "tiny", "--batch-size", "2", "--checkpoint-every", "1", "--sample-every", "0"]
+    first = run_cli("train", *common, "--steps", "1", "--text-encoder", "encoders/minilm", "--out", "runs/r")
+    assert first.returncode == 0, first.stderr
+    assert TrainConfig.load(project / "runs" / "r" / "config.json").text_encoder == str(encoder.resolve())
+    monkeypatch.chdir(elsewhere)
+    again = run_cli("train", "--resume", "--steps", "2", "--out", str(project / "runs" / "r"))
+    assert again.returncode == 0, again.stderr

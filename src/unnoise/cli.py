@@ -31,6 +31,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train.loop import train
 
     given = {name: getattr(args, name) for name in TrainConfig.__dataclass_fields__ if hasattr(args, name)}
+    for name in ("data", "text_encoder"):  # folders: the run's config names them wherever --resume runs from
+        if name in given and Path(given[name]).expanduser().is_dir():
+            given[name] = str(Path(given[name]).expanduser().resolve())
     saved = Path(given.get("out", TrainConfig.out)) / "config.json"
     if args.resume and saved.is_file():  # continue with the run's own settings, overridden by the flags given
         config = TrainConfig.from_dict({**TrainConfig.load(saved).__dict__, **given})
