@@ -474,3 +474,31 @@ def test_a_loaded_model_keeps_a_bounded_number_of_prompt_encodings(model):
     )  # caches "a red circle" and "" (unconditional)
     pipe.generate("a blue square", steps=1, guidance=2.0, seed=1)
     assert len(pipe.text) == 2 and "a red circle" not in pipe.text and "a blue square" in pipe.text
+
+
+def test_device_auto_picks_cuda_then_mps_then_the_cpu(monkeypatch):
+    """Issue 13: every model command takes --device (auto, cpu, cuda, mps); auto prefers a GPU."""
+    from unnoise.pipeline import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto").type == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert resolve_device("auto").type == "mps"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_device("auto").type == "cpu"
+    assert resolve_device("cpu").type == "cpu"
+    with pytest.raises(UnnoiseError, match="no CUDA GPU"):
+        resolve_device("cuda")
+    with pytest.raises(UnnoiseError, match="unknown device 'tpu0'"):
+        resolve_device("tpu0")
+
+
+@pytest.mark.parametrize("command", ["generate", "edit", "inpaint", "interpolate", "eval", "serve"])
+def test_every_command_that_runs_a_model_takes_device_and_threads(command):
+    from unnoise.cli import build_parser
+
+    positional = {"generate": ["x"], "edit": ["i.png", "x"], "inpaint": ["i.png", "m.png", "x"],
+                  "interpolate": ["x"], "eval": ["shapes"], "serve": []}[command]  # fmt: skip
+    args = build_parser().parse_args([command, *positional, "--device", "cpu", "--threads", "1"])
+    assert (args.device, args.threads) == ("cpu", 1)
