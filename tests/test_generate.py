@@ -240,9 +240,12 @@ def test_eval_shapes_command_runs_on_a_model(model, tmp_path):
 def test_eval_inpaint_shows_its_progress(model, tmp_path):
     report = str(tmp_path / "inpaint.json")
     run = run_cli("eval", "inpaint", "--model", str(model), "--samples", "1", "--steps", "1",
-                  "--resample", "1", "--report", report)  # fmt: skip
+                  "--resample", "1", "--report", report, "--save-images", str(tmp_path / "seen"))  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert "trial/s" in run.stderr or "s/trial" in run.stderr
+    saved = sorted(p.relative_to(tmp_path / "seen").as_posix() for p in (tmp_path / "seen").rglob("*.png"))
+    assert len(saved) == 36 and saved[0].startswith("colour/00-0-") and saved[-1].startswith("shape/")
+    assert read_png_parameters(tmp_path / "seen" / saved[0]).denoising_strength == 1.0
 
 
 def test_guidance_in_one_batch_equals_two_calls(model):

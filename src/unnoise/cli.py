@@ -374,6 +374,8 @@ def _cmd_eval_inpaint(args: argparse.Namespace) -> int:
     from .settings import sampler_name
 
     sampler = sampler_name(args.sampler)  # ours or AUTOMATIC1111's label, named before the model loads
+    if args.save_images:
+        _output_folder(args.save_images)  # a folder that cannot be made is named before any image is drawn
     report = run_inpaint_eval(
         args.model,
         samples=args.samples,
@@ -385,6 +387,7 @@ def _cmd_eval_inpaint(args: argparse.Namespace) -> int:
         device=args.device,
         jump=args.jump,
         resample=args.resample,
+        save_images=args.save_images,
         progress=True,
     )
     print(table(report))
@@ -630,6 +633,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--area", choices=("whole", "masked"), default="whole", help="what the model sees")
     p.add_argument("--report", default="inpaint_eval.json", help="where the JSON report goes")
+    p.add_argument(
+        "--save-images",
+        default=None,
+        metavar="FOLDER",
+        help="save every inpainted image there, as colour|shape/<trial>-<seed>-<pass|fail>.png",
+    )
     p.set_defaults(run=_cmd_eval_inpaint)
 
     p = sub.add_parser(

@@ -80,17 +80,28 @@ def changed_outside(edited: Image.Image, original: Image.Image, mask: Image.Imag
     return int((differs & outside).sum())
 
 
+Observer = Callable[[int, InpaintTrial, int, Image.Image, bool], None]
+
+
 def evaluate_inpainting(
-    edit: Editor, trials: Sequence[InpaintTrial], samples: int = 2, *, seed: int = 0
+    edit: Editor,
+    trials: Sequence[InpaintTrial],
+    samples: int = 2,
+    *,
+    seed: int = 0,
+    observe: Observer | None = None,
 ) -> dict[str, Any]:
-    """Run `edit(image, mask, prompt, seed, n)` on every trial and judge it; a JSON-ready report."""
+    """Run `edit(image, mask, prompt, seed, n)` on every trial and judge it; a JSON-ready report.
+    `observe(trial number, trial, seed, edited image, correct)` sees each judged image."""
     if samples < 1:
         raise UnnoiseError(f"--samples must be at least 1, got {samples}")
     rows = []
-    for trial in trials:
+    for t, trial in enumerate(trials):
         image, mask = trial.image(), trial.mask()
         for k, edited in enumerate(edit(image, mask, trial.target.prompt, seed, samples)):
             correct, details = check(edited, trial.target)
+            if observe is not None:
+                observe(t, trial, seed + k, edited, bool(correct))
             rows.append(
                 {
                     "prompt": trial.target.prompt,
@@ -126,8 +137,11 @@ def run_inpaint_eval(
     area: str = "whole",
     seed: int = 0,
     device: str = "auto",
+    save_images: str | Path | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
+    """InpaintEval of a released model. With `save_images`, each inpainted image is saved there as
+    <colour|shape>/<trial number>-<seed>-<pass|fail>.png, carrying its settings."""
     from tqdm import tqdm
 
     from ..pipeline import load
@@ -148,12 +162,26 @@ def run_inpaint_eval(
         )  # fmt: skip
 
     with bar:
-        report = evaluate_inpainting(edit, trials, samples, seed=seed)
+        report = evaluate_inpainting(edit, trials, samples, seed=seed, observe=saver(save_images))
     report["settings"] = dict(
         model=str(model_path), samples=samples, sampler=sampler, steps=steps, guidance=guidance,
         jump=jump, resample=resample, area=area, seed=seed,
     )  # fmt: skip
     return report
+
+
+def saver(folder: str | Path | None) -> Observer | None:
+    """An observer that saves each judged image under `folder` (None: no observer)."""
+    if folder is None:
+        return None
+    from ..images import save_png
+
+    def save(t: int, trial: InpaintTrial, image_seed: int, image: Image.Image, correct: bool) -> None:
+        where = Path(folder) / trial.change
+        where.mkdir(parents=True, exist_ok=True)
+        save_png(image, where / f"{t:02d}-{image_seed}-{'pass' if correct else 'fail'}.png")
+
+    return save
 
 
 def table(report: dict[str, Any]) -> str:
