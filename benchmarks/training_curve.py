@@ -47,9 +47,16 @@ def main() -> None:
     parser.add_argument("--title", default="", help="what the run is, for the table's heading")
     parser.add_argument("--words-only", action="store_true", help="only the position-word test (fast)")
     parser.add_argument("--out", default=str(RESULTS / "training_curve"))
+    parser.add_argument(
+        "--extend", action="store_true", help="keep the points already in OUT.json; judge only the new ones"
+    )
     args = parser.parse_args()
-    points = []
+    command = " ".join([".venv/bin/python", *sys.argv])
+    points = earlier_points(Path(args.out)) if args.extend else []
+    judged = {p["release"] for p in points}
     for folder in map(Path, args.releases):
+        if str(folder) in judged:
+            continue
         training = json.loads((folder / "config.json").read_text())["training"]
         result = {"words": position_word_test(load(folder))}
         if args.words_only:
@@ -57,16 +64,20 @@ def main() -> None:
             continue
         result |= judge(folder, args.prompts, args.samples, args.cell_samples)
         result.pop("position_table")
-        point = {"release": str(folder), **training, **result}
+        point = {"release": str(folder), "command": command, **training, **result}
         points.append(point)
         print(json.dumps({k: v for k, v in point.items() if k not in ("positions", "words")}), flush=True)
     if args.words_only:
         return
+    points.sort(key=lambda p: p["steps"])
+    commands = "\n".join(f"- `{c}`" for c in dict.fromkeys(p["command"] for p in points))
     lines = [
         f"# Training curve{': ' + args.title if args.title else ''}",
         "",
-        f"`{' '.join(['.venv/bin/python', *sys.argv])}`: ShapesEval {args.prompts} prompts x {args.samples}"
-        f" images per category, positions {args.cell_samples} images per cell, 20 steps, guidance 3.",
+        f"ShapesEval {args.prompts} prompts x {args.samples} images per category, positions"
+        f" {args.cell_samples} images per cell, 20 steps, guidance 3. The points were judged by:",
+        "",
+        commands,
         "",
         "| step | images | single | two | count | binding | horizontal | vertical | placed horizontal"
         " | placed vertical | words h | words v |",
@@ -89,6 +100,17 @@ def main() -> None:
     print("\n".join(lines))
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     Path(args.out + ".json").write_text(json.dumps(points, indent=1))
+
+
+def earlier_points(out: Path) -> list[dict]:
+    """The points of OUT.json, each with the command that judged it (older files name it in OUT.md)."""
+    path = out.with_name(out.name + ".json")
+    if not path.is_file():
+        return []
+    points = json.loads(path.read_text())
+    markdown = out.with_name(out.name + ".md")
+    header = markdown.read_text().split("`")[1] if markdown.is_file() else "an earlier run of this script"
+    return [{"command": header, **p} for p in points]
 
 
 if __name__ == "__main__":
