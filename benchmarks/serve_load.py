@@ -76,6 +76,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--queue-size", type=int, default=16)
+    parser.add_argument("--threads", default="auto", help="the server's --threads (default: auto, as serve)")
     parser.add_argument("--out", default=str(RESULTS / "serve_load"), help="writes OUT.md and OUT.json")
     args = parser.parse_args()
 
@@ -90,6 +91,8 @@ def main() -> int:
         str(port),
         "--queue-size",
         str(args.queue_size),
+        "--threads",
+        args.threads,
     ]
     server = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy()
@@ -132,7 +135,7 @@ def main() -> int:
         "healthy after": health["status"] == "ok" and health["worker_alive"],
     }
     flags = f"--clients {args.clients} --seconds {args.seconds:g} --steps {args.steps}"
-    flags += f" --queue-size {args.queue_size}"
+    flags += f" --queue-size {args.queue_size} --threads {args.threads}"
     command = f"`.venv/bin/python benchmarks/serve_load.py {flags}`"
     lines = ["# Serve under load", "", command + f" on {os.cpu_count()} cores.", "", "| | |", "|---|---:|"]
     lines += [f"| {name} | {value} |" for name, value in rows.items()]
