@@ -495,11 +495,9 @@ def test_a_model_trained_on_first_last_tokens_is_loaded_with_them(tmp_path):
         replace(config, text_token_layers="all").validate()
 
 
-def test_a_model_trained_with_a_relative_text_encoder_path_loads_from_anywhere(tmp_path, monkeypatch):
-    """Issue 13: config.json kept `--text-encoder encoders/minilm` as given, relative to where training
-    ran; it now holds the path relative to the release, so the release loads from any directory and moves
-    with its encoder."""
-    from unnoise.pipeline import load
+def project_with_an_encoder(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """tmp_path/project with a text encoder at encoders/minilm (links to the packaged one), and an empty
+    tmp_path/elsewhere to run from."""
     from unnoise.text.encoders import packaged_minilm_path
 
     project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
@@ -508,6 +506,16 @@ def test_a_model_trained_with_a_relative_text_encoder_path_loads_from_anywhere(t
     elsewhere.mkdir()
     for file in packaged_minilm_path().iterdir():
         (encoder / file.name).symlink_to(file)
+    return project, elsewhere, encoder
+
+
+def test_a_model_trained_with_a_relative_text_encoder_path_loads_from_anywhere(tmp_path, monkeypatch):
+    """Issue 13: config.json kept `--text-encoder encoders/minilm` as given, relative to where training
+    ran; it now holds the path relative to the release, so the release loads from any directory and moves
+    with its encoder."""
+    from unnoise.pipeline import load
+
+    project, elsewhere, encoder = project_with_an_encoder(tmp_path)
     monkeypatch.chdir(project)
     config = TrainConfig(preset="tiny", batch_size=2, steps=1, checkpoint_every=1, sample_every=0)
     train(replace(config, text_encoder="encoders/minilm", out="runs/relative"))
@@ -581,14 +589,7 @@ def test_resume_warns_of_a_damaged_checkpoint(tmp_path, caplog):
 def test_a_run_started_with_relative_folders_resumes_from_another_directory(tmp_path, monkeypatch):
     """The run's config.json names --text-encoder (and --data) folders absolutely, so `--resume` works from
     anywhere; before, it looked for encoders/minilm under wherever it was resumed from."""
-    from unnoise.text.encoders import packaged_minilm_path
-
-    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
-    encoder = project / "encoders" / "minilm"
-    encoder.mkdir(parents=True)
-    elsewhere.mkdir()
-    for file in packaged_minilm_path().iterdir():
-        (encoder / file.name).symlink_to(file)
+    project, elsewhere, encoder = project_with_an_encoder(tmp_path)
     monkeypatch.chdir(project)
     common = ["--preset", "tiny", "--batch-size", "2", "--checkpoint-every", "1", "--sample-every", "0"]
     first = run_cli("train", *common, "--steps", "1", "--text-encoder", "encoders/minilm", "--out", "runs/r")

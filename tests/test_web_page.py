@@ -212,24 +212,28 @@ def test_width_and_height_make_that_size_or_say_what_they_made(page, server):
     )
 
 
+def drop_png(page, png: bytes) -> None:
+    """Drop a PNG file on the page, as a user dragging it from their desktop would."""
+    page.evaluate(
+        """(data) => {
+            const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], "dropped.png", { type: "image/png" }));
+            document.body.dispatchEvent(new DragEvent("drop", { dataTransfer: transfer, bubbles: true }));
+        }""",
+        base64.b64encode(png).decode(),
+    )
+
+
 def test_dropping_a_png_restores_its_settings(page, server):
     made = unnoise.load("shapes-32").generate(
         "a small red circle in the top left", seed=77, steps=7, guidance=2.5
     )[0]
     from unnoise.images import png_bytes
 
-    data = base64.b64encode(png_bytes(made)).decode()
     page.goto(server.url + "/")
     ready(page)
-    page.evaluate(
-        """(data) => {
-            const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
-            const transfer = new DataTransfer();
-            transfer.items.add(new File([bytes], "made.png", { type: "image/png" }));
-            document.body.dispatchEvent(new DragEvent("drop", { dataTransfer: transfer, bubbles: true }));
-        }""",
-        data,
-    )
+    drop_png(page, png_bytes(made))
     page.wait_for_function("document.getElementById('status').textContent.startsWith('settings restored')")
     assert page.input_value("#prompt") == "a small red circle in the top left"
     assert (page.input_value("#seed"), page.input_value("#steps"), page.input_value("#guidance")) == (
@@ -254,15 +258,7 @@ def test_dropping_an_automatic1111_png_restores_its_settings(page, server):
     Image.new("RGB", (64, 32), "gray").save(buffer, format="PNG", pnginfo=info)
     page.goto(server.url + "/")
     ready(page)
-    page.evaluate(
-        """(data) => {
-            const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
-            const transfer = new DataTransfer();
-            transfer.items.add(new File([bytes], "a1111.png", { type: "image/png" }));
-            document.body.dispatchEvent(new DragEvent("drop", { dataTransfer: transfer, bubbles: true }));
-        }""",
-        base64.b64encode(buffer.getvalue()).decode(),
-    )
+    drop_png(page, buffer.getvalue())
     page.wait_for_function("document.getElementById('status').textContent.startsWith('settings restored')")
     restored = [
         page.input_value(f"#{k}") for k in ("prompt", "negative", "sampler", "steps", "guidance", "seed")
