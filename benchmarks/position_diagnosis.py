@@ -149,7 +149,7 @@ def which_path(model: str) -> list[str]:
     its pooled vector mirrored."""
     from dataclasses import replace
 
-    from unnoise.eval.positions import mirrored, probe_samples
+    from unnoise.eval.positions import compare, mirrored, paired_noise_errors, probe_samples
     from unnoise.pipeline import load
 
     pipe, generator, rows = load(model), torch.Generator().manual_seed(0), []
@@ -158,20 +158,17 @@ def which_path(model: str) -> list[str]:
         x0 = torch.stack([s.tensor() for s in chosen])  # (N, 3, R, R)
         true = pipe.text.encode([s.caption for s in chosen])
         wrong = pipe.text.encode([mirrored(s.caption, axis) for s in chosen])
-        noisy, sigma = x0 + 4.0 * torch.randn(x0.shape, generator=generator), torch.full((len(x0),), 4.0)
-        error = {
-            name: ((pipe.denoiser(noisy, sigma, cond) - x0) ** 2).flatten(1).mean(1)  # (N,)
-            for name, cond in (
-                ("true", true),
-                ("all", wrong),
-                ("tokens", replace(wrong, pooled=true.pooled)),
-                ("pooled", replace(true, pooled=wrong.pooled)),
-            )
+        conditions = {
+            "true": true,
+            "all": wrong,
+            "tokens": replace(wrong, pooled=true.pooled),
+            "pooled": replace(true, pooled=wrong.pooled),
         }
+        error = paired_noise_errors(pipe, x0, conditions, 4.0, generator)
         cells = []
         for k in ("all", "tokens", "pooled"):
-            preferred = float((error["true"] < error[k]).float().mean())
-            cells.append(f"{preferred:.0%} ({float(error[k].mean() / error['true'].mean() - 1):+.0%})")
+            result = compare(error["true"], error[k])
+            cells.append(f"{result['preferred']:.0%} ({result['gap']:+.0%})")
         rows.append(f"| {axis} | {' | '.join(cells)} |")
     return [
         "| axis | caption mirrored | tokens mirrored | pooled vector mirrored |",

@@ -165,29 +165,38 @@ def probe_samples(resolution: int, axis: str, count: int, seed: int = 1000) -> l
 
 
 @torch.no_grad()
-def position_word_test(pipe, samples: int = 64, sigmas=PROBE_SIGMAS, seed: int = 0) -> dict[str, dict]:
-    """Per axis and noise level: how often the true caption denoises better than the mirrored one
-    (`preferred`, chance 0.5), and how much larger the mirrored caption's mean error is (`gap`, relative).
+def paired_noise_errors(pipe, x0: torch.Tensor, conditions: dict, sigma: float, generator) -> dict:
+    """Each sample's mean squared denoising error (N,) at `sigma` under each named condition, every
+    condition seeing the same noise, so only the condition differs. x0 (N, C, H, W)."""
+    noise = torch.randn(x0.shape, generator=generator).to(x0)
+    x = x0 + sigma * noise
+    s = torch.full((len(x0),), float(sigma), device=x0.device)
+    return {name: ((pipe.denoiser(x, s, c) - x0) ** 2).flatten(1).mean(1) for name, c in conditions.items()}
 
-    Each sample gets the same noise under both captions, so only the words differ.
-    """
+
+def compare(true_errors: torch.Tensor, other_errors: torch.Tensor) -> dict[str, float]:
+    """How often the true condition denoises better (`preferred`, a tie counts half, chance 0.5), and how
+    much larger the other condition's mean error is (`gap`, relative)."""
+    wins = (true_errors < other_errors).float() + 0.5 * (true_errors == other_errors).float()
+    return {"preferred": float(wins.mean()), "gap": float(other_errors.mean() / true_errors.mean() - 1)}
+
+
+@torch.no_grad()
+def position_word_test(pipe, samples: int = 64, sigmas=PROBE_SIGMAS, seed: int = 0) -> dict[str, dict]:
+    """Per axis and noise level: `compare` of the true caption against the one with its position word
+    mirrored, on training images of single objects whose captions name a position off the middle."""
     results: dict[str, dict] = {}
     generator = torch.Generator().manual_seed(seed)
     for axis in MIRRORED_WORDS:
         chosen = probe_samples(pipe.resolution, axis, samples)
         x0 = torch.stack([s.tensor() for s in chosen]).to(pipe.device)  # (N, 3, R, R)
-        true = pipe.text.encode([s.caption for s in chosen]).to(pipe.device)
-        wrong = pipe.text.encode([mirrored(s.caption, axis) for s in chosen]).to(pipe.device)
+        conditions = {
+            "true": pipe.text.encode([s.caption for s in chosen]).to(pipe.device),
+            "mirrored": pipe.text.encode([mirrored(s.caption, axis) for s in chosen]).to(pipe.device),
+        }
         by_sigma = {}
         for sigma in sigmas:
-            noise = torch.randn(x0.shape, generator=generator).to(x0)
-            x = x0 + sigma * noise
-            s = torch.full((len(x0),), float(sigma), device=x0.device)
-            errors = [((pipe.denoiser(x, s, c) - x0) ** 2).flatten(1).mean(1) for c in (true, wrong)]  # (N,)
-            wins = (errors[0] < errors[1]).float() + 0.5 * (errors[0] == errors[1]).float()  # a tie is half
-            by_sigma[str(sigma)] = {
-                "preferred": float(wins.mean()),
-                "gap": float(errors[1].mean() / errors[0].mean() - 1),
-            }
+            errors = paired_noise_errors(pipe, x0, conditions, sigma, generator)
+            by_sigma[str(sigma)] = compare(errors["true"], errors["mirrored"])
         results[axis] = by_sigma
     return results
