@@ -81,7 +81,8 @@ def judge(pipe, variant: Variant, prompts: int, samples: int) -> dict[str, dict[
                 tally = tallies[spec.category]
                 tally["correct"] += correct
                 tally["extra"] += len(details["found"]) - len(spec.objects)
-                tally["colours"] += {f["colour"] for f in details["found"]} == {o.colour for o in spec.objects}
+                colours = {f["colour"] for f in details["found"]}
+                tally["colours"] += colours == {o.colour for o in spec.objects}
                 tally["images"] += 1
     return {
         c: {

@@ -25,11 +25,26 @@ def pipe():
     return unnoise.load("shapes-32")
 
 
-def card_command() -> str:
+def card_commands() -> list[str]:
+    """The card's `unnoise train` commands: the run's start, then any phases that resume it."""
     card = (MODEL / "README.md").read_text()
     commands = re.findall(r"^(unnoise train .*)$", card, flags=re.M)
-    assert len(commands) == 1, "the model card names exactly one training command"
-    return commands[0]
+    assert commands, "the model card names its training command"
+    assert "--resume" not in commands[0] and all("--resume" in c for c in commands[1:]), commands
+    return commands
+
+
+def card_configuration() -> dict:
+    """The configuration the card's commands leave, each phase's flags over the saved ones as `--resume`
+    applies them (`unnoise.cli._cmd_train`)."""
+    values: dict = {}
+    for command in card_commands():
+        args = build_parser().parse_args(shlex.split(command)[1:])
+        given = {
+            f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)
+        }
+        values = dataclasses.asdict(TrainConfig.from_dict({**values, **given}))
+    return values
 
 
 def test_it_loads_by_name_and_draws_32_pixel_images_that_name_it(pipe):
@@ -39,11 +54,9 @@ def test_it_loads_by_name_and_draws_32_pixel_images_that_name_it(pipe):
     assert np.asarray(image).std() > 5  # not a blank image
 
 
-def test_the_card_command_is_the_recorded_training_configuration():
-    args = build_parser().parse_args(shlex.split(card_command())[1:])
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+def test_the_card_commands_are_the_recorded_training_configuration():
     recorded = json.loads((MODEL / "training.json").read_text())
-    today = dataclasses.asdict(TrainConfig(**given))
+    today = card_configuration()
     assert {k: today[k] for k in recorded} == recorded
     # options added since it was trained: their defaults are what training did before they existed
     added = {k: v for k, v in today.items() if k not in recorded}
