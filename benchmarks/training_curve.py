@@ -79,14 +79,15 @@ def main() -> None:
         "",
         commands,
         "",
-        "| step | images | single | two | count | binding | horizontal | vertical | placed horizontal"
-        " | placed vertical | words h | words v |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| release | step | images | single | two | count | binding | horizontal | vertical"
+        " | placed horizontal | placed vertical | words h | words v |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in points:
         c, pos = p["categories"], p["positions"]
         lines.append(
-            f"| {p['steps']} | {p['images_seen']:,} | {c['single']:.0%} | {c['two_objects']:.0%} |"
+            f"| {short_name(p['release'])} | {p['steps']} | {p['images_seen']:,} |"
+            f" {c['single']:.0%} | {c['two_objects']:.0%} |"
             f" {c['counting']:.0%} | {c['binding']:.0%} | {pos['horizontal']:.0%} | {pos['vertical']:.0%} |"
             f" {pos['placement_horizontal']:.0%} | {pos['placement_vertical']:.0%} |"
             f" {p['words']['horizontal'][WORDS_SIGMA]['preferred']:.0%} |"
@@ -100,6 +101,11 @@ def main() -> None:
     print("\n".join(lines))
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     Path(args.out + ".json").write_text(json.dumps(points, indent=1))
+
+
+def short_name(release: str) -> str:
+    """The release folder's last two parts ("snaps/step-2000", "decay-11250/model"): which run and when."""
+    return "/".join(Path(release).parts[-2:])
 
 
 def earlier_points(out: Path) -> list[dict]:
