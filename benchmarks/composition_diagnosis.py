@@ -31,8 +31,10 @@ from pathlib import Path
 
 import torch
 
-from unnoise.eval.shapes_eval import CATEGORIES, PROMPTS_PER_CATEGORY, check, prompt_set
+from unnoise.errors import UnnoiseError
+from unnoise.eval.shapes_eval import CATEGORIES, evaluate, first_prompts
 from unnoise.pipeline import load
+from unnoise.settings import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -40,9 +42,9 @@ RESULTS = Path(__file__).parent / "results"
 @dataclass(frozen=True)
 class Variant:
     name: str
-    sampler: str = "dpmpp_2m"
-    steps: int = 20
-    guidance: float = 3.0
+    sampler: str = DEFAULT_SAMPLER
+    steps: int = DEFAULT_STEPS
+    guidance: float = DEFAULT_GUIDANCE
     pooled_text: bool = True
 
 
@@ -67,31 +69,31 @@ def without_pooled_text(network: torch.nn.Module):
 
 
 def judge(pipe, variant: Variant, prompts: int, samples: int) -> dict[str, dict[str, float]]:
-    chosen = [s for k, s in enumerate(prompt_set()) if k % PROMPTS_PER_CATEGORY < prompts]
-    tallies = {c: {"correct": 0, "extra": 0, "colours": 0, "images": 0} for c in CATEGORIES}
+    """Per category: accuracy, mean objects found beyond those asked for, share of images whose colours
+    are exactly the prompt's; ShapesEval's `evaluate` draws and judges the images."""
+
+    def generate(prompt: str, seed: int, n: int):
+        return pipe.generate(
+            prompt, seed=seed, num_images=n, sampler=variant.sampler, steps=variant.steps,
+            guidance=variant.guidance,
+        )  # fmt: skip
+
     hook = contextlib.nullcontext() if variant.pooled_text else without_pooled_text(pipe.denoiser.network)
     with hook:
-        for spec in chosen:
-            images = pipe.generate(
-                spec.prompt, seed=0, num_images=samples, sampler=variant.sampler, steps=variant.steps,
-                guidance=variant.guidance,
-            )  # fmt: skip
-            for image in images:
-                correct, details = check(image, spec)
-                tally = tallies[spec.category]
-                tally["correct"] += correct
-                tally["extra"] += len(details["found"]) - len(spec.objects)
-                colours = {f["colour"] for f in details["found"]}
-                tally["colours"] += colours == {o.colour for o in spec.objects}
-                tally["images"] += 1
-    return {
-        c: {
-            "accuracy": t["correct"] / t["images"],
-            "extra_objects": t["extra"] / t["images"],
-            "colours_right": t["colours"] / t["images"],
+        report = evaluate(generate, first_prompts(prompts), samples)
+    results = {}
+    for category, scores in report.categories().items():
+        judged = [(r.spec, d) for r in report.results if r.spec.category == category for d in r.details]
+        extra = [len(d["found"]) - len(spec.objects) for spec, d in judged]
+        colours = [
+            {f["colour"] for f in d["found"]} == {o.colour for o in spec.objects} for spec, d in judged
+        ]
+        results[category] = {
+            "accuracy": scores["accuracy"],
+            "extra_objects": sum(extra) / len(judged),
+            "colours_right": sum(colours) / len(judged),
         }
-        for c, t in tallies.items()
-    }
+    return results
 
 
 def table(results: dict[str, dict]) -> list[str]:
@@ -117,7 +119,14 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "composition_diagnosis"))
     args = parser.parse_args()
 
-    pipe, started, results = load(args.model), time.perf_counter(), {}
+    try:
+        first_prompts(args.prompts)
+        if args.samples < 1:
+            raise UnnoiseError(f"--samples must be at least 1, got {args.samples}")
+        pipe = load(args.model)
+    except UnnoiseError as error:
+        parser.error(str(error))
+    started, results = time.perf_counter(), {}
     for variant in VARIANTS:
         results[variant.name] = judge(pipe, variant, args.prompts, args.samples)
         print(variant.name, json.dumps(results[variant.name]), flush=True)

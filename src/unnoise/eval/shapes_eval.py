@@ -179,6 +179,16 @@ def prompt_set(version: int = PROMPTS_VERSION) -> list[PromptSpec]:
     return specs
 
 
+def first_prompts(prompts_per_category: int) -> list[PromptSpec]:
+    """The first `prompts_per_category` prompts of each category, for a quick look."""
+    if not 1 <= prompts_per_category <= PROMPTS_PER_CATEGORY:
+        raise UnnoiseError(
+            f"prompts per category must be in 1..{PROMPTS_PER_CATEGORY}, got {prompts_per_category}"
+        )
+    # prompt_set() lists each category's prompts in a run of PROMPTS_PER_CATEGORY
+    return [s for k, s in enumerate(prompt_set()) if k % PROMPTS_PER_CATEGORY < prompts_per_category]
+
+
 def reference_scene(
     spec: PromptSpec, resolution: int, *, seed: int = 0, background: str | None = None
 ) -> Scene:
@@ -478,11 +488,7 @@ def run_shapes_eval(
     saved there as <category>/<prompt number>-<seed>-<pass|fail>.png, carrying its settings."""
     from ..pipeline import load
 
-    if not 1 <= prompts_per_category <= PROMPTS_PER_CATEGORY:
-        raise UnnoiseError(
-            f"prompts per category must be in 1..{PROMPTS_PER_CATEGORY}, got {prompts_per_category}"
-        )
-
+    chosen = first_prompts(prompts_per_category)  # named before the model loads
     pipe = load(model_path, device=device)
 
     def generate(prompt: str, image_seed: int, n: int) -> list[Image.Image]:
@@ -490,8 +496,6 @@ def run_shapes_eval(
             prompt, seed=image_seed, num_images=n, steps=steps, sampler=sampler, guidance=guidance
         )
 
-    # prompt_set() lists each category's prompts in a run of PROMPTS_PER_CATEGORY
-    chosen = [s for k, s in enumerate(prompt_set()) if k % PROMPTS_PER_CATEGORY < prompts_per_category]
     observe = None
     if save_images is not None:
         from ..images import save_png
