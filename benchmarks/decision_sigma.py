@@ -43,6 +43,10 @@ def share_above(sigma: float, p_mean: float, p_std: float) -> float:
     return 0.5 * math.erfc(z / math.sqrt(2))
 
 
+def strength_list(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(","))
+
+
 def redrawn(pipe, spec: PromptSpec, scene_seed: int, strength: float) -> bool:
     """Whether the render of `spec` (scene seed `scene_seed`), noised and denoised from `strength`, is
     still judged right. The noise comes from the same seed, so every start sees the same noise."""
@@ -58,6 +62,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=2, help="renders per prompt (scene seeds 0..)")
     parser.add_argument("--p-mean", type=float, default=-1.2, help="training density: mean of ln sigma")
     parser.add_argument("--p-std", type=float, default=1.2, help="training density: std of ln sigma")
+    parser.add_argument(
+        "--strengths", type=strength_list, default=STRENGTHS,
+        help="comma-separated img2img strengths in (0, 1]: where on the schedule each start is",
+    )  # fmt: skip
     parser.add_argument("--out", default=str(RESULTS / "decision_sigma"))
     args = parser.parse_args()
 
@@ -65,6 +73,8 @@ def main() -> None:
         specs = first_prompts(args.prompts)
         if args.samples < 1:
             raise UnnoiseError(f"--samples must be at least 1, got {args.samples}")
+        if not all(0 < v <= 1 for v in args.strengths):
+            raise UnnoiseError(f"--strengths must lie in (0, 1], got {args.strengths}")
         if not args.p_std > 0:
             raise UnnoiseError(f"--p-std must be positive, got {args.p_std}")
         pipe = load(args.model)
@@ -72,7 +82,7 @@ def main() -> None:
         parser.error(str(error))
     sigmas = default_sigmas(pipe.denoiser.formulation, DEFAULT_STEPS)
     started, rows = time.perf_counter(), []
-    for strength in STRENGTHS:
+    for strength in args.strengths:
         start = float(sigmas[img2img_start(DEFAULT_STEPS, strength)])
         right = {c: [] for c in CATEGORIES}
         for spec in specs:
@@ -88,6 +98,8 @@ def main() -> None:
 
     command = f"`.venv/bin/python benchmarks/decision_sigma.py {args.model} --prompts {args.prompts}"
     command += f" --samples {args.samples} --p-mean {args.p_mean} --p-std {args.p_std}"
+    if args.strengths != STRENGTHS:
+        command += " --strengths " + ",".join(str(v) for v in args.strengths)
     command += "`" if args.out == parser.get_default("out") else f" --out {args.out}`"
     lines = [
         "# Where composition is decided",
