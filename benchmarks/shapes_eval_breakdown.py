@@ -27,7 +27,7 @@ def why_wrong(details: dict, wanted: int) -> str:
         return (
             "an object wrong (shape or colour swapped)"
             if len(details["found"]) == wanted
-            else "wrong objects"
+            else "objects wrong and the count off"
         )
     if details["extra"]:
         return "extra objects"
