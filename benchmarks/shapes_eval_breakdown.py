@@ -65,7 +65,7 @@ def main() -> None:
     for path in args.reports:
         try:
             tables[str(path)] = breakdown(json.loads(path.read_text()))
-        except (OSError, ValueError, KeyError) as error:
+        except (OSError, ValueError, KeyError, TypeError) as error:
             parser.error(f"{path} is not a readable ShapesEval report ({error})")
     names = sorted({row for table in tables.values() for row in table})
     print("| | " + " | ".join(tables) + " |")
