@@ -47,11 +47,10 @@ def strength_list(text: str) -> tuple[float, ...]:
     return tuple(float(v) for v in text.split(","))
 
 
-def redrawn(pipe, spec: PromptSpec, scene_seed: int, strength: float) -> bool:
-    """Whether the render of `spec` (scene seed `scene_seed`), noised and denoised from `strength`, is
-    still judged right. The noise comes from the same seed, so every start sees the same noise."""
-    truth = Image.fromarray(render(reference_scene(spec, pipe.resolution, seed=scene_seed)))
-    image = pipe.edit(truth, spec.prompt, strength=strength, seed=scene_seed)[0]
+def redrawn(pipe, spec: PromptSpec, truth: Image.Image, seed: int, strength: float) -> bool:
+    """Whether `truth`, a render of `spec`, noised and denoised from `strength` is still judged right. The
+    noise comes from `seed` (the scene's), so every start sees the same noise."""
+    image = pipe.edit(truth, spec.prompt, strength=strength, seed=seed)[0]
     return check(image, spec)[0]
 
 
@@ -81,12 +80,17 @@ def main() -> None:
     except UnnoiseError as error:
         parser.error(str(error))
     sigmas = default_sigmas(pipe.denoiser.formulation, DEFAULT_STEPS)
+    scenes = [  # (spec, scene seed, its render), drawn once for every start
+        (spec, s, Image.fromarray(render(reference_scene(spec, pipe.resolution, seed=s))))
+        for spec in specs
+        for s in range(args.samples)
+    ]
     started, rows = time.perf_counter(), []
     for strength in args.strengths:
         start = float(sigmas[img2img_start(DEFAULT_STEPS, strength)])
         right = {c: [] for c in CATEGORIES}
-        for spec in specs:
-            right[spec.category] += [redrawn(pipe, spec, s, strength) for s in range(args.samples)]
+        for spec, seed, truth in scenes:
+            right[spec.category].append(redrawn(pipe, spec, truth, seed, strength))
         row = {
             "strength": strength,
             "start_sigma": start,
