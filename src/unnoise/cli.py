@@ -48,7 +48,7 @@ def _settings(args: argparse.Namespace):
     mistake is named before the model loads."""
     import secrets
 
-    from .settings import ImageSettings, sampler_name
+    from .settings import DEFAULT_GUIDANCE, ImageSettings, sampler_name
 
     _check_counts(args)
     return ImageSettings(
@@ -57,7 +57,7 @@ def _settings(args: argparse.Namespace):
         sampler=sampler_name(args.sampler),  # ours or AUTOMATIC1111's label ("Euler a")
         sampler_options=_sampler_options(args.sampler_option),
         steps=args.steps,
-        guidance=args.guidance,
+        guidance=DEFAULT_GUIDANCE if args.guidance is None else args.guidance,  # None: the model's, later
         seed=secrets.randbelow(2**31) if args.seed is None else args.seed,  # image i: seed + i
         denoising_strength=getattr(args, "strength", None),  # edit and inpaint
         repaint_jump=getattr(args, "jump", None),
@@ -196,7 +196,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             sampler=s.sampler,
             sampler_options=s.sampler_options,
             steps=s.steps,
-            guidance=s.guidance,
+            guidance=args.guidance,
             seed=s.seed,
             num_images=args.n,
             width=width,
@@ -276,7 +276,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
             sampler=s.sampler,
             sampler_options=s.sampler_options,
             steps=s.steps,
-            guidance=s.guidance,
+            guidance=args.guidance,
             seed=s.seed,
             num_images=args.n,
             callback=callback,
@@ -309,7 +309,7 @@ def _cmd_inpaint(args: argparse.Namespace) -> int:
             sampler=s.sampler,
             sampler_options=s.sampler_options,
             steps=s.steps,
-            guidance=s.guidance,
+            guidance=args.guidance,
             seed=s.seed,
             num_images=args.n,
             callback=callback,
@@ -326,7 +326,7 @@ def _cmd_interpolate(args: argparse.Namespace) -> int:
         return pipe.interpolate(
             s.prompt, to_prompt=args.to_prompt, seed=s.seed, to_seed=args.to_seed, frames=args.frames,
             negative_prompt=s.negative_prompt, sampler=s.sampler, sampler_options=s.sampler_options,
-            steps=s.steps, guidance=s.guidance, callback=callback,
+            steps=s.steps, guidance=args.guidance, callback=callback,
         )  # fmt: skip
 
     frames = _with_progress(args.steps, strip)  # the frames are one batch: one pass of the sampler
@@ -394,6 +394,35 @@ def _cmd_eval_inpaint(args: argparse.Namespace) -> int:
     return _write_report(report, args.report)
 
 
+def _cmd_defaults(args: argparse.Namespace) -> int:
+    """Show a release's sampling defaults; with --guidance (or --reset) set them first, in config.json."""
+    from .errors import UnnoiseError
+    from .release import (
+        check_release_config,
+        is_guidance,
+        read_release_config,
+        release_guidance,
+        resolve_model,
+        set_release_defaults,
+    )
+    from .settings import MAX_GUIDANCE
+
+    folder = resolve_model(args.model)
+    if args.guidance is not None and not is_guidance(args.guidance):
+        raise UnnoiseError(f"--guidance must be in 0..{MAX_GUIDANCE:g}, got {args.guidance}")
+    if args.reset:
+        config = set_release_defaults(folder, guidance=None)
+    elif args.guidance is not None:
+        config = set_release_defaults(folder, guidance=args.guidance)
+    else:
+        config = read_release_config(folder)
+        check_release_config(folder, config)
+    own = "guidance" in config.get("defaults", {})
+    source = "the release's own" if own else "unnoise's default: the release names none"
+    print(f"{folder}: guidance {release_guidance(config):g} ({source})")
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .server.app import serve
 
@@ -447,7 +476,7 @@ def add_repaint_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, *, count: bool = True) -> None:
-    from .settings import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
+    from .settings import DEFAULT_SAMPLER, DEFAULT_STEPS
 
     if count:
         p.add_argument("-n", type=int, default=1, help="number of images; image i uses seed + i (default 1)")
@@ -463,12 +492,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser, *, count: bool = True) ->
         metavar="NAME=VALUE",
         help="a sampler's option, e.g. eta=0.5 for ddim (repeat for more; `unnoise samplers` lists them)",
     )
-    p.add_argument(
-        "--guidance",
-        type=float,
-        default=DEFAULT_GUIDANCE,
-        help=f"classifier-free guidance scale; 1 = none (default {DEFAULT_GUIDANCE:g})",
-    )
+    add_guidance_argument(p)
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument("--model", default=None, help="a shipped model's name or a release folder")
     add_device_argument(p)
@@ -478,6 +502,19 @@ def add_sampling_arguments(p: argparse.ArgumentParser, *, count: bool = True) ->
         help="folder for the PNGs (default ./out); earlier images are never overwritten",
     )
     p.set_defaults(n=1)
+
+
+def add_guidance_argument(p: argparse.ArgumentParser) -> None:
+    """--guidance; left out, the model's own default (`unnoise defaults MODEL` shows it)."""
+    from .settings import DEFAULT_GUIDANCE
+
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale; 1 = none (default: the model's, see `unnoise defaults`;"
+        f" {DEFAULT_GUIDANCE:g} for a model that names none)",
+    )
 
 
 def add_device_argument(p: argparse.ArgumentParser) -> None:
@@ -524,7 +561,7 @@ def use_threads(threads: int | str | None) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .settings import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, MASKED_CONTENTS
+    from .settings import DEFAULT_SAMPLER, DEFAULT_STEPS, MASKED_CONTENTS
 
     parser = argparse.ArgumentParser(
         prog="unnoise", description="Text-to-image diffusion, trained and run on your machine."
@@ -607,7 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=4, help="images per prompt (default 4)")
     p.add_argument("--sampler", default=DEFAULT_SAMPLER)
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    add_guidance_argument(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--prompts-per-category",
@@ -628,7 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=2, help="images per trial, 36 trials (default 2)")
     p.add_argument("--sampler", default=DEFAULT_SAMPLER)
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    add_guidance_argument(p)
     add_repaint_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--area", choices=("whole", "masked"), default="whole", help="what the model sees")
@@ -640,6 +677,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="save every inpainted image there, as colour|shape/<trial>-<seed>-<pass|fail>.png",
     )
     p.set_defaults(run=_cmd_eval_inpaint)
+
+    p = sub.add_parser(
+        "defaults",
+        help="show or set the sampling defaults a released model carries (used when none is given)",
+        description="A release may carry the guidance its maker measured best in its config.json;"
+        " generate, edit, inpaint, interpolate, eval and serve use it when no guidance is given.",
+    )
+    p.add_argument("model", help="a shipped model's name or a release folder")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--guidance", type=float, default=None, help="set the release's default guidance")
+    group.add_argument("--reset", action="store_true", help="remove the release's own defaults")
+    p.set_defaults(run=_cmd_defaults)
 
     p = sub.add_parser(
         "serve", help="serve a model over HTTP: a web page, AUTOMATIC1111 and OpenAI APIs, jobs"

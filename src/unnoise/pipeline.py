@@ -28,7 +28,7 @@ from .diffusion.samplers import Step, sample
 from .diffusion.schedules import default_sigmas
 from .errors import UnnoiseError
 from .images import fit, from_pil, masked_area, open_image, open_mask, to_pil, with_info
-from .release import load_network, model_hash, model_name, resolve_model
+from .release import load_network, model_hash, model_name, release_guidance, resolve_model
 from .settings import (
     DEFAULT_GUIDANCE,
     DEFAULT_SAMPLER,
@@ -80,10 +80,12 @@ class Pipeline:
         name: str,
         model_hash: str = "",
         stride: int = 1,
+        default_guidance: float = DEFAULT_GUIDANCE,
     ):
         self.denoiser, self.text, self.resolution, self.name = denoiser, text, resolution, name
         self.model_hash = model_hash  # first 10 hex digits of the weights' SHA-256 (A1111's "Model hash")
         self.stride = stride  # image sides are multiples of this (the network's downsampling or patch)
+        self.default_guidance = default_guidance  # what `guidance=None` means: the release's recommendation
 
     def size_note(self) -> str:
         """The rule of `size_for`, in words, for the CLI's and the server's notes."""
@@ -115,7 +117,7 @@ class Pipeline:
         sampler: str = DEFAULT_SAMPLER,
         sampler_options: Mapping[str, float] | None = None,
         steps: int = DEFAULT_STEPS,
-        guidance: float = DEFAULT_GUIDANCE,
+        guidance: float | None = None,
         seed: int | None = None,
         num_images: int = 1,
         width: int | None = None,
@@ -149,7 +151,7 @@ class Pipeline:
         sampler: str = DEFAULT_SAMPLER,
         sampler_options: Mapping[str, float] | None = None,
         steps: int = DEFAULT_STEPS,
-        guidance: float = DEFAULT_GUIDANCE,
+        guidance: float | None = None,
         seed: int | None = None,
         num_images: int = 1,
         callback: Callback = None,
@@ -184,7 +186,7 @@ class Pipeline:
         sampler: str = DEFAULT_SAMPLER,
         sampler_options: Mapping[str, float] | None = None,
         steps: int = DEFAULT_STEPS,
-        guidance: float = DEFAULT_GUIDANCE,
+        guidance: float | None = None,
         seed: int | None = None,
         num_images: int = 1,
         callback: Callback = None,
@@ -245,7 +247,7 @@ class Pipeline:
         sampler: str = DEFAULT_SAMPLER,
         sampler_options: Mapping[str, float] | None = None,
         steps: int = DEFAULT_STEPS,
-        guidance: float = DEFAULT_GUIDANCE,
+        guidance: float | None = None,
         callback: Callback = None,
     ) -> list[Image.Image]:
         """A strip of `frames` images from (prompt, seed) to (to_prompt, to_seed): the noise is slerped and
@@ -275,14 +277,15 @@ class Pipeline:
         sampler: str,
         sampler_options: Mapping[str, float] | None,
         steps: int,
-        guidance: float,
+        guidance: float | None,
         seed: int | None,
     ) -> ImageSettings:
         """The checked settings every request's first image shares, at this model's size (a random seed for
-        None); the sampler by our name or AUTOMATIC1111's label ("Euler a"). Each method adds its own fields
-        with `replace(...).check()`."""
+        None, the model's default guidance for None); the sampler by our name or AUTOMATIC1111's label
+        ("Euler a"). Each method adds its own fields with `replace(...).check()`."""
         r = self.resolution
         seed = secrets.randbelow(2**31) if seed is None else seed
+        guidance = self.default_guidance if guidance is None else guidance
         return ImageSettings(
             prompt, negative_prompt, sampler_name(sampler), dict(sampler_options or {}), steps, guidance,
             seed, width=r, height=r, model=self.name, model_hash=self.model_hash,
@@ -427,4 +430,5 @@ def load(name_or_path: str | Path, *, device: str | torch.device = "auto") -> Pi
         model_name(folder),
         model_hash(config),
         stride=network.config.stride,
+        default_guidance=release_guidance(config),
     )

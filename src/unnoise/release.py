@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .diffusion.formulations import FORMULATIONS
 from .errors import UnnoiseError
+from .settings import DEFAULT_GUIDANCE, MAX_GUIDANCE
 from .text.encoders import TOKEN_LAYERS, is_packaged_encoder
 
 if TYPE_CHECKING:
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"  # models shipped inside the package
 RELEASE_FORMAT = "unnoise-model/1"
+# What a release's config.json may hold under "defaults": the sampling settings its maker measured best,
+# used when a caller gives none (`unnoise defaults` shows and sets them; releases without keep the global)
+RELEASE_DEFAULTS = ("guidance",)
 
 
 class CorruptCheckpointError(UnnoiseError):
@@ -194,6 +198,51 @@ def check_release_config(folder: Path, config: dict) -> None:
     token_layers = encoder.get("token_layers", "last")  # releases before issue 11 have none: the last layer
     if not isinstance(token_layers, str) or token_layers not in TOKEN_LAYERS:
         raise refuse("text_encoder.token_layers", f"one of {', '.join(TOKEN_LAYERS)}", token_layers)
+    defaults = config.get("defaults", {})
+    if not isinstance(defaults, dict):
+        raise refuse("defaults", 'an object such as {"guidance": 1.5}', defaults)
+    unknown = sorted(set(defaults) - set(RELEASE_DEFAULTS))
+    if unknown:
+        raise refuse("defaults", f"an object of {', '.join(RELEASE_DEFAULTS)} only", unknown)
+    if "guidance" in defaults and not is_guidance(defaults["guidance"]):
+        raise refuse("defaults.guidance", f"a number in 0..{MAX_GUIDANCE:g}", defaults["guidance"])
+
+
+def is_guidance(value) -> bool:
+    """Whether `value` is a guidance scale a release may carry: a number in 0..MAX_GUIDANCE."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return number and 0 <= value <= MAX_GUIDANCE  # NaN fails the comparison
+
+
+def release_guidance(config: dict) -> float:
+    """The guidance a checked release config recommends (its "defaults"), else DEFAULT_GUIDANCE."""
+    return float(config.get("defaults", {}).get("guidance", DEFAULT_GUIDANCE))
+
+
+def set_release_defaults(folder: Path, **defaults: float | None) -> dict:
+    """Write a release's "defaults" (a value of None removes that default) and return its config. Only
+    config.json changes, through a temporary file renamed into place; the weights and their checksum stay."""
+    folder = Path(folder)
+    config = read_release_config(folder)
+    check_release_config(folder, config)
+    merged = {**config.get("defaults", {}), **defaults}
+    merged = {name: value for name, value in merged.items() if value is not None}
+    config = {key: value for key, value in config.items() if key != "defaults"}
+    if merged:
+        config["defaults"] = merged
+    check_release_config(folder, config)
+    tmp = folder / f".tmp-config-{os.getpid()}.json"
+    try:
+        tmp.write_text(json.dumps(config, indent=2))
+        fsync_file(tmp)
+        os.replace(tmp, folder / "config.json")
+        fsync_dir(folder)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise WriteFailedError(
+            f"could not write {folder / 'config.json'} ({write_failure(error)}); it is kept as it was"
+        ) from error
+    return config
 
 
 def text_encoder_reference(encoder: str, release_folder: Path) -> str:

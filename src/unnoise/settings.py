@@ -21,6 +21,8 @@ from .errors import UnnoiseError
 
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 3.0  # classifier-free guidance: uncond + w (cond - uncond); 1 is no guidance
+# A release may carry its own (config.json "defaults", set by `unnoise defaults`): Pipeline.default_guidance
+MAX_GUIDANCE = 30.0  # the largest a request or a release may ask for
 # RePaint's default for inpainting: blocks of 2 steps, each run 5 times. On the shapes-32 shipped before
 # issue 11 it took InpaintEval from 77% to 92%; today's, which follows stated places, scores 99.7% without
 # and 99.3% with it (docs/generation.md). resample=1 turns it off, five times faster.

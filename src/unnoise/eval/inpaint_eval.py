@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from ..data.shapes import COLOURS, POSITION_PHRASES, SHAPES, Scene, render
 from ..errors import UnnoiseError
-from ..settings import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
+from ..settings import DEFAULT_SAMPLER, DEFAULT_STEPS
 from .shapes_eval import ExpectedObject, PromptSpec, _noun, check, reference_scene
 
 MASK_MARGIN = 3  # pixels around the object's bounding box, so a new shape has room
@@ -131,7 +131,7 @@ def run_inpaint_eval(
     samples: int = 2,
     sampler: str = DEFAULT_SAMPLER,
     steps: int = DEFAULT_STEPS,
-    guidance: float = DEFAULT_GUIDANCE,
+    guidance: float | None = None,  # None: the model's default (Pipeline.default_guidance)
     jump: int | None = None,  # None: the pipeline's defaults (RePaint on)
     resample: int | None = None,
     area: str = "whole",
@@ -148,6 +148,7 @@ def run_inpaint_eval(
     from ..settings import REPAINT_JUMP, REPAINT_RESAMPLE
 
     pipe = load(model_path, device=device)
+    guidance = pipe.default_guidance if guidance is None else guidance
     jump = REPAINT_JUMP if jump is None else jump
     resample = REPAINT_RESAMPLE if resample is None else resample
 

@@ -61,7 +61,7 @@ from ..data.shapes import (
     valid_layout,
 )
 from ..errors import UnnoiseError
-from ..settings import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
+from ..settings import DEFAULT_SAMPLER, DEFAULT_STEPS
 
 Category = Literal["single", "two_objects", "counting", "binding"]
 CATEGORIES: tuple[Category, ...] = ("single", "two_objects", "counting", "binding")
@@ -476,7 +476,7 @@ def run_shapes_eval(
     samples_per_prompt: int = 4,
     sampler: str = DEFAULT_SAMPLER,
     steps: int = DEFAULT_STEPS,
-    guidance: float = DEFAULT_GUIDANCE,
+    guidance: float | None = None,  # None: the model's default (Pipeline.default_guidance)
     seed: int = 0,
     prompts_per_category: int = PROMPTS_PER_CATEGORY,
     device: str = "auto",
@@ -490,6 +490,7 @@ def run_shapes_eval(
 
     chosen = first_prompts(prompts_per_category)  # named before the model loads
     pipe = load(model_path, device=device)
+    guidance = pipe.default_guidance if guidance is None else guidance
 
     def generate(prompt: str, image_seed: int, n: int) -> list[Image.Image]:
         return pipe.generate(

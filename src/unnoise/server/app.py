@@ -26,7 +26,6 @@ from ..errors import UnnoiseError
 from ..pipeline import Pipeline, load
 from ..release import model_catalogue, model_name, resolve_model
 from ..settings import (
-    DEFAULT_GUIDANCE,
     DEFAULT_SAMPLER,
     DEFAULT_STEPS,
 )
@@ -126,7 +125,11 @@ def create_app(
             "max_images": REQUEST_MAX_IMAGES,
             "needs_key": api_key is not None,
         }
-        defaults = {"sampler": DEFAULT_SAMPLER, "steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE}
+        defaults = {
+            "sampler": DEFAULT_SAMPLER,
+            "steps": DEFAULT_STEPS,
+            "guidance": service.pipe.default_guidance,
+        }
         return {
             "model": service.pipe.name,
             "resolution": service.pipe.resolution,

@@ -20,9 +20,9 @@ from ..errors import UnnoiseError
 from ..images import open_image, open_mask
 from ..pipeline import Pipeline
 from ..settings import (
-    DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
     MASKED_CONTENTS,
+    MAX_GUIDANCE,
     REPAINT_JUMP,
     REPAINT_RESAMPLE,
     SCHEDULE_TYPE,
@@ -65,7 +65,7 @@ class Txt2Img(BaseModel):
     prompt: str = Field("", max_length=MAX_PROMPT)
     negative_prompt: str = Field("", max_length=MAX_PROMPT)
     steps: int = Field(DEFAULT_STEPS, ge=1, le=REQUEST_MAX_STEPS)
-    cfg_scale: float = Field(DEFAULT_GUIDANCE, ge=0.0, le=30.0)
+    cfg_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE)  # None: the model's default
     seed: int = Field(-1, ge=-1, le=2**32 - 1)  # AUTOMATIC1111's range; -1 is random
     subseed: int = Field(-1, ge=-1, le=2**32 - 1)  # AUTOMATIC1111's variation seed
     subseed_strength: float = Field(0.0, ge=0.0, le=1.0)
@@ -219,8 +219,16 @@ def sampler_options_of(body: Txt2Img, sampler: str) -> dict[str, float]:
     return options
 
 
+def with_model_defaults(body: Txt2Img, pipe: Pipeline) -> Txt2Img:
+    """The request with what it left to the model filled in: the guidance (the model's default)."""
+    if body.cfg_scale is not None:
+        return body
+    return body.model_copy(update={"cfg_scale": pipe.default_guidance})
+
+
 def job_for(body: Txt2Img, pipe: Pipeline) -> Job:
     """The Pipeline call a request asks for, checked before it waits in the queue."""
+    body = with_model_defaults(body, pipe)
     count = body.batch_size * body.n_iter
     if count > REQUEST_MAX_IMAGES:
         raise HTTPException(

@@ -43,6 +43,7 @@ from .requests import (
     job_for,
     parameters_of,
     random_seed,
+    with_model_defaults,
 )
 from .service import Service
 
@@ -53,6 +54,7 @@ def a1111_routes(service: Service) -> APIRouter:
     worker = service.worker
 
     async def a1111(body: Txt2Img, request: Request) -> dict[str, Any]:
+        body = with_model_defaults(body, service.pipe)  # the answer's "parameters" say what was used
         job = await run_in_threadpool(job_for, body, service.pipe)  # decoding off the loop
         job = await service.finished(service.submit(job, request), request)
         pngs = service.result(job)
@@ -244,8 +246,9 @@ def openai_routes(service: Service) -> APIRouter:
             )
         regenerate = source.convert("RGBA").getchannel("A").point(lambda a: 255 if a == 0 else 0)
         settings = ImageSettings(  # what Pipeline.inpaint writes for its defaults
-            prompt, seed=random_seed(-1), denoising_strength=1.0, mask_blur=0, repaint_jump=REPAINT_JUMP,
-            repaint_resample=REPAINT_RESAMPLE, masked_content="original",
+            prompt, guidance=service.pipe.default_guidance, seed=random_seed(-1), denoising_strength=1.0,
+            mask_blur=0, repaint_jump=REPAINT_JUMP, repaint_resample=REPAINT_RESAMPLE,
+            masked_content="original",
         )  # fmt: skip
         call = Inpainting(settings, n, open_image(picture), regenerate)
         steps = DEFAULT_STEPS * REPAINT_RESAMPLE
