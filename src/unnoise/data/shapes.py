@@ -396,16 +396,18 @@ def sample_scene(seed: int, index: int, resolution: int, mix: CaptionMix = Capti
 # --- drawing it on the page --------------------------------------------------------------------------
 
 
-def _draw(draw: ImageDraw.ImageDraw, obj: ShapeObject, scale: int) -> None:
-    """Draw one object on a canvas `scale` times the scene's resolution. Pillow takes float coordinates
-    as continuous positions (0 is the left edge of pixel 0), the convention of the ground truth."""
+def _draw(draw: ImageDraw.ImageDraw, obj: ShapeObject, scale: int, fill: RGB | int | None = None) -> None:
+    """Draw one object (in its colour, or `fill`) on a canvas `scale` times the scene's resolution. Pillow
+    takes float coordinates as continuous positions (0 is the left edge of pixel 0), the convention of the
+    ground truth."""
     left, top, right, bottom = (v * scale for v in obj.bounding_box())
+    fill = obj.rgb if fill is None else fill
     if obj.shape == "circle":
-        draw.ellipse((left, top, right, bottom), fill=obj.rgb)
+        draw.ellipse((left, top, right, bottom), fill=fill)
     elif obj.shape == "square":
-        draw.polygon([(left, top), (right, top), (right, bottom), (left, bottom)], fill=obj.rgb)
+        draw.polygon([(left, top), (right, top), (right, bottom), (left, bottom)], fill=fill)
     else:
-        draw.polygon([(obj.center[0] * scale, top), (right, bottom), (left, bottom)], fill=obj.rgb)
+        draw.polygon([(obj.center[0] * scale, top), (right, bottom), (left, bottom)], fill=fill)
 
 
 def render(scene: Scene, *, supersample: int = 4) -> np.ndarray:
@@ -417,6 +419,27 @@ def render(scene: Scene, *, supersample: int = 4) -> np.ndarray:
         _draw(draw, obj, supersample)
     small = canvas.resize((scene.resolution, scene.resolution), Image.Resampling.BOX)
     return np.asarray(small)  # (H, W, 3) uint8
+
+
+def coverage(scene: Scene, obj: ShapeObject, *, supersample: int = 4) -> np.ndarray:
+    """The fraction of each pixel `obj` covers (H, W) float32 in [0, 1], drawn as `render` draws it."""
+    size = scene.resolution * supersample
+    canvas = Image.new("L", (size, size), 0)
+    _draw(ImageDraw.Draw(canvas), obj, supersample, fill=255)
+    small = canvas.resize((scene.resolution, scene.resolution), Image.Resampling.BOX)
+    return np.asarray(small, dtype=np.float32) / 255
+
+
+def word_masks(scene: Scene, *, supersample: int = 4) -> dict[str, np.ndarray]:
+    """Where each colour and shape word of the scene's caption is in the image: word -> (H, W) float32
+    coverage of the objects it names ("red": every red object; "circle" and "circles": every circle),
+    for a loss that teaches cross-attention which pixels a word belongs to (train/grounding.py)."""
+    masks: dict[str, np.ndarray] = {}
+    for obj in scene.objects:
+        covered = coverage(scene, obj, supersample=supersample)
+        for word in (obj.colour, obj.shape, obj.shape + "s"):
+            masks[word] = np.maximum(masks.get(word, 0), covered)
+    return masks
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:

@@ -155,14 +155,26 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(channels // self.heads, eps=1e-6) if qk_norm else None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, key_mask=None) -> torch.Tensor:
-        context = x if context is None else context
-        b, n, c = x.shape
-        q = self.q(x).view(b, n, self.heads, -1).transpose(1, 2)  # (B, heads, N, c / heads)
+        q, k, v = self.heads_of(x, x if context is None else context)
+        h = attention(q, k, v, key_mask)  # (B, heads, N, c / heads)
+        return self.out(h.transpose(1, 2).reshape(x.shape))
+
+    def probabilities(self, x: torch.Tensor, context: torch.Tensor, key_mask=None) -> torch.Tensor:
+        """Where each query looks: softmax(q k^T / sqrt(d)) over the context, (B, heads, N, T)."""
+        q, k, _ = self.heads_of(x, context)
+        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, heads, N, T)
+        if key_mask is not None:
+            scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+        return scores.softmax(-1)
+
+    def heads_of(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Queries (B, heads, N, d) from x (B, N, C); keys and values (B, heads, T, d) from the context."""
+        b, n, _ = x.shape
+        q = self.q(x).view(b, n, self.heads, -1).transpose(1, 2)
         k, v = self.kv(context).view(b, context.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        h = attention(q, k, v, key_mask)  # (B, heads, N, c / heads)
-        return self.out(h.transpose(1, 2).reshape(b, n, c))
+        return q, k, v
 
 
 class TransformerBlock(nn.Module):

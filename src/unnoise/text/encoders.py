@@ -295,6 +295,12 @@ class HFTextEncoder:
             return TextEmbedding.empty(self.dim, self.device)
         return TextEmbedding.cat([self.encode_batch([prompt]) for prompt in prompts])
 
+    def token_strings(self, prompt: str) -> list[str]:
+        """The prompt's tokens as `encode` lays out their states, special tokens included ("[CLS]", "a",
+        "red", "circle", "[SEP]"), lower-cased as the tokenizer sees them."""
+        ids = self.tokenizer(prompt, truncation=True, max_length=self.max_tokens)["input_ids"]
+        return self.tokenizer.convert_ids_to_tokens(ids)
+
     @torch.no_grad()
     def encode_batch(self, prompts: list[str]) -> TextEmbedding:
         inputs = self.tokenizer(
@@ -384,6 +390,10 @@ class CachedTextEncoder:
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def token_strings(self, prompt: str) -> list[str]:
+        """The wrapped encoder's tokens of the prompt (see HFTextEncoder.token_strings)."""
+        return self.encoder.token_strings(prompt)
 
     def __contains__(self, caption: str) -> bool:
         return caption in self.entries

@@ -73,6 +73,12 @@ class TrainConfig:
     )
     sigma_p_std: float | None = option(None, "the std of that density, default 1.2")
     min_snr_gamma: float = option(5.0, "min-SNR's gamma")
+    grounding_weight: float = option(
+        0.0,
+        "weight of a loss that teaches cross-attention which pixels each colour and shape word names"
+        " (built-in shapes only, which know where they are; after TokenCompose, see train/grounding.py);"
+        " 0: off",
+    )
     precision: Literal["auto", "fp32", "bf16"] = option(
         "auto",
         "auto: bf16 autocast where the hardware multiplies bf16 natively (CUDA, a CPU with AVX-512 BF16 or"
@@ -128,6 +134,15 @@ class TrainConfig:
             raise UnnoiseError(f"--lr-decay-fraction must be in [0, 1], got {self.lr_decay_fraction}")
         if self.sigma_p_mean is not None and not abs(self.sigma_p_mean) < float("inf"):
             raise UnnoiseError(f"--sigma-p-mean must be a finite number, got {self.sigma_p_mean}")
+        if not 0 <= self.grounding_weight < float("inf"):
+            raise UnnoiseError(f"--grounding-weight must be a number >= 0, got {self.grounding_weight}")
+        if self.grounding_weight and self.data != "shapes":
+            raise UnnoiseError(
+                "--grounding-weight needs to know where each word is in the image: only the built-in shapes"
+                " (--data shapes) do"
+            )
+        if self.grounding_weight and self.compile:
+            raise UnnoiseError("--grounding-weight reads the attention through hooks, which --compile drops")
         if self.sigma_p_std is not None and not 0 < self.sigma_p_std < float("inf"):
             raise UnnoiseError(f"--sigma-p-std must be positive, got {self.sigma_p_std}")
         return self

@@ -23,12 +23,16 @@ class Batch:
     captions: list[str]  # after dropout: "" for the dropped ones
     sigma: torch.Tensor  # (B,)
     noise: torch.Tensor  # (B, 3, R, R)
+    # with --grounding-weight: per image, where each colour and shape word of its caption is, word ->
+    # (R, R) coverage (see data.shapes.word_masks); empty for a dropped caption
+    word_masks: list[dict[str, torch.Tensor]] | None = None
 
     def pin_memory(self) -> Batch:
         """Page-locked copies, so the copies to the GPU can overlap compute (DataLoader's pin_memory)."""
         return Batch(
-            self.images.pin_memory(), self.captions, self.sigma.pin_memory(), self.noise.pin_memory()
-        )
+            self.images.pin_memory(), self.captions, self.sigma.pin_memory(), self.noise.pin_memory(),
+            self.word_masks,
+        )  # fmt: skip
 
 
 class ShapesSource:
@@ -44,6 +48,15 @@ class ShapesSource:
 
     def examples(self, positions: list[int]) -> tuple[torch.Tensor, list[str]]:
         return self.dataset.batch(positions)
+
+    def word_masks(self, positions: list[int]) -> list[dict[str, torch.Tensor]]:
+        """Where each caption word of the examples at `positions` is (see data.shapes.word_masks)."""
+        from ..data.shapes import sample_scene, word_masks
+
+        d = self.dataset
+        scenes = [sample_scene(d.seed, p, d.resolution, d.mix)[0] for p in positions]
+        masks = [word_masks(scene, supersample=d.supersample) for scene in scenes]
+        return [{word: torch.from_numpy(m) for word, m in each.items()} for each in masks]
 
 
 class FolderSource:
@@ -93,10 +106,19 @@ def position_generator(seed: int, position: int) -> torch.Generator:
 
 
 def make_batch(
-    source, positions: list[int], *, formulation, seed: int, cond_dropout: float, flip: bool
+    source,
+    positions: list[int],
+    *,
+    formulation,
+    seed: int,
+    cond_dropout: float,
+    flip: bool,
+    grounding: bool = False,
 ) -> Batch:
-    """The examples at `positions` with each one's own sigma, noise, dropout and flip."""
+    """The examples at `positions` with each one's own sigma, noise, dropout and flip; with `grounding`,
+    where their caption words are (a source that knows, such as the built-in shapes)."""
     images, captions = source.examples(positions)
+    masks = source.word_masks(positions) if grounding else None
     sigmas, noises = [], []
     for k, position in enumerate(positions):
         generator = position_generator(seed, position)
@@ -104,6 +126,10 @@ def make_batch(
         noises.append(torch.randn(images.shape[1:], generator=generator))
         if torch.rand(1, generator=generator).item() < cond_dropout:
             captions[k] = ""
+            if masks is not None:
+                masks[k] = {}
         if flip and torch.rand(1, generator=generator).item() < 0.5:
             images[k] = images[k].flip(-1)
-    return Batch(images, captions, torch.cat(sigmas), torch.stack(noises))
+            if masks is not None:
+                masks[k] = {word: m.flip(-1) for word, m in masks[k].items()}
+    return Batch(images, captions, torch.cat(sigmas), torch.stack(noises), masks)

@@ -16,6 +16,7 @@ import torch
 from ..diffusion.denoiser import Denoiser, min_snr_weight
 from ..diffusion.formulations import FORMULATIONS
 from ..errors import UnnoiseError
+from ..nn.layers import TransformerBlock
 from ..nn.presets import PRESETS
 from ..nn.unet import count_parameters
 from ..release import WriteFailedError, release_config, released_steps, save_release
@@ -26,6 +27,7 @@ from .config import TrainConfig
 from .data import Batch, make_batch, open_source
 from .distributed import Distributed, barrier, init_distributed, mean_across, shutdown
 from .ema import EMA, ema_decay
+from .grounding import grounding_loss, recorded_cross_attention, token_masks
 
 logger = logging.getLogger("unnoise.train")  # what the loop says: on stdout unless logging is configured
 
@@ -75,6 +77,12 @@ class Run:
         self.formulation = training_formulation(config)
         torch.manual_seed(config.seed)
         self.network = self.network_config.build().to(setup.device)
+        if config.grounding_weight and not any(
+            isinstance(m, TransformerBlock) for m in self.network.modules()
+        ):
+            raise UnnoiseError(
+                f"--grounding-weight: the {config.preset} network has no cross-attention to ground"
+            )
         if setup.device.type == "cpu":
             self.network = self.network.to(memory_format=torch.channels_last)
         self.ema = EMA(self.network)
@@ -214,8 +222,14 @@ class Run:
         text = self.text.encode(batch.captions).to(device)
         weight = min_snr_weight(sigma, c.min_snr_gamma) if c.loss_weighting == "min_snr" else None
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16)
-        with autocast:
-            return self.denoiser.loss(images, sigma, noise, text, weight=weight).mean()
+        if not c.grounding_weight:
+            with autocast:
+                return self.denoiser.loss(images, sigma, noise, text, weight=weight).mean()
+        with autocast, recorded_cross_attention(self.network) as maps:
+            loss = self.denoiser.loss(images, sigma, noise, text, weight=weight).mean()
+        tokens = [self.text.token_strings(caption) for caption in batch.captions]
+        masks, grounded = token_masks(batch.word_masks, tokens, text.tokens.shape[1])
+        return loss + c.grounding_weight * grounding_loss(maps, masks.to(device), grounded.to(device))
 
     def backward(self, batches: Iterator[Batch]) -> float:
         """Gradients of the mean loss over the global batch, whose micro-batches `batches` yields next;
@@ -238,8 +252,9 @@ class MicroBatchPlan(torch.utils.data.Dataset):
         c = run.config
         self.positions, self.accumulation, self.source = run.positions, accumulation, run.source
         self.options = dict(
-            formulation=run.formulation, seed=c.seed, cond_dropout=c.cond_dropout, flip=c.flip
-        )
+            formulation=run.formulation, seed=c.seed, cond_dropout=c.cond_dropout, flip=c.flip,
+            grounding=c.grounding_weight > 0,
+        )  # fmt: skip
 
     def __getitem__(self, k: int) -> Batch:
         step, micro = divmod(k, self.accumulation)
