@@ -109,7 +109,8 @@ def main() -> None:
         "# Where composition is decided",
         "",
         f"{command}: the data set's renders of ShapesEval's first {args.prompts} prompts per category"
-        f" ({args.samples} scenes each), noised to the start and denoised with DPM-Solver++(2M), guidance 3,"
+        f" ({args.samples} scenes each), noised to the start and denoised with DPM-Solver++(2M), guidance"
+        f" {pipe.default_guidance:g} (the model's default),"
         f" on the 20-step schedule; {time.perf_counter() - started:.0f} s. The last row is plain generation.",
         "",
         "| strength | start sigma | training levels at or above | " + " | ".join(CATEGORIES) + " |",
