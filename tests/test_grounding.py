@@ -1,6 +1,8 @@
 """Token grounding (train/grounding.py): where each caption word is, the loss on cross-attention maps, and
 training with it."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -138,5 +140,9 @@ def test_a_run_trains_with_grounding_and_records_it(tmp_path):
                          grounding_weight=0.1, out=str(tmp_path))  # fmt: skip
     train(config)
     assert TrainConfig.load(tmp_path / "config.json").grounding_weight == 0.1
+    header, row = (tmp_path / "grounding.csv").read_text().splitlines()  # apart from log.csv's diffusion loss
+    assert header == "step,grounding_loss,time" and row.startswith("2,") and 0 < float(row.split(",")[1]) <= 1
+    train(dataclasses.replace(config, grounding_weight=0.0, out=str(tmp_path / "plain")))
+    assert not (tmp_path / "plain" / "grounding.csv").exists()
     with pytest.raises(UnnoiseError, match="no cross-attention to ground"):
         train(TrainConfig(preset="dit-tiny", steps=1, grounding_weight=0.1, out=str(tmp_path / "dit")))

@@ -114,6 +114,7 @@ class Run:
             model = torch.nn.parallel.DistributedDataParallel(self.network, device_ids=device_ids)
         self.model = torch.compile(model) if config.compile else model
         self.denoiser = Denoiser(self.model, self.formulation)
+        self.grounding_seen = 0.0  # the grounding loss summed over steps since it was last logged
 
     def describe(self) -> str:
         return (
@@ -229,11 +230,14 @@ class Run:
             loss = self.denoiser.loss(images, sigma, noise, text, weight=weight).mean()
         tokens = [self.text.token_strings(caption) for caption in batch.captions]
         masks, grounded = token_masks(batch.word_masks, tokens, text.tokens.shape[1])
-        return loss + c.grounding_weight * grounding_loss(maps, masks.to(device), grounded.to(device))
+        grounding = grounding_loss(maps, masks.to(device), grounded.to(device))
+        self.grounding_seen += float(grounding.detach()) / c.grad_accumulation  # logged apart
+        return loss + c.grounding_weight * grounding
 
     def backward(self, batches: Iterator[Batch]) -> float:
         """Gradients of the mean loss over the global batch, whose micro-batches `batches` yields next;
-        returns this process's mean loss."""
+        returns this process's mean loss, the grounding loss (if any) included; its own mean is added to
+        `grounding_seen`."""
         total = 0.0
         for micro in range(self.config.grad_accumulation):
             last = micro == self.config.grad_accumulation - 1
@@ -353,6 +357,11 @@ def _train(config: TrainConfig, setup: Distributed, resume: bool) -> Path:
         return run_dir / "model"
 
     metrics = MetricsLog(run_dir / "log.csv", enabled=setup.is_main)
+    grounding_log = MetricsLog(  # the grounding loss apart: log.csv's loss stays the diffusion loss
+        run_dir / "grounding.csv",
+        enabled=setup.is_main and config.grounding_weight > 0,
+        fields=GROUNDING_FIELDS,
+    )
     batches = run.micro_batches(start)
     bad_in_a_row, window_start, window_loss, window_steps = 0, time.perf_counter(), 0.0, 0
     with progress_bar(start, config.steps, enabled=setup.is_main) as progress:  # closed on an error too
@@ -360,10 +369,12 @@ def _train(config: TrainConfig, setup: Distributed, resume: bool) -> Path:
             lr = learning_rate(config, step)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
+            grounding_before = run.grounding_seen
             loss = run.backward(batches)
             grad_norm = torch.nn.utils.clip_grad_norm_(run.network.parameters(), config.grad_clip)
             if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
                 run.optimizer.zero_grad(set_to_none=True)
+                run.grounding_seen = grounding_before  # a skipped step is not logged
                 bad_in_a_row += 1
                 logger.warning(f"step {step}: non-finite loss or gradient ({loss}); step skipped")
                 if bad_in_a_row >= config.max_bad_steps:
@@ -385,9 +396,13 @@ def _train(config: TrainConfig, setup: Distributed, resume: bool) -> Path:
             done = step + 1
 
             if done % config.log_every == 0 or done == config.steps:
-                mean_loss = float(mean_across(torch.tensor(window_loss / window_steps), setup))
+                grounding = float(mean_across(torch.tensor(run.grounding_seen / window_steps), setup))
+                diffusion = window_loss / window_steps - config.grounding_weight * grounding
+                mean_loss = float(mean_across(torch.tensor(diffusion), setup))
                 rate = window_steps * config.batch_size / (time.perf_counter() - window_start)
                 metrics.write(step=done, loss=mean_loss, lr=lr, grad_norm=float(grad_norm), images_per_s=rate)
+                grounding_log.write(step=done, grounding_loss=grounding)
+                run.grounding_seen = 0.0
                 progress.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.1f}")
                 window_start, window_loss, window_steps = time.perf_counter(), 0.0, 0
             if done % config.checkpoint_every == 0 or done == config.steps:
@@ -403,21 +418,23 @@ def _train(config: TrainConfig, setup: Distributed, resume: bool) -> Path:
     return run_dir / "model"
 
 
+LOG_FIELDS = ("step", "loss", "lr", "grad_norm", "images_per_s", "time")  # loss: the diffusion loss
+GROUNDING_FIELDS = ("step", "grounding_loss", "time")
+
+
 class MetricsLog:
-    """log.csv: one row per logging step (appended across resumes)."""
+    """A CSV of one row per logging step (appended across resumes): log.csv, grounding.csv."""
 
-    FIELDS = ("step", "loss", "lr", "grad_norm", "images_per_s", "time")
-
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, enabled: bool, fields: tuple[str, ...] = LOG_FIELDS):
+        self.path, self.enabled, self.fields = path, enabled, fields
         if enabled and not path.exists():
-            path.write_text(",".join(self.FIELDS) + "\n")
+            path.write_text(",".join(fields) + "\n")
 
     def write(self, **values) -> None:
         if self.enabled:
             values["time"] = round(time.time(), 1)
             with open(self.path, "a", newline="") as f:
-                csv.writer(f).writerow([values[k] for k in self.FIELDS])
+                csv.writer(f).writerow([values[k] for k in self.fields])
 
 
 def progress_bar(start: int, total: int, enabled: bool):
