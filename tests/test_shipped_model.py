@@ -14,6 +14,7 @@ import unnoise
 from unnoise.cli import build_parser
 from unnoise.eval.shapes_eval import evaluate, prompt_set
 from unnoise.release import MODELS_DIR
+from unnoise.settings import DEFAULT_GUIDANCE
 from unnoise.train.config import TrainConfig
 
 MODEL = MODELS_DIR / "shapes-32"
@@ -63,6 +64,19 @@ def test_the_card_commands_are_the_recorded_training_configuration():
     assert set(today) == set(recorded), set(today) ^ set(recorded)
     release = json.loads((MODEL / "config.json").read_text())
     assert release["training"]["steps"] == recorded["steps"]
+
+
+def test_its_default_guidance_is_the_best_measured_and_the_card_s_headline(pipe):
+    """The guidance the release carries is the one its headline report (shapes_eval.json) was measured at,
+    no other full report beside the card scores higher, and the card's `unnoise defaults` line sets it."""
+    headline = json.loads((MODEL / "shapes_eval.json").read_text())
+    assert headline["settings"]["guidance"] == pipe.default_guidance != DEFAULT_GUIDANCE
+    for other in MODEL.glob("shapes_eval_guidance_*.json"):
+        report = json.loads(other.read_text())
+        assert report["samples_per_prompt"] == headline["samples_per_prompt"], other.name
+        assert report["overall"] <= headline["overall"], other.name
+    card = (MODEL / "README.md").read_text()
+    assert f"unnoise defaults runs/shapes-32/model --guidance {pipe.default_guidance:g}\n" in card
 
 
 def test_it_follows_single_object_prompts(pipe):

@@ -24,8 +24,8 @@ DEFAULT_GUIDANCE = 3.0  # classifier-free guidance: uncond + w (cond - uncond); 
 # A release may carry its own (config.json "defaults", set by `unnoise defaults`): Pipeline.default_guidance
 MAX_GUIDANCE = 30.0  # the largest a request or a release may ask for
 # RePaint's default for inpainting: blocks of 2 steps, each run 5 times. On the shapes-32 shipped before
-# issue 11 it took InpaintEval from 77% to 92%; today's, which follows stated places, scores 99.7% without
-# and 99.3% with it (docs/generation.md). resample=1 turns it off, five times faster.
+# issue 11 it took InpaintEval from 77% to 92%; today's, which follows stated places, scores 99.7% with and
+# without it (docs/generation.md). resample=1 turns it off, five times faster.
 REPAINT_JUMP, REPAINT_RESAMPLE = 2, 5
 MAX_STEPS = 1000
 MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed takes, with room for seed + i
