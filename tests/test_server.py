@@ -470,6 +470,7 @@ def test_a_bug_is_a_500_logged_for_the_operator_and_a_users_mistake_a_422(pipe, 
     class Faulty:
         def __init__(self, error):
             self.error, self.name, self.resolution = error, "faulty", pipe.resolution
+            self.default_guidance = pipe.default_guidance
 
         def size_for(self, width, height):
             return self.resolution, self.resolution
