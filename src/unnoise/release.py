@@ -219,17 +219,17 @@ def release_guidance(config: dict) -> float:
     return float(config.get("defaults", {}).get("guidance", DEFAULT_GUIDANCE))
 
 
-def set_release_defaults(folder: Path, **defaults: float | None) -> dict:
-    """Write a release's "defaults" (a value of None removes that default) and return its config. Only
-    config.json changes, through a temporary file renamed into place; the weights and their checksum stay."""
+def set_release_defaults(folder: Path, *, guidance: float | None) -> dict:
+    """Write a release's default guidance (None removes it) and return its config. Only config.json
+    changes, through a temporary file renamed into place; the weights and their checksum stay."""
     folder = Path(folder)
     config = read_release_config(folder)
     check_release_config(folder, config)
-    merged = {**config.get("defaults", {}), **defaults}
-    merged = {name: value for name, value in merged.items() if value is not None}
+    defaults = {**config.get("defaults", {}), "guidance": guidance}
+    defaults = {name: value for name, value in defaults.items() if value is not None}
     config = {key: value for key, value in config.items() if key != "defaults"}
-    if merged:
-        config["defaults"] = merged
+    if defaults:
+        config["defaults"] = defaults
     check_release_config(folder, config)
     tmp = folder / f".tmp-config-{os.getpid()}.json"
     try:
