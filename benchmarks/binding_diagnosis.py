@@ -29,9 +29,8 @@ import torch
 from unnoise.data.shapes import COLOURS, SHAPES, render, to_tensor
 from unnoise.errors import UnnoiseError
 from unnoise.eval.shapes_eval import first_prompts, reference_scene
-from unnoise.nn.layers import TransformerBlock
 from unnoise.pipeline import load
-from unnoise.train.grounding import recorded_cross_attention
+from unnoise.train.grounding import cross_attention_blocks, recorded_cross_attention
 
 RESULTS = Path(__file__).parent / "results"
 TEMPLATES = (
@@ -106,7 +105,7 @@ def text_probes(pipe) -> dict[str, dict[str, float]]:
 def attention_shares(pipe, renders: int) -> tuple[list[str], dict[float, list[list[float]]], int]:
     """(layer names, {sigma: per layer [own-colour share, own-shape share]}, scenes): see the docstring."""
     network = pipe.denoiser.network
-    names = [n for n, m in network.named_modules() if isinstance(m, TransformerBlock)]
+    names = [name for name, _ in cross_attention_blocks(network)]
     specs = [
         s
         for s in first_prompts(24)

@@ -128,13 +128,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask=None) 
     `scaled_dot_product_attention` everywhere except bf16 on a CPU, where its kernels measured 1.8x to
     7.6x slower than the explicit product for our sizes (benchmarks/attention.py; in fp32 SDPA wins).
     """
-    mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, T), True = attend
     if q.device.type != "cpu" or q.dtype != torch.bfloat16:
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, T), True = attend
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return attention_probabilities(q, k, key_mask) @ v
+
+
+def attention_probabilities(q: torch.Tensor, k: torch.Tensor, key_mask=None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) (B, heads, N, T): where each query looks; key_mask (B, T), True = attend."""
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, heads, N, T)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return scores.softmax(-1) @ v
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    return scores.softmax(-1)
 
 
 class Attention(nn.Module):
@@ -162,10 +167,7 @@ class Attention(nn.Module):
     def probabilities(self, x: torch.Tensor, context: torch.Tensor, key_mask=None) -> torch.Tensor:
         """Where each query looks: softmax(q k^T / sqrt(d)) over the context, (B, heads, N, T)."""
         q, k, _ = self.heads_of(x, context)
-        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, heads, N, T)
-        if key_mask is not None:
-            scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
-        return scores.softmax(-1)
+        return attention_probabilities(q, k, key_mask)
 
     def heads_of(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Queries (B, heads, N, d) from x (B, N, C); keys and values (B, heads, T, d) from the context."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import ImageColor
 
@@ -49,14 +50,17 @@ class ShapesSource:
     def examples(self, positions: list[int]) -> tuple[torch.Tensor, list[str]]:
         return self.dataset.batch(positions)
 
-    def word_masks(self, positions: list[int]) -> list[dict[str, torch.Tensor]]:
-        """Where each caption word of the examples at `positions` is (see data.shapes.word_masks)."""
-        from ..data.shapes import sample_scene, word_masks
+    def grounded_examples(
+        self, positions: list[int]
+    ) -> tuple[torch.Tensor, list[str], list[dict[str, torch.Tensor]]]:
+        """`examples`, and where each caption word is (see data.shapes.word_masks), from one pass."""
+        from ..data.shapes import to_tensor, word_masks
 
-        d = self.dataset
-        scenes = [sample_scene(d.seed, p, d.resolution, d.mix)[0] for p in positions]
-        masks = [word_masks(scene, supersample=d.supersample) for scene in scenes]
-        return [{word: torch.from_numpy(m) for word, m in each.items()} for each in masks]
+        samples = [self.dataset[p] for p in positions]
+        images = to_tensor(np.stack([s.image for s in samples]))  # (B, 3, H, W)
+        masks = [word_masks(s.scene, supersample=self.dataset.supersample) for s in samples]
+        tensors = [{word: torch.from_numpy(m) for word, m in each.items()} for each in masks]
+        return images, [s.caption for s in samples], tensors
 
 
 class FolderSource:
@@ -117,8 +121,10 @@ def make_batch(
 ) -> Batch:
     """The examples at `positions` with each one's own sigma, noise, dropout and flip; with `grounding`,
     where their caption words are (a source that knows, such as the built-in shapes)."""
-    images, captions = source.examples(positions)
-    masks = source.word_masks(positions) if grounding else None
+    if grounding:
+        images, captions, masks = source.grounded_examples(positions)
+    else:
+        (images, captions), masks = source.examples(positions), None
     sigmas, noises = [], []
     for k, position in enumerate(positions):
         generator = position_generator(seed, position)

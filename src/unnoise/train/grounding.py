@@ -38,6 +38,11 @@ def token_masks(
     return masks, masks.flatten(2).amax(-1) > 0
 
 
+def cross_attention_blocks(network: torch.nn.Module) -> list[tuple[str, TransformerBlock]]:
+    """(name, block) of every block of `network` whose cross-attention reads the text, in forward order."""
+    return [(name, m) for name, m in network.named_modules() if isinstance(m, TransformerBlock)]
+
+
 @contextlib.contextmanager
 def recorded_cross_attention(network: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
     """While open, every cross-attention of `network` appends where its pixels look, (B, N, T) averaged
@@ -48,8 +53,9 @@ def recorded_cross_attention(network: torch.nn.Module) -> Iterator[list[torch.Te
         queries, tokens, key_mask = args
         maps.append(module.probabilities(queries, tokens, key_mask).mean(1))
 
-    blocks = [m for m in network.modules() if isinstance(m, TransformerBlock)]
-    handles = [block.cross_attention.register_forward_hook(record) for block in blocks]
+    handles = [
+        block.cross_attention.register_forward_hook(record) for _, block in cross_attention_blocks(network)
+    ]
     try:
         yield maps
     finally:

@@ -16,7 +16,6 @@ import torch
 from ..diffusion.denoiser import Denoiser, min_snr_weight
 from ..diffusion.formulations import FORMULATIONS
 from ..errors import UnnoiseError
-from ..nn.layers import TransformerBlock
 from ..nn.presets import PRESETS
 from ..nn.unet import count_parameters
 from ..release import WriteFailedError, release_config, released_steps, save_release
@@ -27,7 +26,7 @@ from .config import TrainConfig
 from .data import Batch, make_batch, open_source
 from .distributed import Distributed, barrier, init_distributed, mean_across, shutdown
 from .ema import EMA, ema_decay
-from .grounding import grounding_loss, recorded_cross_attention, token_masks
+from .grounding import cross_attention_blocks, grounding_loss, recorded_cross_attention, token_masks
 
 logger = logging.getLogger("unnoise.train")  # what the loop says: on stdout unless logging is configured
 
@@ -77,9 +76,7 @@ class Run:
         self.formulation = training_formulation(config)
         torch.manual_seed(config.seed)
         self.network = self.network_config.build().to(setup.device)
-        if config.grounding_weight and not any(
-            isinstance(m, TransformerBlock) for m in self.network.modules()
-        ):
+        if config.grounding_weight and not cross_attention_blocks(self.network):
             raise UnnoiseError(
                 f"--grounding-weight: the {config.preset} network has no cross-attention to ground"
             )
