@@ -47,9 +47,17 @@ What cannot be matched by configuration: diffusers' feed-forward is GEGLU with 4
 weights) where ours is a GELU MLP with 2x (4 C^2), and each diffusers transformer adds a GroupNorm and two
 projections. That is most of its quarter more parameters and fifth more counted FLOPs (both printed).
 
-Run: .venv/bin/python benchmarks/train_throughput.py [--steps N] [--warmup N] [--batch B] [--threads T]
-     [--precisions fp32,bf16] [--layouts channels_last,contiguous] [--profile]
-Writes benchmarks/results/train_throughput.md and train_throughput.json. Needs diffusers
+`--preset small-p2q` measures the network `shapes-32` is trained with: a UNet on 2x2-folded pixels (16, 8
+and 4 positions a side) with cross-attention at every level. Its diffusers counterpart gets the folded image
+(12 channels at 16x16; folding and unfolding are in the timed step) and the same widths, blocks, attention
+levels and heads. What ours computes and diffusers' model has no counterpart for: the two trainable text
+layers over the tokens, the 2-D positions added at each attention level and to the cross-attention
+queries. Those cost us time, so the ratio is conservative.
+
+Run: .venv/bin/python benchmarks/train_throughput.py [--preset P] [--steps N] [--warmup N] [--batch B]
+     [--threads T] [--precisions fp32,bf16] [--layouts channels_last,contiguous] [--profile]
+Writes benchmarks/results/train_throughput.md and train_throughput.json (for another preset:
+train_throughput_<preset>.md and .json). Needs diffusers
 (`.venv/bin/pip install diffusers`); it fails at once, saying so, without it.
 """
 
@@ -77,7 +85,7 @@ from unnoise.nn.unet import UNet, UNetConfig, count_parameters
 from unnoise.text.encoders import TextEmbedding
 from unnoise.train.config import TrainConfig
 
-PRESET = "small"
+DEFAULT_PRESET = "small"
 TOKENS = 16  # text tokens per caption
 MIN_TOKENS = 4  # the shortest caption in the batch, in tokens
 MATMUL_SIZE = 2048
@@ -124,16 +132,20 @@ def require_diffusers():
 
 
 def diffusers_config(unet: UNetConfig) -> dict:
-    """UNet2DConditionModel's arguments for the shape of our `unet` (the mapping: module docstring)."""
+    """UNet2DConditionModel's arguments for the shape of our `unet` (the mapping: module docstring).
+
+    A patch-folded UNet (`patch` p > 1) runs on p x p pixels folded into channels: diffusers' model gets the
+    folded image (in_channels * p^2 channels at resolution / p), folded and unfolded around it by `forward`.
+    """
     levels = range(len(unet.channel_mult))
     widths = tuple(unet.channels * m for m in unet.channel_mult)
     attends = [level in unet.attention_levels for level in levels]
     groups = group_norm(widths[0]).num_groups
     assert all(w % groups == 0 for w in widths), "norm_num_groups must divide every width"
     return {
-        "sample_size": unet.resolution,
-        "in_channels": unet.in_channels,
-        "out_channels": unet.in_channels,
+        "sample_size": unet.resolution // unet.patch,
+        "in_channels": unet.in_channels * unet.patch**2,
+        "out_channels": unet.in_channels * unet.patch**2,
         "block_out_channels": widths,
         "layers_per_block": unet.blocks_per_level,
         "down_block_types": tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attends),
@@ -154,12 +166,20 @@ def diffusers_config(unet: UNetConfig) -> dict:
     }
 
 
-def build(model: str) -> torch.nn.Module:
+def unet_preset(name: str) -> UNetConfig:
+    config = PRESETS.get(name)
+    if not isinstance(config, UNetConfig):
+        unets = ", ".join(k for k, v in PRESETS.items() if isinstance(v, UNetConfig))
+        raise argparse.ArgumentTypeError(f"{name!r} is not a UNet preset; choose from {unets}")
+    return config
+
+
+def build(model: str, preset: str) -> torch.nn.Module:
     torch.manual_seed(0)
     if model == "ours":
-        return UNet(PRESETS[PRESET])
+        return UNet(PRESETS[preset])
     diffusers = require_diffusers()
-    return diffusers.UNet2DConditionModel(**diffusers_config(PRESETS[PRESET]))
+    return diffusers.UNet2DConditionModel(**diffusers_config(PRESETS[preset]))
 
 
 @dataclass(frozen=True)
@@ -170,8 +190,8 @@ class Batch:
     text: TextEmbedding  # tokens (B, T, D), mask (B, T), pooled (B, D)
 
 
-def make_batch(batch: int, layout: str) -> Batch:
-    config = PRESETS[PRESET]
+def make_batch(batch: int, layout: str, preset: str) -> Batch:
+    config = PRESETS[preset]
     g = torch.Generator().manual_seed(1)
     shape = (batch, config.in_channels, config.resolution, config.resolution)
     memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
@@ -185,18 +205,23 @@ def make_batch(batch: int, layout: str) -> Batch:
     return Batch(x, target, noise_level, TextEmbedding(tokens, mask, pooled))
 
 
-def forward(model: str, network: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """The network's output (B, C, H, W), for either model, from the same batch."""
+def forward(model: str, network: torch.nn.Module, batch: Batch, patch: int = 1) -> torch.Tensor:
+    """The network's output (B, C, H, W), for either model, from the same batch.
+
+    Ours folds `patch` x `patch` pixels itself; diffusers' model gets them folded, its output is unfolded.
+    """
     if model == "ours":
         return network(batch.x, batch.noise_level, batch.text)
     text = batch.text
-    return network(
-        batch.x,
+    folded = F.pixel_unshuffle(batch.x, patch) if patch > 1 else batch.x  # (B, C p^2, H / p, W / p)
+    output = network(
+        folded,
         batch.noise_level,
         encoder_hidden_states=text.tokens,
         class_labels=text.pooled,
         encoder_attention_mask=text.mask,
     ).sample
+    return F.pixel_shuffle(output, patch) if patch > 1 else output
 
 
 # --- one configuration, in its own process --------------------------------------------------------------
@@ -227,7 +252,8 @@ def run_worker(args: argparse.Namespace) -> None:
     """Train `args.model` for warm-up + timed steps; print one JSON Row as the last line of stdout."""
     torch.set_num_threads(args.threads)
     memory_format = torch.channels_last if args.layout == "channels_last" else torch.contiguous_format
-    network = build(args.model).to(memory_format=memory_format).train()
+    network = build(args.model, args.preset).to(memory_format=memory_format).train()
+    patch = PRESETS[args.preset].patch
     defaults = TrainConfig()
     optimizer = torch.optim.AdamW(
         network.parameters(),
@@ -236,13 +262,13 @@ def run_worker(args: argparse.Namespace) -> None:
         weight_decay=defaults.weight_decay,
         fused=True,
     )
-    batch = make_batch(args.batch, args.layout)
+    batch = make_batch(args.batch, args.layout, args.preset)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
         with autocast:
-            output = forward(args.model, network, batch)
+            output = forward(args.model, network, batch, patch)
         loss = F.mse_loss(output.float(), batch.target)
         loss.backward()
         optimizer.step()
@@ -300,6 +326,7 @@ def measure(model: str, precision: str, layout: str, args: argparse.Namespace) -
         f"--steps={args.steps}",
         f"--warmup={args.warmup}",
         f"--threads={args.threads}",
+        f"--preset={args.preset}",
         *(["--profile"] if args.profile else []),
     ]
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True)  # stderr passes through
@@ -340,12 +367,13 @@ CPU_ATTENTION_FLOPS = {
 }
 
 
-def training_flops(model: str, batch: int) -> tuple[int, int]:
+def training_flops(model: str, batch: int, preset: str) -> tuple[int, int]:
     """(parameters, FLOPs of one forward + backward at `batch`), in fp32, contiguous."""
-    network = build(model).train()
-    inputs = make_batch(batch, "contiguous")
+    network = build(model, preset).train()
+    inputs = make_batch(batch, "contiguous", preset)
     with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
-        F.mse_loss(forward(model, network, inputs), inputs.target).backward()
+        output = forward(model, network, inputs, PRESETS[preset].patch)
+        F.mse_loss(output, inputs.target).backward()
     return count_parameters(network), counter.get_total_flops()
 
 
@@ -406,11 +434,13 @@ def summarize(rows: list[Row]) -> dict:
     return {"ours": asdict(ours), "diffusers": asdict(theirs), "ratio": ratio, "pass": passed, "line": line}
 
 
-def write_results(markdown: str, record: dict) -> None:
+def write_results(markdown: str, record: dict, preset: str) -> None:
+    """train_throughput.md / .json for the default preset, train_throughput_<preset>.md / .json for others."""
+    stem = "train_throughput" if preset == DEFAULT_PRESET else f"train_throughput_{preset}"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "train_throughput.md").write_text(markdown)
-    (RESULTS / "train_throughput.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {RESULTS / 'train_throughput.md'} and {RESULTS / 'train_throughput.json'}")
+    (RESULTS / f"{stem}.md").write_text(markdown)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {RESULTS / stem}.md and .json")
 
 
 def choices(text: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
@@ -426,6 +456,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration (default 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     parser.add_argument("--batch", type=int, default=64, help="images per step (default 64)")
+    parser.add_argument(
+        "--preset",
+        default=DEFAULT_PRESET,
+        type=lambda name: unet_preset(name) and name,
+        help=f"our UNet preset, and the diffusers model of its shape (default {DEFAULT_PRESET})",
+    )
     parser.add_argument(
         "--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: torch's)"
     )
@@ -457,7 +493,7 @@ def main() -> None:
     start = time.perf_counter()
 
     matmul = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
-    counted = {model: training_flops(model, args.batch) for model in MODELS}
+    counted = {model: training_flops(model, args.batch, args.preset) for model in MODELS}
     params = {model: p for model, (p, _) in counted.items()}
     flops = {model: f for model, (_, f) in counted.items()}
     print(
@@ -479,11 +515,11 @@ def main() -> None:
     summary = summarize(rows)
     wall = time.perf_counter() - start
 
-    config = PRESETS[PRESET]
+    config = PRESETS[args.preset]
     header = [
         "# Training throughput: our UNet vs diffusers' UNet2DConditionModel",
         "",
-        f"`{PRESET}` preset at {config.resolution}x{config.resolution}, batch {args.batch},"
+        f"`{args.preset}` preset at {config.resolution}x{config.resolution}, batch {args.batch},"
         f" {TOKENS} text tokens of dim {config.text_dim}; one step = forward + MSE + backward + AdamW;"
         f" median of {args.steps} steps after {args.warmup} warm-up, each configuration in its own"
         f" process. {cpu_name()}, {args.threads} threads, torch {torch.__version__},"
@@ -505,7 +541,7 @@ def main() -> None:
     print(markdown)
     record = {
         "settings": {
-            "preset": PRESET,
+            "preset": args.preset,
             "resolution": config.resolution,
             "batch": args.batch,
             "tokens": TOKENS,
@@ -525,7 +561,7 @@ def main() -> None:
         "summary": summary,
         "wall_seconds": wall,
     }
-    write_results(markdown, record)
+    write_results(markdown, record, args.preset)
 
 
 if __name__ == "__main__":
