@@ -66,6 +66,7 @@ def _settings(args: argparse.Namespace):
         variation_strength=getattr(args, "variation_strength", 0.0),
         mix_prompt=getattr(args, "mix_prompt", None) or "",
         prompt_mix=getattr(args, "prompt_mix", 0.0),
+        bind_attributes=getattr(args, "bind_attributes", False),  # generate, edit and inpaint
     ).check()
 
 
@@ -205,6 +206,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             variation_strength=args.variation_strength,
             mix_prompt=args.mix_prompt,
             prompt_mix=args.prompt_mix,
+            bind_attributes=args.bind_attributes,
             callback=callback,
         ),
     )
@@ -279,6 +281,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
             guidance=args.guidance,
             seed=s.seed,
             num_images=args.n,
+            bind_attributes=args.bind_attributes,
             callback=callback,
         ),
     )
@@ -312,6 +315,7 @@ def _cmd_inpaint(args: argparse.Namespace) -> int:
             guidance=args.guidance,
             seed=s.seed,
             num_images=args.n,
+            bind_attributes=args.bind_attributes,
             callback=callback,
         ),
     )
@@ -363,6 +367,7 @@ def _cmd_eval_shapes(args: argparse.Namespace) -> int:
         prompts_per_category=args.prompts_per_category,
         device=args.device,
         save_images=args.save_images,
+        bind_attributes=args.bind_attributes,
         progress=True,
     )
     print(report.table())
@@ -504,6 +509,15 @@ def add_sampling_arguments(p: argparse.ArgumentParser, *, count: bool = True) ->
     p.set_defaults(n=1)
 
 
+def add_binding_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--bind-attributes",
+        action="store_true",
+        help="bind each noun's cross-attention to its attributes' ('a red circle and a blue square': the"
+        " pixels that read 'red' read 'circle'); written in the PNG (docs/generation.md)",
+    )
+
+
 def add_guidance_argument(p: argparse.ArgumentParser) -> None:
     """--guidance; left out, the model's own default (`unnoise defaults MODEL` shows it)."""
     from .settings import DEFAULT_GUIDANCE
@@ -582,6 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate images from a prompt with a released model")
     p.add_argument("prompt", nargs="?", help="what to draw")
     add_sampling_arguments(p)
+    add_binding_argument(p)
     p.add_argument(
         "--width", type=int, default=None, help="default: the model's size (see docs/generation.md)"
     )
@@ -601,6 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model-size", action="store_true", help="keep the result at the model's size")
     add_sampling_arguments(p)
+    add_binding_argument(p)
     p.set_defaults(run=_cmd_edit)
 
     p = sub.add_parser(
@@ -624,6 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_repaint_arguments(p)
     add_sampling_arguments(p)
+    add_binding_argument(p)
     p.set_defaults(run=_cmd_inpaint)
 
     p = sub.add_parser("interpolate", help="a strip of images between two seeds and/or two prompts")
@@ -645,6 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default=DEFAULT_SAMPLER)
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     add_guidance_argument(p)
+    add_binding_argument(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--prompts-per-category",

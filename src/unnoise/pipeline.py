@@ -28,6 +28,7 @@ from .diffusion.samplers import Step, sample
 from .diffusion.schedules import default_sigmas
 from .errors import UnnoiseError
 from .images import fit, from_pil, masked_area, open_image, open_mask, to_pil, with_info
+from .nn.layers import TransformerBlock
 from .release import load_network, model_hash, model_name, release_guidance, resolve_model
 from .settings import (
     DEFAULT_GUIDANCE,
@@ -42,6 +43,7 @@ from .settings import (
     sampler_name,
 )
 from .text.encoders import CachedTextEncoder, TextEmbedding, load_text_encoder
+from .text.phrases import attribute_phrases
 
 Callback = Callable[[Step], None] | None
 PROMPT_CACHE = 1024  # prompts whose encodings a loaded model keeps (about 60 KB each)
@@ -126,17 +128,19 @@ class Pipeline:
         variation_strength: float = 0.0,
         mix_prompt: str = "",
         prompt_mix: float = 0.0,
+        bind_attributes: bool = False,
         callback: Callback = None,
     ) -> list[Image.Image]:
         """num_images images for the prompt. A variation seed moves each image's starting noise
         `variation_strength` of the way (on the sphere) to that seed's noise; `prompt_mix` moves the text
         condition that far towards `mix_prompt`'s. sampler_options: e.g. {"eta": 0.5} for ddim. width and
-        height: see `size_for` (the images' size is what it gives, written in their PNG text)."""
+        height: see `size_for` (the images' size is what it gives, written in their PNG text).
+        bind_attributes: each noun's cross-attention follows its attributes' (ImageSettings)."""
         width, height = self.size_for(width, height)
         settings = self.settings(prompt, negative_prompt, sampler, sampler_options, steps, guidance, seed)
         settings = settings.replace(
             width=width, height=height, variation_seed=variation_seed, variation_strength=variation_strength,
-            mix_prompt=mix_prompt, prompt_mix=prompt_mix,
+            mix_prompt=mix_prompt, prompt_mix=prompt_mix, bind_attributes=bind_attributes,
         ).check()  # fmt: skip
         return self.render(settings, num_images, callback=callback)
 
@@ -154,12 +158,13 @@ class Pipeline:
         guidance: float | None = None,
         seed: int | None = None,
         num_images: int = 1,
+        bind_attributes: bool = False,
         callback: Callback = None,
     ) -> list[Image.Image]:
         """img2img (SDEdit): the image, resized to the model's size, noised by `strength` and denoised
         towards the prompt. strength 0 returns the (resized) input; 1 ignores it."""
         settings = self.settings(prompt, negative_prompt, sampler, sampler_options, steps, guidance, seed)
-        settings = settings.replace(denoising_strength=strength).check()
+        settings = settings.replace(denoising_strength=strength, bind_attributes=bind_attributes).check()
         source = open_image(image)
         init = from_pil([fit(source, self.resolution)]).to(self.device)  # (1, 3, R, R)
         images = self.render(settings, num_images, init=init, callback=callback)
@@ -189,6 +194,7 @@ class Pipeline:
         guidance: float | None = None,
         seed: int | None = None,
         num_images: int = 1,
+        bind_attributes: bool = False,
         callback: Callback = None,
     ) -> list[Image.Image]:
         """Regenerate the white part of `mask` (same size as the image) to fit the prompt; every pixel where
@@ -205,6 +211,7 @@ class Pipeline:
             denoising_strength=strength, mask_blur=feather, repaint_jump=jump, repaint_resample=resample,
             inpaint_area="masked" if area == "masked" else None,
             masked_padding=padding if area == "masked" else None, masked_content=masked_content,
+            bind_attributes=bind_attributes,
         ).check()  # fmt: skip
         if area not in ("whole", "masked"):
             raise UnnoiseError(f"area must be 'whole' or 'masked', got {area!r}")
@@ -379,12 +386,32 @@ class Pipeline:
         return variation_noise(noise[None], other[None], settings.variation_strength)[0]
 
     def condition(self, each: list[ImageSettings]) -> TextEmbedding:
-        """The prompts' text condition, each moved prompt_mix of the way to its mix prompt's."""
+        """The prompts' text condition, each moved prompt_mix of the way to its mix prompt's, with their
+        attribute phrases where binding is asked for."""
         cond = self.text.encode([s.prompt for s in each])
         if any(s.prompt_mix for s in each):
             other = self.text.encode([s.mix_prompt if s.prompt_mix else s.prompt for s in each])
             cond = cond.mix(other, torch.tensor([s.prompt_mix for s in each], device=cond.device))
+        if any(s.bind_attributes for s in each):
+            self.check_binds_attributes()
+            cond = cond.with_phrases(
+                [
+                    attribute_phrases(self.text.token_strings(s.prompt)) if s.bind_attributes else []
+                    for s in each
+                ]
+            )
         return cond.to(self.device)
+
+    def check_binds_attributes(self) -> None:
+        """An UnnoiseError unless this model can bind attributes: a network with cross-attention to the text
+        tokens, and a text encoder that says what its tokens are."""
+        if not any(isinstance(m, TransformerBlock) for m in self.denoiser.network.modules()):
+            raise UnnoiseError(
+                f"{self.name} has no cross-attention to the text (its text is part of its sequence), so"
+                " attribute binding cannot be used with it"
+            )
+        if not hasattr(getattr(self.text, "encoder", None), "token_strings"):
+            raise UnnoiseError(f"{self.name}'s text encoder does not name its tokens: no attribute binding")
 
 
 def resolve_device(name: str | torch.device) -> torch.device:

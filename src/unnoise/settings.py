@@ -119,6 +119,9 @@ class ImageSettings:
     repaint_jump: int | None = None  # inpainting only: RePaint's block length and repeats
     repaint_resample: int | None = None
     masked_content: MaskedContent | None = None  # inpainting only: None is "original"
+    # each noun's cross-attention bound to its attributes' ("a red circle and a blue square": the pixels
+    # that read "red" read "circle"), see nn.layers.bind_attention
+    bind_attributes: bool = False
 
     def check(self) -> ImageSettings:
         """These settings, or an UnnoiseError that names the first one out of range."""
@@ -154,6 +157,10 @@ class ImageSettings:
                 raise UnnoiseError(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
         if self.inpaint_area not in (None, "whole", "masked"):
             raise UnnoiseError(f"the inpaint area must be 'whole' or 'masked', got {self.inpaint_area!r}")
+        if not isinstance(self.bind_attributes, bool):
+            raise UnnoiseError(f"attribute binding must be true or false, got {self.bind_attributes!r}")
+        if self.bind_attributes and self.prompt_mix:
+            raise UnnoiseError("attribute binding needs one prompt; it cannot be used with a prompt mix")
         if self.masked_content not in (None, *MASKED_CONTENTS):
             raise UnnoiseError(
                 f"the masked content must be one of {', '.join(MASKED_CONTENTS)}, got {self.masked_content!r}"
@@ -200,6 +207,8 @@ class ImageSettings:
             pairs += [f"RePaint jump: {self.repaint_jump}", f"RePaint resample: {self.repaint_resample}"]
         if self.masked_content not in (None, "original"):
             pairs.append(f"Masked content: {self.masked_content}")
+        if self.bind_attributes:
+            pairs.append("Attribute binding: on")
         lines.append(", ".join(pairs))
         return "\n".join(lines)
 
@@ -258,6 +267,7 @@ class ImageSettings:
                 repaint_jump=optional("RePaint jump", int),
                 repaint_resample=optional("RePaint resample", int),
                 masked_content=values.get("Masked content"),
+                bind_attributes=values.get("Attribute binding") == "on",
             )
         except (KeyError, ValueError) as error:
             raise UnnoiseError(f"the PNG's parameters are incomplete or malformed ({error})") from None

@@ -481,6 +481,7 @@ def run_shapes_eval(
     prompts_per_category: int = PROMPTS_PER_CATEGORY,
     device: str = "auto",
     save_images: str | Path | None = None,
+    bind_attributes: bool = False,
     progress: bool = False,
 ) -> Report:
     """ShapesEval of a released model: every prompt (or the first `prompts_per_category` of each category,
@@ -494,8 +495,9 @@ def run_shapes_eval(
 
     def generate(prompt: str, image_seed: int, n: int) -> list[Image.Image]:
         return pipe.generate(
-            prompt, seed=image_seed, num_images=n, steps=steps, sampler=sampler, guidance=guidance
-        )
+            prompt, seed=image_seed, num_images=n, steps=steps, sampler=sampler, guidance=guidance,
+            bind_attributes=bind_attributes,
+        )  # fmt: skip
 
     observe = None
     if save_images is not None:
@@ -515,5 +517,6 @@ def run_shapes_eval(
         steps=steps,
         guidance=guidance,
         prompts_per_category=prompts_per_category,
+        bind_attributes=bind_attributes,
     )
     return report

@@ -142,6 +142,45 @@ def attention_probabilities(q: torch.Tensor, k: torch.Tensor, key_mask=None) -> 
     return scores.softmax(-1)
 
 
+BINDING_SHARPNESS = 8.0  # gamma below: near one-hot shares; 4 and 16 bound the same (attention_steering.py)
+
+
+def bind_attention(probabilities: torch.Tensor, phrases: torch.Tensor) -> torch.Tensor:
+    """Attribute binding: each pixel's attention to the nouns, redistributed by its attention to their
+    attributes. probabilities (B, heads, N, T); phrases (B, T) codes of `text.phrases.attribute_phrases`
+    (g: an attribute of phrase g, -g: its noun, 0: neither). For rows with two phrases or more:
+
+        m_g(u) = sum of A(u, t) over phrase g's attributes
+        s_g(u) = softmax_g(gamma log m_g(u))
+        A'(u, t) = [sum of A(u, t') over every phrase's noun t'] s_g(u) A(u, t) / [sum over phrase g's noun]
+
+    for t a piece of phrase g's noun; every other token keeps its attention, so each row still sums to 1.
+    A pixel that reads "red" more than "blue" reads "circle" rather than "square" in "a red circle and a
+    blue square". Training never does this; it is an edit at inference (see benchmarks/attention_steering.py).
+    """
+    count = int(phrases.max()) if phrases.numel() else 0
+    if count < 2:
+        return probabilities
+    g = torch.arange(1, count + 1, device=phrases.device)
+    attribute = (phrases[:, :, None] == g).float()  # (B, T, G)
+    noun = (phrases[:, :, None] == -g).float()  # (B, T, G)
+    present = (attribute.sum(1) > 0) & (noun.sum(1) > 0)  # (B, G): the phrase has both
+    bound = present.sum(1) >= 2  # (B,): rows the edit applies to
+    p = probabilities.float()
+    attribute_mass = torch.einsum("bhnt,btg->bhng", p, attribute)  # (B, heads, N, G)
+    noun_mass = torch.einsum("bhnt,btg->bhng", p, noun)  # (B, heads, N, G)
+    logits = BINDING_SHARPNESS * attribute_mass.clamp_min(1e-12).log()
+    share = logits.masked_fill(~present[:, None, None, :], float("-inf")).softmax(-1)
+    share = torch.nan_to_num(share)  # rows with no phrase: all -inf, their factors are not used
+    total = (noun_mass * present[:, None, None, :]).sum(-1, keepdim=True)  # (B, heads, N, 1)
+    factor = total * share / noun_mass.clamp_min(1e-12)  # (B, heads, N, G)
+    token_factor = torch.einsum("bhng,btg->bhnt", factor, noun)  # (B, heads, N, T)
+    edited = (noun * present[:, None, :]).sum(-1) > 0  # (B, T): nouns of phrases that take part
+    edited = edited & bound[:, None]
+    scaled = torch.where(edited[:, None, None, :], p * token_factor, p)
+    return scaled.to(probabilities.dtype)
+
+
 class Attention(nn.Module):
     """Multi-head attention from queries (B, N, C) to a context (B, T, C_ctx), optional key mask (B, T)."""
 
@@ -159,9 +198,15 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(channels // self.heads, eps=1e-6) if qk_norm else None
         self.k_norm = nn.RMSNorm(channels // self.heads, eps=1e-6) if qk_norm else None
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, key_mask=None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, key_mask=None, *, phrases=None
+    ) -> torch.Tensor:
+        """With `phrases` (B, T), the context's attribute phrases, its attention is bound (bind_attention)."""
         q, k, v = self.heads_of(x, x if context is None else context)
-        h = attention(q, k, v, key_mask)  # (B, heads, N, c / heads)
+        if phrases is None:
+            h = attention(q, k, v, key_mask)  # (B, heads, N, c / heads)
+        else:
+            h = bind_attention(attention_probabilities(q, k, key_mask), phrases).to(v.dtype) @ v
         return self.out(h.transpose(1, 2).reshape(x.shape))
 
     def probabilities(self, x: torch.Tensor, context: torch.Tensor, key_mask=None) -> torch.Tensor:
@@ -219,7 +264,7 @@ class TransformerBlock(nn.Module):
             queries = self.norm_cross(h)  # (B, H*W, C)
             if self.query_positions:
                 queries = queries + fractional_positions(height, width, c).to(h)
-            h = h + self.cross_attention(queries, text.tokens, text.mask)
+            h = h + self.cross_attention(queries, text.tokens, text.mask, phrases=text.phrases)
         h = h + self.mlp(self.norm_mlp(h))
         return h.transpose(1, 2).reshape(b, c, height, width)
 

@@ -31,7 +31,7 @@ class Generation:
             s.prompt, negative_prompt=s.negative_prompt, sampler=s.sampler, sampler_options=s.sampler_options,
             steps=s.steps, guidance=s.guidance, seed=s.seed, num_images=self.count, width=s.width,
             height=s.height, variation_seed=s.variation_seed, variation_strength=s.variation_strength,
-            callback=callback,
+            bind_attributes=s.bind_attributes, callback=callback,
         )  # fmt: skip
 
 
@@ -48,7 +48,7 @@ class Edit:
         return pipe.edit(
             self.image, s.prompt, strength=s.denoising_strength, negative_prompt=s.negative_prompt,
             sampler=s.sampler, sampler_options=s.sampler_options, steps=s.steps, guidance=s.guidance,
-            seed=s.seed, num_images=self.count, callback=callback,
+            seed=s.seed, num_images=self.count, bind_attributes=s.bind_attributes, callback=callback,
         )  # fmt: skip
 
 
@@ -68,7 +68,8 @@ class Inpainting:
             area=s.inpaint_area or "whole", padding=s.masked_padding or 0, jump=s.repaint_jump,
             resample=s.repaint_resample, masked_content=s.masked_content or "original",
             negative_prompt=s.negative_prompt, sampler=s.sampler, sampler_options=s.sampler_options,
-            steps=s.steps, guidance=s.guidance, seed=s.seed, num_images=self.count, callback=callback,
+            steps=s.steps, guidance=s.guidance, seed=s.seed, num_images=self.count,
+            bind_attributes=s.bind_attributes, callback=callback,
         )  # fmt: skip
 
 

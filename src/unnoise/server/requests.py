@@ -82,6 +82,8 @@ class Txt2Img(BaseModel):
     s_noise: float | None = Field(None, ge=0.0, le=10.0)
     s_tmin: float | None = Field(None, ge=0.0, le=1e6)
     s_tmax: float | None = Field(None, ge=0.0, le=1e6)  # 0 is no upper bound, as in A1111
+    # unnoise's own: each noun's cross-attention bound to its attributes' (ImageSettings.bind_attributes)
+    bind_attributes: bool = False
     # AUTOMATIC1111 features unnoise does not have: given with anything but their off value, a 422 names
     # them, so a client never gets an image that silently ignored what it asked for
     enable_hr: bool = False
@@ -254,6 +256,7 @@ def job_for(body: Txt2Img, pipe: Pipeline) -> Job:
             steps=body.steps,
             guidance=body.cfg_scale,
             seed=random_seed(body.seed),
+            bind_attributes=body.bind_attributes,
         )
     )
     init = getattr(body, "init_images", None)

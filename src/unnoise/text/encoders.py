@@ -19,7 +19,7 @@ import functools
 import hashlib
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, NamedTuple, Protocol, runtime_checkable
 
@@ -43,6 +43,9 @@ class TextEmbedding:
     tokens: torch.Tensor  # (B, T, D) float32 token states, exactly 0 where mask is False
     mask: torch.Tensor  # (B, T) bool, True for a real token
     pooled: torch.Tensor  # (B, D) float32 sentence vector
+    # (B, T) integer attribute-phrase codes (text.phrases), or None: cross-attention binds attributes to
+    # their nouns where they are given (nn.layers.bind_attention)
+    phrases: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         B, T, D = self.tokens.shape if self.tokens.ndim == 3 else (None, None, None)
@@ -53,6 +56,8 @@ class TextEmbedding:
             )
         if self.mask.dtype != torch.bool:
             raise UnnoiseError(f"the token mask must be bool, got {self.mask.dtype}")
+        if self.phrases is not None and (self.phrases.shape != (B, T) or self.phrases.is_floating_point()):
+            raise UnnoiseError(f"phrase codes must be integers (B, T), got {tuple(self.phrases.shape)}")
 
     @property
     def dim(self) -> int:
@@ -69,7 +74,15 @@ class TextEmbedding:
         return self.select(indices)
 
     def to(self, device: torch.device | str) -> TextEmbedding:
-        return TextEmbedding(self.tokens.to(device), self.mask.to(device), self.pooled.to(device))
+        phrases = None if self.phrases is None else self.phrases.to(device)
+        return TextEmbedding(self.tokens.to(device), self.mask.to(device), self.pooled.to(device), phrases)
+
+    def with_phrases(self, codes: Sequence[Sequence[int]]) -> TextEmbedding:
+        """The same rows with attribute-phrase codes, one list per row (each as long as its real tokens)."""
+        phrases = torch.zeros(self.mask.shape, dtype=torch.long)
+        for b, row in enumerate(codes):
+            phrases[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+        return replace(self, phrases=phrases.to(self.device))
 
     def select(self, indices: Indices) -> TextEmbedding:
         """The rows `indices` (an int keeps the batch dimension; repeats are allowed), same T."""
@@ -78,7 +91,8 @@ class TextEmbedding:
         if not isinstance(indices, slice):
             indices = torch.as_tensor(indices, device=self.device)
             indices = indices if indices.dtype == torch.bool else indices.long()
-        return TextEmbedding(self.tokens[indices], self.mask[indices], self.pooled[indices])
+        phrases = None if self.phrases is None else self.phrases[indices]
+        return TextEmbedding(self.tokens[indices], self.mask[indices], self.pooled[indices], phrases)
 
     def padded_to(self, length: int) -> TextEmbedding:
         """The same rows with T extended to `length` by zero states and a False mask."""
@@ -88,13 +102,16 @@ class TextEmbedding:
         zeros = self.tokens.new_zeros(B, length - T, D)
         falses = self.mask.new_zeros(B, length - T)
         tokens = torch.cat([self.tokens, zeros], dim=1)  # (B, length, D)
-        return TextEmbedding(tokens, torch.cat([self.mask, falses], dim=1), self.pooled)
+        mask = torch.cat([self.mask, falses], dim=1)  # (B, length)
+        phrases = None if self.phrases is None else F.pad(self.phrases, (0, length - T))
+        return TextEmbedding(tokens, mask, self.pooled, phrases)
 
     def mix(self, other: TextEmbedding, t: torch.Tensor) -> TextEmbedding:
         """(1 - t) self + t other per row t (B,), over the union of their tokens; pooled renormalised.
 
         Each embedding's padding states are exactly 0, so between the ends a token only one prompt has is
-        faded in or out; a row at t = 0 or 1 is exactly that prompt's embedding."""
+        faded in or out; a row at t = 0 or 1 is exactly that prompt's embedding. Phrase codes are dropped:
+        a mix of two prompts has no one set of phrases."""
         T = max(self.tokens.shape[1], other.tokens.shape[1])
         a, b = self.padded_to(T), other.padded_to(T)
         w = t.to(a.tokens.dtype)
@@ -115,10 +132,17 @@ class TextEmbedding:
             raise UnnoiseError(f"cannot concatenate text embeddings of different widths {dims}")
         T = max(e.tokens.shape[1] for e in embeddings)
         padded = [e.padded_to(T) for e in embeddings]
+        phrases = None
+        if any(e.phrases is not None for e in padded):  # rows without codes are in no phrase
+            codes = [
+                torch.zeros_like(e.mask, dtype=torch.long) if e.phrases is None else e.phrases for e in padded
+            ]
+            phrases = torch.cat(codes)  # (sum B, T)
         return cls(
             torch.cat([e.tokens for e in padded]),  # (sum B, T, D)
             torch.cat([e.mask for e in padded]),  # (sum B, T)
             torch.cat([e.pooled for e in padded]),  # (sum B, D)
+            phrases,
         )
 
     @classmethod
