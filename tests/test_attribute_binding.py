@@ -58,7 +58,7 @@ def test_the_nouns_attention_follows_the_attributes_and_the_rest_is_kept():
     nouns = p[..., 2] + p[..., 5]
     share = torch.softmax(BINDING_SHARPNESS * torch.log(torch.tensor([0.8, 0.2])), 0)
     assert torch.allclose(q[..., 2], nouns * share[0]) and torch.allclose(q[..., 5], nouns * share[1])
-    assert q[..., 2] > 0.99 * nouns  # "red" read 4x more than "blue": "circle" takes nearly all
+    assert q[..., 2] > 3.9 * q[..., 5]  # "red" read 4x more than "blue": so is "circle" than "square"
 
 
 def test_rows_with_fewer_than_two_phrases_are_untouched():

@@ -142,7 +142,9 @@ def attention_probabilities(q: torch.Tensor, k: torch.Tensor, key_mask=None) -> 
     return scores.softmax(-1)
 
 
-BINDING_SHARPNESS = 8.0  # gamma below: near one-hot shares; 4 and 16 bound the same (attention_steering.py)
+# gamma below: 1 shares the nouns' attention in proportion; 2, 8 and 32 measured alike on shapes-32
+# (benchmarks/results/attention_steering.md)
+BINDING_SHARPNESS = 1.0
 
 
 def bind_attention(probabilities: torch.Tensor, phrases: torch.Tensor) -> torch.Tensor:
