@@ -227,7 +227,7 @@ def drop_png(page, png: bytes) -> None:
 
 def test_dropping_a_png_restores_its_settings(page, server):
     made = unnoise.load("shapes-32").generate(
-        "a small red circle in the top left", seed=77, steps=7, guidance=2.5
+        "a small red circle in the top left", seed=77, steps=7, guidance=2.5, bind_attributes=True
     )[0]
     from unnoise.images import png_bytes
 
@@ -241,6 +241,7 @@ def test_dropping_a_png_restores_its_settings(page, server):
         "7",
         "2.5",
     )
+    assert page.is_checked("#bind")
 
 
 def test_dropping_an_automatic1111_png_restores_its_settings(page, server):

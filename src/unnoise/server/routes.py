@@ -176,6 +176,7 @@ def a1111_routes(service: Service) -> APIRouter:
             "prompt": settings.prompt, "negative_prompt": settings.negative_prompt,
             "sampler": settings.sampler, "steps": settings.steps, "guidance": settings.guidance,
             "seed": settings.seed, "width": settings.width, "height": settings.height,
+            "bind_attributes": settings.bind_attributes,
         }  # fmt: skip
         return {"info": text, "items": items, "parameters": parameters, "settings": ours}
 

@@ -70,6 +70,7 @@ async function restoreFromDrop(e) {
     const s = info.settings;
     $("prompt").value = s.prompt; $("negative").value = s.negative_prompt; $("sampler").value = s.sampler;
     $("steps").value = s.steps; $("guidance").value = s.guidance; $("seed").value = s.seed; $("random").checked = false;
+    $("bind").checked = s.bind_attributes;
     if (s.width && s.height) { $("width").value = s.width; $("height").value = s.height; }
     setStatus(`settings restored from ${file.name}`);
   } catch (error) { setStatus(error.message, true); }
@@ -124,7 +125,7 @@ function request() {
   const body = {
     prompt: $("prompt").value, negative_prompt: $("negative").value, sampler_name: $("sampler").value,
     steps: +$("steps").value, cfg_scale: +$("guidance").value, batch_size: +$("count").value,
-    seed: $("random").checked ? -1 : +$("seed").value,
+    seed: $("random").checked ? -1 : +$("seed").value, bind_attributes: $("bind").checked,
   };
   if (mode() === "txt2img") { body.width = +$("width").value; body.height = +$("height").value; }
   if (mode() !== "txt2img") {
