@@ -233,13 +233,17 @@ def test_run_shapes_eval_generates_through_the_pipeline(monkeypatch):
     class FakePipeline:
         default_guidance = 2.5  # the model's own: what the eval uses when given none
 
-        def generate(self, prompt, *, seed, num_images, steps, sampler, guidance):
-            seen.append((seed, num_images, steps, sampler, guidance))
+        def generate(self, prompt, *, seed, num_images, steps, sampler, guidance, bind_attributes):
+            seen.append((seed, num_images, steps, sampler, guidance, bind_attributes))
             return rendering_generator(32)(prompt, seed, num_images)
 
     monkeypatch.setattr("unnoise.pipeline.load", lambda path, device="auto": FakePipeline())
     report = shapes_eval.run_shapes_eval("some/model", samples_per_prompt=1, steps=7, seed=3)
-    assert set(seen) == {(3, 1, 7, "dpmpp_2m", 2.5)} and report.settings["guidance"] == 2.5
+    assert set(seen) == {(3, 1, 7, "dpmpp_2m", 2.5, False)} and report.settings["guidance"] == 2.5
+    assert report.settings["bind_attributes"] is False
+    seen.clear()
+    bound = shapes_eval.run_shapes_eval("some/model", samples_per_prompt=1, steps=7, bind_attributes=True)
+    assert {s[-1] for s in seen} == {True} and bound.settings["bind_attributes"] is True
     assert report.overall >= 0.99
     assert report.to_dict()["settings"]["model"] == "some/model"
 
@@ -248,7 +252,7 @@ def test_a_quick_look_takes_the_first_prompts_of_each_category(monkeypatch):
     class FakePipeline:
         default_guidance = 3.0
 
-        def generate(self, prompt, *, seed, num_images, steps, sampler, guidance):
+        def generate(self, prompt, *, seed, num_images, steps, sampler, guidance, bind_attributes):
             return rendering_generator(32)(prompt, seed, num_images)
 
     monkeypatch.setattr("unnoise.pipeline.load", lambda path, device="auto": FakePipeline())
