@@ -1,5 +1,8 @@
 """Attribute binding: phrases from the tokens, the attention edit's exact values, the option end to end."""
 
+import json
+import shutil
+
 import httpx
 import numpy as np
 import pytest
@@ -144,3 +147,77 @@ def test_a_model_without_cross_attention_names_why_it_cannot(tmp_path):
     dit = unnoise.load(train(config))
     with pytest.raises(UnnoiseError, match="no cross-attention"):
         dit.generate(TWO_OBJECTS, steps=2, bind_attributes=True)
+
+
+# --- a release that binds by default: trained so, or set with `unnoise defaults` ------------------------
+
+
+@pytest.fixture(scope="module")
+def bound_release(tmp_path_factory):
+    """A tiny model trained with its attention bound: its release binds by default."""
+    out = tmp_path_factory.mktemp("bound")
+    config = TrainConfig(
+        preset="tiny",
+        batch_size=4,
+        steps=2,
+        checkpoint_every=2,
+        sample_every=2,
+        bind_attributes=True,
+        out=str(out),
+    )
+    return train(config)
+
+
+def test_a_model_trained_bound_samples_bound_unless_told_not_to(bound_release):
+    assert json.loads((bound_release / "config.json").read_text())["defaults"] == {"bind_attributes": True}
+    pipe = unnoise.load(bound_release)
+    assert pipe.default_bind_attributes
+    made = pipe.generate(TWO_OBJECTS, seed=1, steps=2)[0]
+    assert ImageSettings.from_parameters(made.info["parameters"]).bind_attributes
+    plain = pipe.generate(TWO_OBJECTS, seed=1, steps=2, bind_attributes=False)[0]
+    assert "Attribute binding" not in plain.info["parameters"]
+    mixed = pipe.generate(TWO_OBJECTS, seed=1, steps=2, mix_prompt="a green circle", prompt_mix=0.5)[0]
+    assert "Attribute binding" not in mixed.info["parameters"]  # the default gives way to a prompt mix
+    with pytest.raises(UnnoiseError, match="prompt mix"):
+        pipe.generate(TWO_OBJECTS, steps=2, bind_attributes=True, mix_prompt="a green circle", prompt_mix=0.5)
+
+
+def test_unnoise_defaults_sets_shows_and_resets_it(bound_release, tmp_path):
+    release = tmp_path / "model"
+    shutil.copytree(bound_release, release)
+    shown = run_cli("defaults", str(release))
+    assert shown.returncode == 0 and "attribute binding on (the release's own)" in shown.stdout
+    off = run_cli("defaults", str(release), "--no-bind-attributes", "--guidance", "2")
+    assert off.returncode == 0, off.stderr
+    assert json.loads((release / "config.json").read_text())["defaults"] == {
+        "bind_attributes": False,
+        "guidance": 2,
+    }
+    assert not unnoise.load(release).default_bind_attributes
+    both = run_cli("defaults", str(release), "--reset", "--guidance", "2")
+    assert both.returncode == 2 and "--reset" in both.stderr
+    reset = run_cli("defaults", str(release), "--reset")
+    assert reset.returncode == 0 and "attribute binding off (unnoise's default" in reset.stdout
+    assert "defaults" not in json.loads((release / "config.json").read_text())
+    config = json.loads((release / "config.json").read_text())
+    (release / "config.json").write_text(json.dumps({**config, "defaults": {"bind_attributes": "yes"}}))
+    with pytest.raises(UnnoiseError, match="bind_attributes"):
+        unnoise.load(release)
+
+
+def test_a_request_that_leaves_it_out_gets_the_model_s(bound_release):
+    from unnoise.server.requests import Txt2Img, with_model_defaults
+
+    pipe = unnoise.load(bound_release)
+    assert with_model_defaults(Txt2Img(prompt=TWO_OBJECTS), pipe).bind_attributes is True
+    assert (
+        with_model_defaults(Txt2Img(prompt=TWO_OBJECTS, bind_attributes=False), pipe).bind_attributes is False
+    )
+
+
+def test_training_bound_needs_cross_attention_and_no_compile(tmp_path):
+    with pytest.raises(UnnoiseError, match="--bind-attributes"):
+        TrainConfig(bind_attributes=True, compile=True).validate()
+    config = TrainConfig(preset="dit-tiny", batch_size=4, steps=1, bind_attributes=True, out=str(tmp_path))
+    with pytest.raises(UnnoiseError, match="no cross-attention"):
+        train(config)

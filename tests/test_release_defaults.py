@@ -88,7 +88,7 @@ def test_a_guidance_out_of_range_is_refused_and_nothing_is_written(release, valu
         ({"guidance": "high"}, "defaults.guidance must be a number in 0..30, got 'high'"),
         ({"guidance": float("nan")}, "defaults.guidance must be a number in 0..30, got nan"),
         ({"guidance": True}, "defaults.guidance must be a number in 0..30"),
-        ({"guidence": 1.5}, "defaults must be an object of guidance only, got ['guidence']"),
+        ({"guidence": 1.5}, "defaults must be an object of guidance, bind_attributes only, got ['guidence']"),
         ([1.5], "defaults must be an object"),
     ],
 )

@@ -471,6 +471,7 @@ def test_a_bug_is_a_500_logged_for_the_operator_and_a_users_mistake_a_422(pipe, 
         def __init__(self, error):
             self.error, self.name, self.resolution = error, "faulty", pipe.resolution
             self.default_guidance = pipe.default_guidance
+            self.default_bind_attributes = pipe.default_bind_attributes
 
         def size_for(self, width, height):
             return self.resolution, self.resolution

@@ -232,6 +232,7 @@ def test_run_shapes_eval_generates_through_the_pipeline(monkeypatch):
 
     class FakePipeline:
         default_guidance = 2.5  # the model's own: what the eval uses when given none
+        default_bind_attributes = False
 
         def generate(self, prompt, *, seed, num_images, steps, sampler, guidance, bind_attributes):
             seen.append((seed, num_images, steps, sampler, guidance, bind_attributes))
@@ -251,6 +252,7 @@ def test_run_shapes_eval_generates_through_the_pipeline(monkeypatch):
 def test_a_quick_look_takes_the_first_prompts_of_each_category(monkeypatch):
     class FakePipeline:
         default_guidance = 3.0
+        default_bind_attributes = False
 
         def generate(self, prompt, *, seed, num_images, steps, sampler, guidance, bind_attributes):
             return rendering_generator(32)(prompt, seed, num_images)

@@ -66,7 +66,7 @@ def _settings(args: argparse.Namespace):
         variation_strength=getattr(args, "variation_strength", 0.0),
         mix_prompt=getattr(args, "mix_prompt", None) or "",
         prompt_mix=getattr(args, "prompt_mix", 0.0),
-        bind_attributes=getattr(args, "bind_attributes", False),  # generate, edit and inpaint
+        bind_attributes=bool(getattr(args, "bind_attributes", False)),  # None (the model's) checks as off
     ).check()
 
 
@@ -400,12 +400,15 @@ def _cmd_eval_inpaint(args: argparse.Namespace) -> int:
 
 
 def _cmd_defaults(args: argparse.Namespace) -> int:
-    """Show a release's sampling defaults; with --guidance (or --reset) set them first, in config.json."""
+    """Show a release's sampling defaults; with --guidance, --[no-]bind-attributes or --reset set them
+    first, in config.json."""
     from .errors import UnnoiseError
     from .release import (
+        RELEASE_DEFAULTS,
         check_release_config,
         is_guidance,
         read_release_config,
+        release_bind_attributes,
         release_guidance,
         resolve_model,
         set_release_defaults,
@@ -415,16 +418,24 @@ def _cmd_defaults(args: argparse.Namespace) -> int:
     folder = resolve_model(args.model)
     if args.guidance is not None and not is_guidance(args.guidance):
         raise UnnoiseError(f"--guidance must be in 0..{MAX_GUIDANCE:g}, got {args.guidance}")
+    changes = {name: getattr(args, name) for name in RELEASE_DEFAULTS if getattr(args, name) is not None}
+    if args.reset and changes:
+        raise UnnoiseError("--reset removes the release's own defaults; give it alone")
     if args.reset:
-        config = set_release_defaults(folder, guidance=None)
-    elif args.guidance is not None:
-        config = set_release_defaults(folder, guidance=args.guidance)
+        changes = dict.fromkeys(RELEASE_DEFAULTS)  # None removes each
+    if changes:
+        config = set_release_defaults(folder, **changes)
     else:
         config = read_release_config(folder)
         check_release_config(folder, config)
-    own = "guidance" in config.get("defaults", {})
-    source = "the release's own" if own else "unnoise's default: the release names none"
-    print(f"{folder}: guidance {release_guidance(config):g} ({source})")
+    own = config.get("defaults", {})
+
+    def source(name: str) -> str:
+        return "the release's own" if name in own else "unnoise's default: the release names none"
+
+    print(f"{folder}: guidance {release_guidance(config):g} ({source('guidance')})")
+    binds = "on" if release_bind_attributes(config) else "off"
+    print(f"{folder}: attribute binding {binds} ({source('bind_attributes')})")
     return 0
 
 
@@ -510,11 +521,14 @@ def add_sampling_arguments(p: argparse.ArgumentParser, *, count: bool = True) ->
 
 
 def add_binding_argument(p: argparse.ArgumentParser) -> None:
+    """--bind-attributes / --no-bind-attributes; left out, the model's own default (`unnoise defaults`)."""
     p.add_argument(
         "--bind-attributes",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="bind each noun's cross-attention to its attributes' ('a red circle and a blue square': the"
-        " pixels that read 'red' read 'circle'); written in the PNG (docs/generation.md)",
+        " pixels that read 'red' read 'circle'); written in the PNG (default: the model's, see `unnoise"
+        " defaults`; off for a model that names none; docs/generation.md)",
     )
 
 
@@ -699,13 +713,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "defaults",
         help="show or set the sampling defaults a released model carries (used when none is given)",
-        description="A release may carry the guidance its maker measured best in its config.json;"
-        " generate, edit, inpaint, interpolate, eval and serve use it when no guidance is given.",
+        description="A release may carry the guidance its maker measured best, and whether it binds"
+        " attributes, in its config.json; generate, edit, inpaint, interpolate, eval and serve use them when"
+        " a request gives none.",
     )
     p.add_argument("model", help="a shipped model's name or a release folder")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--guidance", type=float, default=None, help="set the release's default guidance")
-    group.add_argument("--reset", action="store_true", help="remove the release's own defaults")
+    p.add_argument("--guidance", type=float, default=None, help="set the release's default guidance")
+    p.add_argument(
+        "--bind-attributes",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="set whether the release binds attributes by default (docs/generation.md)",
+    )
+    p.add_argument("--reset", action="store_true", help="remove the release's own defaults")
     p.set_defaults(run=_cmd_defaults)
 
     p = sub.add_parser(

@@ -29,7 +29,14 @@ from .diffusion.schedules import default_sigmas
 from .errors import UnnoiseError
 from .images import fit, from_pil, masked_area, open_image, open_mask, to_pil, with_info
 from .nn.layers import TransformerBlock
-from .release import load_network, model_hash, model_name, release_guidance, resolve_model
+from .release import (
+    load_network,
+    model_hash,
+    model_name,
+    release_bind_attributes,
+    release_guidance,
+    resolve_model,
+)
 from .settings import (
     DEFAULT_GUIDANCE,
     DEFAULT_SAMPLER,
@@ -83,11 +90,13 @@ class Pipeline:
         model_hash: str = "",
         stride: int = 1,
         default_guidance: float = DEFAULT_GUIDANCE,
+        default_bind_attributes: bool = False,
     ):
         self.denoiser, self.text, self.resolution, self.name = denoiser, text, resolution, name
         self.model_hash = model_hash  # first 10 hex digits of the weights' SHA-256 (A1111's "Model hash")
         self.stride = stride  # image sides are multiples of this (the network's downsampling or patch)
         self.default_guidance = default_guidance  # what `guidance=None` means: the release's recommendation
+        self.default_bind_attributes = default_bind_attributes  # what `bind_attributes=None` means
 
     def size_note(self) -> str:
         """The rule of `size_for`, in words, for the CLI's and the server's notes."""
@@ -128,19 +137,21 @@ class Pipeline:
         variation_strength: float = 0.0,
         mix_prompt: str = "",
         prompt_mix: float = 0.0,
-        bind_attributes: bool = False,
+        bind_attributes: bool | None = None,
         callback: Callback = None,
     ) -> list[Image.Image]:
         """num_images images for the prompt. A variation seed moves each image's starting noise
         `variation_strength` of the way (on the sphere) to that seed's noise; `prompt_mix` moves the text
         condition that far towards `mix_prompt`'s. sampler_options: e.g. {"eta": 0.5} for ddim. width and
         height: see `size_for` (the images' size is what it gives, written in their PNG text).
-        bind_attributes: each noun's cross-attention follows its attributes' (ImageSettings)."""
+        bind_attributes: each noun's cross-attention follows its attributes' (ImageSettings; None: the
+        model's default, `default_bind_attributes`)."""
         width, height = self.size_for(width, height)
         settings = self.settings(prompt, negative_prompt, sampler, sampler_options, steps, guidance, seed)
         settings = settings.replace(
             width=width, height=height, variation_seed=variation_seed, variation_strength=variation_strength,
-            mix_prompt=mix_prompt, prompt_mix=prompt_mix, bind_attributes=bind_attributes,
+            mix_prompt=mix_prompt, prompt_mix=prompt_mix,
+            bind_attributes=self.binds(bind_attributes, mixing=bool(prompt_mix)),
         ).check()  # fmt: skip
         return self.render(settings, num_images, callback=callback)
 
@@ -158,13 +169,15 @@ class Pipeline:
         guidance: float | None = None,
         seed: int | None = None,
         num_images: int = 1,
-        bind_attributes: bool = False,
+        bind_attributes: bool | None = None,
         callback: Callback = None,
     ) -> list[Image.Image]:
         """img2img (SDEdit): the image, resized to the model's size, noised by `strength` and denoised
         towards the prompt. strength 0 returns the (resized) input; 1 ignores it."""
         settings = self.settings(prompt, negative_prompt, sampler, sampler_options, steps, guidance, seed)
-        settings = settings.replace(denoising_strength=strength, bind_attributes=bind_attributes).check()
+        settings = settings.replace(
+            denoising_strength=strength, bind_attributes=self.binds(bind_attributes)
+        ).check()
         source = open_image(image)
         init = from_pil([fit(source, self.resolution)]).to(self.device)  # (1, 3, R, R)
         images = self.render(settings, num_images, init=init, callback=callback)
@@ -194,7 +207,7 @@ class Pipeline:
         guidance: float | None = None,
         seed: int | None = None,
         num_images: int = 1,
-        bind_attributes: bool = False,
+        bind_attributes: bool | None = None,
         callback: Callback = None,
     ) -> list[Image.Image]:
         """Regenerate the white part of `mask` (same size as the image) to fit the prompt; every pixel where
@@ -211,7 +224,7 @@ class Pipeline:
             denoising_strength=strength, mask_blur=feather, repaint_jump=jump, repaint_resample=resample,
             inpaint_area="masked" if area == "masked" else None,
             masked_padding=padding if area == "masked" else None, masked_content=masked_content,
-            bind_attributes=bind_attributes,
+            bind_attributes=self.binds(bind_attributes),
         ).check()  # fmt: skip
         if area not in ("whole", "masked"):
             raise UnnoiseError(f"area must be 'whole' or 'masked', got {area!r}")
@@ -402,6 +415,13 @@ class Pipeline:
             )
         return cond.to(self.device)
 
+    def binds(self, bind_attributes: bool | None, *, mixing: bool = False) -> bool:
+        """Whether to bind attributes: as asked, else as the model does by default (not while mixing two
+        prompts, which have no one set of phrases; asking for both is an error in ImageSettings.check)."""
+        if bind_attributes is None:
+            return self.default_bind_attributes and not mixing
+        return bind_attributes
+
     def check_binds_attributes(self) -> None:
         """An UnnoiseError unless this model can bind attributes: a network with cross-attention to the text
         tokens, and a text encoder that says what its tokens are."""
@@ -458,4 +478,5 @@ def load(name_or_path: str | Path, *, device: str | torch.device = "auto") -> Pi
         model_hash(config),
         stride=network.config.stride,
         default_guidance=release_guidance(config),
+        default_bind_attributes=release_bind_attributes(config),
     )

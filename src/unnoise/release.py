@@ -31,7 +31,7 @@ MODELS_DIR = Path(__file__).resolve().parent / "models"  # models shipped inside
 RELEASE_FORMAT = "unnoise-model/1"
 # What a release's config.json may hold under "defaults": the sampling settings its maker measured best,
 # used when a caller gives none (`unnoise defaults` shows and sets them; releases without keep the global)
-RELEASE_DEFAULTS = ("guidance",)
+RELEASE_DEFAULTS = ("guidance", "bind_attributes")
 
 
 class CorruptCheckpointError(UnnoiseError):
@@ -101,13 +101,15 @@ def release_config(
     token_layers: str,
     steps: int,
     images_seen: int,
+    defaults: dict | None = None,
 ) -> dict:
     """The config.json of a release to be written in `folder`: what `unnoise.load` needs to rebuild the
     denoiser and its text encoder, and how far training had come (`save_release` adds the weights' checksum).
 
     text_encoder: "minilm" or the encoder's folder (saved relative to the release folder); text_fingerprint:
-    the loaded encoder's name, which changes with its weights' files and settings."""
-    return {
+    the loaded encoder's name, which changes with its weights' files and settings. defaults: sampling
+    defaults that belong to how the model was trained (RELEASE_DEFAULTS)."""
+    config = {
         "format": RELEASE_FORMAT,
         "unnoise_version": __version__,
         "network": network.to_dict(),
@@ -121,6 +123,9 @@ def release_config(
         "resolution": network.resolution,
         "training": {"steps": steps, "images_seen": images_seen},
     }
+    if defaults:
+        config["defaults"] = dict(defaults)
+    return config
 
 
 def released_steps(folder: Path) -> int | None:
@@ -206,6 +211,8 @@ def check_release_config(folder: Path, config: dict) -> None:
         raise refuse("defaults", f"an object of {', '.join(RELEASE_DEFAULTS)} only", unknown)
     if "guidance" in defaults and not is_guidance(defaults["guidance"]):
         raise refuse("defaults.guidance", f"a number in 0..{MAX_GUIDANCE:g}", defaults["guidance"])
+    if not isinstance(defaults.get("bind_attributes", False), bool):
+        raise refuse("defaults.bind_attributes", "true or false", defaults["bind_attributes"])
 
 
 def is_guidance(value) -> bool:
@@ -219,13 +226,19 @@ def release_guidance(config: dict) -> float:
     return float(config.get("defaults", {}).get("guidance", DEFAULT_GUIDANCE))
 
 
-def set_release_defaults(folder: Path, *, guidance: float | None) -> dict:
-    """Write a release's default guidance (None removes it) and return its config. Only config.json
-    changes, through a temporary file renamed into place; the weights and their checksum stay."""
+def release_bind_attributes(config: dict) -> bool:
+    """Whether a checked release config binds attributes by default (a model trained with them bound)."""
+    return config.get("defaults", {}).get("bind_attributes", False)
+
+
+def set_release_defaults(folder: Path, **changes: float | bool | None) -> dict:
+    """Write some of a release's defaults (`guidance=1.5`, `bind_attributes=True`; None removes one) and
+    return its config. Only config.json changes, through a temporary file renamed into place; the weights
+    and their checksum stay."""
     folder = Path(folder)
     config = read_release_config(folder)
     check_release_config(folder, config)
-    defaults = {**config.get("defaults", {}), "guidance": guidance}
+    defaults = {**config.get("defaults", {}), **changes}
     defaults = {name: value for name, value in defaults.items() if value is not None}
     config = {key: value for key, value in config.items() if key != "defaults"}
     if defaults:

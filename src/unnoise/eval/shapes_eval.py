@@ -481,7 +481,7 @@ def run_shapes_eval(
     prompts_per_category: int = PROMPTS_PER_CATEGORY,
     device: str = "auto",
     save_images: str | Path | None = None,
-    bind_attributes: bool = False,
+    bind_attributes: bool | None = None,  # None: the model's default
     progress: bool = False,
 ) -> Report:
     """ShapesEval of a released model: every prompt (or the first `prompts_per_category` of each category,
@@ -492,6 +492,7 @@ def run_shapes_eval(
     chosen = first_prompts(prompts_per_category)  # named before the model loads
     pipe = load(model_path, device=device)
     guidance = pipe.default_guidance if guidance is None else guidance
+    bind_attributes = pipe.default_bind_attributes if bind_attributes is None else bind_attributes
 
     def generate(prompt: str, image_seed: int, n: int) -> list[Image.Image]:
         return pipe.generate(

@@ -129,6 +129,7 @@ def create_app(
             "sampler": DEFAULT_SAMPLER,
             "steps": DEFAULT_STEPS,
             "guidance": service.pipe.default_guidance,
+            "bind_attributes": service.pipe.default_bind_attributes,
         }
         return {
             "model": service.pipe.name,

@@ -82,8 +82,9 @@ class Txt2Img(BaseModel):
     s_noise: float | None = Field(None, ge=0.0, le=10.0)
     s_tmin: float | None = Field(None, ge=0.0, le=1e6)
     s_tmax: float | None = Field(None, ge=0.0, le=1e6)  # 0 is no upper bound, as in A1111
-    # unnoise's own: each noun's cross-attention bound to its attributes' (ImageSettings.bind_attributes)
-    bind_attributes: bool = False
+    # unnoise's own: each noun's cross-attention bound to its attributes' (ImageSettings.bind_attributes);
+    # None: the model's default
+    bind_attributes: bool | None = None
     # AUTOMATIC1111 features unnoise does not have: given with anything but their off value, a 422 names
     # them, so a client never gets an image that silently ignored what it asked for
     enable_hr: bool = False
@@ -222,10 +223,14 @@ def sampler_options_of(body: Txt2Img, sampler: str) -> dict[str, float]:
 
 
 def with_model_defaults(body: Txt2Img, pipe: Pipeline) -> Txt2Img:
-    """The request with what it left to the model filled in: the guidance (the model's default)."""
-    if body.cfg_scale is not None:
-        return body
-    return body.model_copy(update={"cfg_scale": pipe.default_guidance})
+    """The request with what it left to the model filled in: the guidance and attribute binding."""
+    filled = {
+        "cfg_scale": pipe.default_guidance if body.cfg_scale is None else body.cfg_scale,
+        "bind_attributes": pipe.default_bind_attributes
+        if body.bind_attributes is None
+        else body.bind_attributes,
+    }
+    return body.model_copy(update=filled)
 
 
 def job_for(body: Txt2Img, pipe: Pipeline) -> Job:

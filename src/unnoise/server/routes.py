@@ -248,6 +248,7 @@ def openai_routes(service: Service) -> APIRouter:
         regenerate = source.convert("RGBA").getchannel("A").point(lambda a: 255 if a == 0 else 0)
         settings = ImageSettings(  # what Pipeline.inpaint writes for its defaults
             prompt, guidance=service.pipe.default_guidance, seed=random_seed(-1), denoising_strength=1.0,
+            bind_attributes=service.pipe.default_bind_attributes,
             mask_blur=0, repaint_jump=REPAINT_JUMP, repaint_resample=REPAINT_RESAMPLE,
             masked_content="original",
         )  # fmt: skip

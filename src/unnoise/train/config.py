@@ -79,6 +79,11 @@ class TrainConfig:
         " (built-in shapes only, which know where they are; after TokenCompose, see train/grounding.py);"
         " 0: off",
     )
+    bind_attributes: bool = option(
+        False,
+        "train with each noun's cross-attention bound to its attributes' (nn.layers.bind_attention), as"
+        " --bind-attributes samples; the release then binds by default",
+    )
     precision: Literal["auto", "fp32", "bf16"] = option(
         "auto",
         "auto: bf16 autocast where the hardware multiplies bf16 natively (CUDA, a CPU with AVX-512 BF16 or"
@@ -143,6 +148,10 @@ class TrainConfig:
             )
         if self.grounding_weight and self.compile:
             raise UnnoiseError("--grounding-weight reads the attention through hooks, which --compile drops")
+        if self.bind_attributes and self.compile:
+            raise UnnoiseError(
+                "--bind-attributes changes the attention per caption, which --compile cannot follow"
+            )
         if self.sigma_p_std is not None and not 0 < self.sigma_p_std < float("inf"):
             raise UnnoiseError(f"--sigma-p-std must be positive, got {self.sigma_p_std}")
         return self

@@ -21,6 +21,7 @@ from ..nn.unet import count_parameters
 from ..release import WriteFailedError, release_config, released_steps, save_release
 from ..settings import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
 from ..text.encoders import CachedTextEncoder, load_text_encoder
+from ..text.phrases import attribute_phrases
 from .checkpoint import latest_good_state, load_optimizer_state, remove_temporaries, save_training_state
 from .config import TrainConfig
 from .data import Batch, make_batch, open_source
@@ -76,10 +77,12 @@ class Run:
         self.formulation = training_formulation(config)
         torch.manual_seed(config.seed)
         self.network = self.network_config.build().to(setup.device)
-        if config.grounding_weight and not cross_attention_blocks(self.network):
-            raise UnnoiseError(
-                f"--grounding-weight: the {config.preset} network has no cross-attention to ground"
-            )
+        for flag, asked in (
+            ("--grounding-weight", config.grounding_weight),
+            ("--bind-attributes", config.bind_attributes),
+        ):
+            if asked and not cross_attention_blocks(self.network):
+                raise UnnoiseError(f"{flag}: the {config.preset} network has no cross-attention to the text")
         if setup.device.type == "cpu":
             self.network = self.network.to(memory_format=torch.channels_last)
         self.ema = EMA(self.network)
@@ -177,6 +180,7 @@ class Run:
             token_layers=c.text_token_layers,
             steps=step,
             images_seen=step * c.batch_size,
+            defaults={"bind_attributes": True} if c.bind_attributes else None,  # how it learned to read
         )
         try:
             save_release(folder, self.ema.module, release)
@@ -218,6 +222,8 @@ class Run:
         images = batch.images.to(device, memory_format=torch.channels_last if device.type == "cpu" else None)
         sigma, noise = batch.sigma.to(device), batch.noise.to(device)
         text = self.text.encode(batch.captions).to(device)
+        if c.bind_attributes:
+            text = text.with_phrases([attribute_phrases(self.text.token_strings(t)) for t in batch.captions])
         weight = min_snr_weight(sigma, c.min_snr_gamma) if c.loss_weighting == "min_snr" else None
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16)
         if not c.grounding_weight:
@@ -451,7 +457,9 @@ def save_sample_grid(run: Run, path: Path, steps: int = DEFAULT_STEPS) -> None:
     pipe = Pipeline(Denoiser(run.ema.module, run.formulation), run.text, resolution, name=run.dir.name)
     images = pipe.render_each(
         [
-            pipe.settings(p, "", DEFAULT_SAMPLER, None, steps, DEFAULT_GUIDANCE, i)
+            pipe.settings(p, "", DEFAULT_SAMPLER, None, steps, DEFAULT_GUIDANCE, i).replace(
+                bind_attributes=run.config.bind_attributes  # as the release will sample
+            )
             for i, p in enumerate(prompts)
         ]
     )

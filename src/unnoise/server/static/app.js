@@ -32,7 +32,7 @@ async function start() {
   const defaults = config.defaults;  // the library's ImageSettings defaults
   for (const name of config.samplers) $("sampler").add(new Option(name, name, name === defaults.sampler, name === defaults.sampler));
   $("steps").value = defaults.steps;
-  $("guidance").value = defaults.guidance;
+  $("guidance").value = defaults.guidance; $("bind").checked = defaults.bind_attributes;
   $("steps").max = config.max_steps; $("count").max = config.max_images;  // the server's bounds
   for (const side of ["width", "height"]) $(side).value = config.resolution;  // other sizes: rounded by the server, which says so
   $("size").title = `up to ${config.size_rule}`;
