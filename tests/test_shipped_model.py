@@ -13,7 +13,7 @@ import pytest
 import unnoise
 from unnoise.cli import build_parser
 from unnoise.eval.shapes_eval import evaluate, prompt_set
-from unnoise.release import MODELS_DIR
+from unnoise.release import MODELS_DIR, RELEASE_DEFAULTS
 from unnoise.settings import DEFAULT_GUIDANCE
 from unnoise.train.config import TrainConfig
 
@@ -66,17 +66,23 @@ def test_the_card_commands_are_the_recorded_training_configuration():
     assert release["training"]["steps"] == recorded["steps"]
 
 
-def test_its_default_guidance_is_the_best_measured_and_the_card_s_headline(pipe):
-    """The guidance the release carries is the one its headline report (shapes_eval.json) was measured at,
-    no other full report beside the card scores higher, and the card's `unnoise defaults` line sets it."""
+def test_its_defaults_are_the_best_measured_and_the_card_s_headline(pipe):
+    """The defaults the release carries (guidance, attribute binding) are those its headline report
+    (shapes_eval.json) was measured with, no other full report beside the card scores higher, and the card's
+    `unnoise defaults` line sets exactly them."""
     headline = json.loads((MODEL / "shapes_eval.json").read_text())
     assert headline["settings"]["guidance"] == pipe.default_guidance != DEFAULT_GUIDANCE
-    for other in MODEL.glob("shapes_eval_guidance_*.json"):
+    assert headline["settings"].get("bind_attributes", False) == pipe.default_bind_attributes
+    for other in set(MODEL.glob("shapes_eval_*.json")) - {MODEL / "shapes_eval.json"}:
         report = json.loads(other.read_text())
         assert report["samples_per_prompt"] == headline["samples_per_prompt"], other.name
         assert report["overall"] <= headline["overall"], other.name
     card = (MODEL / "README.md").read_text()
-    assert f"unnoise defaults runs/shapes-32/model --guidance {pipe.default_guidance:g}\n" in card
+    lines = re.findall(r"^unnoise defaults runs/shapes-32/model (.*)$", card, flags=re.M)
+    assert len(lines) == 1, lines
+    args = build_parser().parse_args(["defaults", "runs/shapes-32/model", *shlex.split(lines[0])])
+    said = {name: getattr(args, name) for name in RELEASE_DEFAULTS if getattr(args, name) is not None}
+    assert said == json.loads((MODEL / "config.json").read_text())["defaults"]
 
 
 def test_it_follows_single_object_prompts(pipe):
