@@ -144,5 +144,5 @@ def test_a_run_trains_with_grounding_and_records_it(tmp_path):
     assert header == "step,grounding_loss,time" and row.startswith("2,") and 0 < float(row.split(",")[1]) <= 1
     train(dataclasses.replace(config, grounding_weight=0.0, out=str(tmp_path / "plain")))
     assert not (tmp_path / "plain" / "grounding.csv").exists()
-    with pytest.raises(UnnoiseError, match="no cross-attention to ground"):
+    with pytest.raises(UnnoiseError, match="no cross-attention to the text"):
         train(TrainConfig(preset="dit-tiny", steps=1, grounding_weight=0.1, out=str(tmp_path / "dit")))
