@@ -407,12 +407,14 @@ class Pipeline:
             cond = cond.mix(other, torch.tensor([s.prompt_mix for s in each], device=cond.device))
         if any(s.bind_attributes for s in each):
             self.check_binds_attributes()
-            cond = cond.with_phrases(
-                [
-                    attribute_phrases(self.text.token_strings(s.prompt)) if s.bind_attributes else []
-                    for s in each
-                ]
-            )
+            codes = [
+                attribute_phrases(self.text.token_strings(s.prompt)) if s.bind_attributes else []
+                for s in each
+            ]
+            if any(
+                max(row, default=0) >= 2 for row in codes
+            ):  # else nothing to bind: SDPA's faster path stays
+                cond = cond.with_phrases(codes)
         return cond.to(self.device)
 
     def binds(self, bind_attributes: bool | None, *, mixing: bool = False) -> bool:
