@@ -45,6 +45,33 @@ def test_each_colour_and_shape_word_covers_the_pixels_of_the_objects_it_names():
     )
 
 
+def test_words_of_place_cover_the_object_they_place():
+    """With places: a stated position's words ("top", "left") and a relation's word ("left" of "to the left
+    of", "above") cover the object they place (a relation's subject); without, no word of place is grounded."""
+    seen = set()
+    for index in range(400):
+        scene, caption = sample_scene(0, index, 32)
+        placed = word_masks(scene, places=True)
+        extra = sorted(set(placed) - set(word_masks(scene)))
+        if scene.relation is not None:
+            words = caption.split()
+            assert extra == [scene.relation.split()[0]] and extra[0] in words
+            assert caption.startswith(f"a {scene.objects[0].colour}") or caption.startswith(
+                f"an {scene.objects[0].colour}"
+            )  # objects[0] is the subject, named first
+        elif "position" in scene.mentioned:
+            assert extra == sorted(scene.objects[0].position_name.split())
+            assert caption.endswith(scene.objects[0].position_name)
+        else:
+            assert extra == []
+        subject = word_masks_of(scene, scene.objects[0])
+        for word in extra:
+            assert placed[word].sum() == pytest.approx(subject)
+            assert (placed[word] > 0.5).sum() > 0
+            seen.add(word)
+    assert seen == {"top", "bottom", "left", "right", "center", "above", "below"}
+
+
 def word_masks_of(scene, obj) -> float:
     """The pixel area one object covers."""
     from unnoise.data.shapes import coverage
@@ -128,6 +155,7 @@ def test_a_dropped_caption_grounds_nothing_and_flips_move_the_masks():
         (dict(grounding_weight=float("nan")), "--grounding-weight must be a number >= 0"),
         (dict(grounding_weight=0.1, data="some/folder"), "only the built-in shapes"),
         (dict(grounding_weight=0.1, compile=True), "--compile"),
+        (dict(ground_places=True), "--ground-places grounds words with the grounding loss"),
     ],
 )
 def test_grounding_options_that_cannot_work_are_named(options, named):
@@ -142,6 +170,10 @@ def test_a_run_trains_with_grounding_and_records_it(tmp_path):
     assert TrainConfig.load(tmp_path / "config.json").grounding_weight == 0.1
     header, row = (tmp_path / "grounding.csv").read_text().splitlines()  # apart from log.csv's diffusion loss
     assert header == "step,grounding_loss,time" and row.startswith("2,") and 0 < float(row.split(",")[1]) <= 1
+    assert not TrainConfig.load(tmp_path / "config.json").ground_places
+    places = dataclasses.replace(config, ground_places=True, out=str(tmp_path / "places"))
+    train(places)
+    assert TrainConfig.load(tmp_path / "places" / "config.json").ground_places
     train(dataclasses.replace(config, grounding_weight=0.0, out=str(tmp_path / "plain")))
     assert not (tmp_path / "plain" / "grounding.csv").exists()
     with pytest.raises(UnnoiseError, match="no cross-attention to the text"):

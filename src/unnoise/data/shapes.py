@@ -430,16 +430,33 @@ def coverage(scene: Scene, obj: ShapeObject, *, supersample: int = 4) -> np.ndar
     return np.asarray(small, dtype=np.float32) / 255
 
 
-def word_masks(scene: Scene, *, supersample: int = 4) -> dict[str, np.ndarray]:
+def word_masks(scene: Scene, *, supersample: int = 4, places: bool = False) -> dict[str, np.ndarray]:
     """Where each colour and shape word of the scene's caption is in the image: word -> (H, W) float32
     coverage of the objects it names ("red": every red object; "circle" and "circles": every circle),
-    for a loss that teaches cross-attention which pixels a word belongs to (train/grounding.py)."""
+    for a loss that teaches cross-attention which pixels a word belongs to (train/grounding.py).
+
+    With `places`, the words of place too, as the object they place: a single object's stated position
+    ("top" and "left" of "in the top left": that object) and a relation's word ("left" of "to the left
+    of", "above": its subject, objects[0])."""
     masks: dict[str, np.ndarray] = {}
-    for obj in scene.objects:
-        covered = coverage(scene, obj, supersample=supersample)
+    covered = [coverage(scene, obj, supersample=supersample) for obj in scene.objects]
+    for obj, area in zip(scene.objects, covered, strict=True):
         for word in (obj.colour, obj.shape, obj.shape + "s"):
-            masks[word] = np.maximum(masks.get(word, 0), covered)
+            masks[word] = np.maximum(masks.get(word, 0), area)
+    if places:
+        for word in place_words(scene):
+            masks[word] = covered[0]
     return masks
+
+
+def place_words(scene: Scene) -> tuple[str, ...]:
+    """The caption's words of place, all of which place objects[0]: ("top", "left") for "in the top left",
+    ("left",) for "to the left of", ("above",); () when the caption states no place."""
+    if scene.relation is not None:
+        return (scene.relation.split()[0],)
+    if "position" in scene.mentioned:
+        return tuple(scene.objects[0].position_name.split())
+    return ()
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:

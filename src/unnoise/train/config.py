@@ -79,6 +79,11 @@ class TrainConfig:
         " (built-in shapes only, which know where they are; after TokenCompose, see train/grounding.py);"
         " 0: off",
     )
+    ground_places: bool = option(
+        False,
+        "with --grounding-weight, ground the words of place too: a single object's stated position"
+        " ('top', 'left') and a relation's word ('left', 'above') in the pixels of the object they place",
+    )
     bind_attributes: bool = option(
         False,
         "train with each noun's cross-attention bound to its attributes' (nn.layers.bind_attention), as"
@@ -146,6 +151,8 @@ class TrainConfig:
                 "--grounding-weight needs to know where each word is in the image: only the built-in shapes"
                 " (--data shapes) do"
             )
+        if self.ground_places and not self.grounding_weight:
+            raise UnnoiseError("--ground-places grounds words with the grounding loss: give --grounding-weight")
         if self.grounding_weight and self.compile:
             raise UnnoiseError("--grounding-weight reads the attention through hooks, which --compile drops")
         if self.bind_attributes and self.compile:

@@ -24,7 +24,8 @@ class Batch:
     captions: list[str]  # after dropout: "" for the dropped ones
     sigma: torch.Tensor  # (B,)
     noise: torch.Tensor  # (B, 3, R, R)
-    # with --grounding-weight: per image, where each colour and shape word of its caption is, word ->
+    # with --grounding-weight: per image, where each colour and shape word (and with --ground-places,
+    # each word of place) of its caption is, word ->
     # (R, R) coverage (see data.shapes.word_masks); empty for a dropped caption
     word_masks: list[dict[str, torch.Tensor]] | None = None
 
@@ -51,14 +52,15 @@ class ShapesSource:
         return self.dataset.batch(positions)
 
     def grounded_examples(
-        self, positions: list[int]
+        self, positions: list[int], *, places: bool = False
     ) -> tuple[torch.Tensor, list[str], list[dict[str, torch.Tensor]]]:
-        """`examples`, and where each caption word is (see data.shapes.word_masks), from one pass."""
+        """`examples`, and where each caption word is (see data.shapes.word_masks; with `places`, the
+        words of place too), from one pass."""
         from ..data.shapes import to_tensor, word_masks
 
         samples = [self.dataset[p] for p in positions]
         images = to_tensor(np.stack([s.image for s in samples]))  # (B, 3, H, W)
-        masks = [word_masks(s.scene, supersample=self.dataset.supersample) for s in samples]
+        masks = [word_masks(s.scene, supersample=self.dataset.supersample, places=places) for s in samples]
         tensors = [{word: torch.from_numpy(m) for word, m in each.items()} for each in masks]
         return images, [s.caption for s in samples], tensors
 
@@ -118,11 +120,13 @@ def make_batch(
     cond_dropout: float,
     flip: bool,
     grounding: bool = False,
+    ground_places: bool = False,
 ) -> Batch:
     """The examples at `positions` with each one's own sigma, noise, dropout and flip; with `grounding`,
-    where their caption words are (a source that knows, such as the built-in shapes)."""
+    where their caption words are (a source that knows, such as the built-in shapes; the words of place
+    too with `ground_places`)."""
     if grounding:
-        images, captions, masks = source.grounded_examples(positions)
+        images, captions, masks = source.grounded_examples(positions, places=ground_places)
     else:
         (images, captions), masks = source.examples(positions), None
     sigmas, noises = [], []
