@@ -46,8 +46,8 @@ def test_each_colour_and_shape_word_covers_the_pixels_of_the_objects_it_names():
 
 
 def test_words_of_place_cover_the_object_they_place():
-    """With places: a stated position's words ("top", "left") and a relation's word ("left" of "to the left
-    of", "above") cover the object they place (a relation's subject); without, no word of place is grounded."""
+    """With places: a stated position's words ("top", "left") and a relation's word ("left" of "to the
+    left of", "above") cover the object they place (a relation's subject); without, none is grounded."""
     seen = set()
     for index in range(400):
         scene, caption = sample_scene(0, index, 32)

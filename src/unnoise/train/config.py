@@ -152,7 +152,9 @@ class TrainConfig:
                 " (--data shapes) do"
             )
         if self.ground_places and not self.grounding_weight:
-            raise UnnoiseError("--ground-places grounds words with the grounding loss: give --grounding-weight")
+            raise UnnoiseError(
+                "--ground-places grounds words with the grounding loss: give --grounding-weight"
+            )
         if self.grounding_weight and self.compile:
             raise UnnoiseError("--grounding-weight reads the attention through hooks, which --compile drops")
         if self.bind_attributes and self.compile:
