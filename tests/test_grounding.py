@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from unnoise.data.shapes import COLOURS, render, sample_scene, word_masks
+from unnoise.data.shapes import COLOURS, NUMBER_WORDS, GroundedWords, render, sample_scene, word_masks
 from unnoise.diffusion.formulations import FORMULATIONS
 from unnoise.errors import UnnoiseError
 from unnoise.nn.layers import TransformerBlock
@@ -51,7 +51,7 @@ def test_words_of_place_cover_the_object_they_place():
     seen = set()
     for index in range(400):
         scene, caption = sample_scene(0, index, 32)
-        placed = word_masks(scene, places=True)
+        placed = word_masks(scene, words=GroundedWords(places=True))
         extra = sorted(set(placed) - set(word_masks(scene)))
         if scene.relation is not None:
             words = caption.split()
@@ -70,6 +70,30 @@ def test_words_of_place_cover_the_object_they_place():
             assert (placed[word] > 0.5).sum() > 0
             seen.add(word)
     assert seen == {"top", "bottom", "left", "right", "center", "above", "below"}
+
+
+def test_a_count_number_word_covers_every_object_it_counts():
+    """With numbers: "three" of "three red circles" covers all three circles, the plural's own pixels;
+    captions that count nothing get no number word; all four numbers are seen."""
+    seen = set()
+    for index in range(400):
+        scene, caption = sample_scene(0, index, 32)
+        counted = word_masks(scene, words=GroundedWords(numbers=True))
+        extra = sorted(set(counted) - set(word_masks(scene)))
+        if scene.kind != "count":
+            assert extra == []
+            continue
+        number = NUMBER_WORDS[len(scene.objects) - 1]
+        assert extra == [number] and caption.startswith(number + " ")
+        noun = scene.objects[0].shape + ("s" if len(scene.objects) > 1 else "")
+        np.testing.assert_array_equal(counted[number], counted[noun])
+        assert counted[number].sum() == pytest.approx(
+            sum(word_masks_of(scene, o) for o in scene.objects), rel=0.02
+        )
+        seen.add(number)
+    assert seen == set(NUMBER_WORDS)
+    both = word_masks(scene, words=GroundedWords(places=True, numbers=True))
+    assert set(both) >= set(word_masks(scene, words=GroundedWords(numbers=True)))
 
 
 def word_masks_of(scene, obj) -> float:
@@ -115,7 +139,7 @@ def test_the_loss_trains_the_attention_into_the_named_objects():
     source = ShapesSource(16, 0, "binding=1,single=0,relation=0,count=0")
     formulation = FORMULATIONS["edm"]
     batch = make_batch(source, list(range(8)), formulation=formulation, seed=0, cond_dropout=0, flip=False,
-                       grounding=True)  # fmt: skip
+                       grounding=GroundedWords())  # fmt: skip
     encoder = load_text_encoder()
     text: TextEmbedding = encoder.encode(batch.captions)
     tokens = [encoder.token_strings(c) for c in batch.captions]
@@ -137,7 +161,7 @@ def test_the_loss_trains_the_attention_into_the_named_objects():
 
 def test_a_dropped_caption_grounds_nothing_and_flips_move_the_masks():
     source = ShapesSource(16, 0, "binding=1,single=0,relation=0,count=0")
-    options = dict(formulation=FORMULATIONS["edm"], seed=0, grounding=True)
+    options = dict(formulation=FORMULATIONS["edm"], seed=0, grounding=GroundedWords())
     dropped = make_batch(source, [0, 1], cond_dropout=0.999, flip=False, **options)
     assert dropped.captions == ["", ""] and dropped.word_masks == [{}, {}]
     kept = make_batch(source, [0, 1], cond_dropout=0.0, flip=False, **options)
@@ -156,6 +180,7 @@ def test_a_dropped_caption_grounds_nothing_and_flips_move_the_masks():
         (dict(grounding_weight=0.1, data="some/folder"), "only the built-in shapes"),
         (dict(grounding_weight=0.1, compile=True), "--compile"),
         (dict(ground_places=True), "--ground-places grounds words with the grounding loss"),
+        (dict(ground_numbers=True), "--ground-numbers grounds words with the grounding loss"),
     ],
 )
 def test_grounding_options_that_cannot_work_are_named(options, named):
@@ -174,6 +199,10 @@ def test_a_run_trains_with_grounding_and_records_it(tmp_path):
     places = dataclasses.replace(config, ground_places=True, out=str(tmp_path / "places"))
     train(places)
     assert TrainConfig.load(tmp_path / "places" / "config.json").ground_places
+    numbers = dataclasses.replace(config, ground_numbers=True, out=str(tmp_path / "numbers"))
+    assert numbers.grounded_words() == GroundedWords(numbers=True)
+    train(numbers)
+    assert TrainConfig.load(tmp_path / "numbers" / "config.json").ground_numbers
     train(dataclasses.replace(config, grounding_weight=0.0, out=str(tmp_path / "plain")))
     assert not (tmp_path / "plain" / "grounding.csv").exists()
     with pytest.raises(UnnoiseError, match="no cross-attention to the text"):

@@ -430,22 +430,38 @@ def coverage(scene: Scene, obj: ShapeObject, *, supersample: int = 4) -> np.ndar
     return np.asarray(small, dtype=np.float32) / 255
 
 
-def word_masks(scene: Scene, *, supersample: int = 4, places: bool = False) -> dict[str, np.ndarray]:
+@dataclass(frozen=True)
+class GroundedWords:
+    """Which caption words the grounding loss places beyond the colour and shape words, which it always
+    does (train/grounding.py): the words of place, in the object they place; the number words of a count,
+    in every object counted."""
+
+    places: bool = False
+    numbers: bool = False
+
+
+def word_masks(
+    scene: Scene, *, supersample: int = 4, words: GroundedWords = GroundedWords()
+) -> dict[str, np.ndarray]:
     """Where each colour and shape word of the scene's caption is in the image: word -> (H, W) float32
     coverage of the objects it names ("red": every red object; "circle" and "circles": every circle),
     for a loss that teaches cross-attention which pixels a word belongs to (train/grounding.py).
 
-    With `places`, the words of place too, as the object they place: a single object's stated position
-    ("top" and "left" of "in the top left": that object) and a relation's word ("left" of "to the left
-    of", "above": its subject, objects[0])."""
+    With `words.places`, the words of place too, as the object they place: a single object's stated
+    position ("top" and "left" of "in the top left": that object) and a relation's word ("left" of "to the
+    left of", "above": its subject, objects[0]). With `words.numbers`, a count's number word ("three" of
+    "three red circles"): every object counted."""
     masks: dict[str, np.ndarray] = {}
     covered = [coverage(scene, obj, supersample=supersample) for obj in scene.objects]
     for obj, area in zip(scene.objects, covered, strict=True):
         for word in (obj.colour, obj.shape, obj.shape + "s"):
             masks[word] = np.maximum(masks.get(word, 0), area)
-    if places:
+    if words.places:
         for word in place_words(scene):
             masks[word] = covered[0]
+    if words.numbers:
+        for word in number_words(scene):
+            masks[word] = np.maximum.reduce(covered)
     return masks
 
 
@@ -457,6 +473,12 @@ def place_words(scene: Scene) -> tuple[str, ...]:
     if "position" in scene.mentioned:
         return tuple(scene.objects[0].position_name.split())
     return ()
+
+
+def number_words(scene: Scene) -> tuple[str, ...]:
+    """The caption's number word, which counts all the objects: ("three",) for "three red circles"; () for
+    the captions that state no count."""
+    return (NUMBER_WORDS[len(scene.objects) - 1],) if scene.kind == "count" else ()
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:

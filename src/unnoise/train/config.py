@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from ..errors import UnnoiseError
+
+if TYPE_CHECKING:
+    from ..data.shapes import GroundedWords
 
 
 def option(default, help: str):
@@ -84,6 +87,11 @@ class TrainConfig:
         "with --grounding-weight, ground the words of place too: a single object's stated position"
         " ('top', 'left') and a relation's word ('left', 'above') in the pixels of the object they place",
     )
+    ground_numbers: bool = option(
+        False,
+        "with --grounding-weight, ground a count's number word too ('three' of 'three red circles') in the"
+        " pixels of every object it counts",
+    )
     bind_attributes: bool = option(
         False,
         "train with each noun's cross-attention bound to its attributes' (nn.layers.bind_attention), as"
@@ -151,10 +159,9 @@ class TrainConfig:
                 "--grounding-weight needs to know where each word is in the image: only the built-in shapes"
                 " (--data shapes) do"
             )
-        if self.ground_places and not self.grounding_weight:
-            raise UnnoiseError(
-                "--ground-places grounds words with the grounding loss: give --grounding-weight"
-            )
+        for flag, on in (("--ground-places", self.ground_places), ("--ground-numbers", self.ground_numbers)):
+            if on and not self.grounding_weight:
+                raise UnnoiseError(f"{flag} grounds words with the grounding loss: give --grounding-weight")
         if self.grounding_weight and self.compile:
             raise UnnoiseError("--grounding-weight reads the attention through hooks, which --compile drops")
         if self.bind_attributes and self.compile:
@@ -164,6 +171,14 @@ class TrainConfig:
         if self.sigma_p_std is not None and not 0 < self.sigma_p_std < float("inf"):
             raise UnnoiseError(f"--sigma-p-std must be positive, got {self.sigma_p_std}")
         return self
+
+    def grounded_words(self) -> GroundedWords | None:
+        """The words the grounding loss places (None: no grounding loss)."""
+        from ..data.shapes import GroundedWords
+
+        if not self.grounding_weight:
+            return None
+        return GroundedWords(places=self.ground_places, numbers=self.ground_numbers)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

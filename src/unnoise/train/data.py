@@ -10,12 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import ImageColor
 
 from ..errors import UnnoiseError
+
+if TYPE_CHECKING:
+    from ..data.shapes import GroundedWords
 
 
 @dataclass
@@ -24,9 +28,9 @@ class Batch:
     captions: list[str]  # after dropout: "" for the dropped ones
     sigma: torch.Tensor  # (B,)
     noise: torch.Tensor  # (B, 3, R, R)
-    # with --grounding-weight: per image, where each colour and shape word (and with --ground-places,
-    # each word of place) of its caption is, word ->
-    # (R, R) coverage (see data.shapes.word_masks); empty for a dropped caption
+    # with --grounding-weight: per image, where each grounded word of its caption is (colour and shape,
+    # and the words --ground-places and --ground-numbers add), word -> (R, R) coverage (see
+    # data.shapes.word_masks); empty for a dropped caption
     word_masks: list[dict[str, torch.Tensor]] | None = None
 
     def pin_memory(self) -> Batch:
@@ -52,15 +56,15 @@ class ShapesSource:
         return self.dataset.batch(positions)
 
     def grounded_examples(
-        self, positions: list[int], *, places: bool = False
+        self, positions: list[int], words: GroundedWords
     ) -> tuple[torch.Tensor, list[str], list[dict[str, torch.Tensor]]]:
-        """`examples`, and where each caption word is (see data.shapes.word_masks; with `places`, the
-        words of place too), from one pass."""
+        """`examples`, and where each of the `words` of each caption is (data.shapes.word_masks), from
+        one pass."""
         from ..data.shapes import to_tensor, word_masks
 
         samples = [self.dataset[p] for p in positions]
         images = to_tensor(np.stack([s.image for s in samples]))  # (B, 3, H, W)
-        masks = [word_masks(s.scene, supersample=self.dataset.supersample, places=places) for s in samples]
+        masks = [word_masks(s.scene, supersample=self.dataset.supersample, words=words) for s in samples]
         tensors = [{word: torch.from_numpy(m) for word, m in each.items()} for each in masks]
         return images, [s.caption for s in samples], tensors
 
@@ -119,14 +123,12 @@ def make_batch(
     seed: int,
     cond_dropout: float,
     flip: bool,
-    grounding: bool = False,
-    ground_places: bool = False,
+    grounding: GroundedWords | None = None,
 ) -> Batch:
     """The examples at `positions` with each one's own sigma, noise, dropout and flip; with `grounding`,
-    where their caption words are (a source that knows, such as the built-in shapes; the words of place
-    too with `ground_places`)."""
-    if grounding:
-        images, captions, masks = source.grounded_examples(positions, places=ground_places)
+    where those words of their captions are (a source that knows, such as the built-in shapes)."""
+    if grounding is not None:
+        images, captions, masks = source.grounded_examples(positions, grounding)
     else:
         (images, captions), masks = source.examples(positions), None
     sigmas, noises = [], []

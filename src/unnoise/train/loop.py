@@ -260,7 +260,7 @@ class MicroBatchPlan(torch.utils.data.Dataset):
         self.positions, self.accumulation, self.source = run.positions, accumulation, run.source
         self.options = dict(
             formulation=run.formulation, seed=c.seed, cond_dropout=c.cond_dropout, flip=c.flip,
-            grounding=c.grounding_weight > 0, ground_places=c.ground_places,
+            grounding=c.grounded_words(),
         )  # fmt: skip
 
     def __getitem__(self, k: int) -> Batch:
