@@ -150,13 +150,17 @@ def test_the_loss_trains_the_attention_into_the_named_objects():
         with recorded_cross_attention(network) as maps:
             network(batch.images, formulation.scalings(batch.sigma)[3], text)
         assert len(maps) == len(blocks)
+        assert all(m.shape[0] == 8 and m.shape[-1] == text.tokens.shape[1] for m in maps)
+        assert all(
+            torch.allclose(m.sum(-1), torch.ones(())) for m in maps
+        )  # each pixel's attention sums to 1
         loss = grounding_loss(maps, masks, grounded)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], losses
-    assert not any(block.cross_attention._forward_hooks for block in blocks)
+    assert all(block.cross_attention.recorded is None for block in blocks)  # recording stops with the block
 
 
 def test_a_dropped_caption_grounds_nothing_and_flips_move_the_masks():

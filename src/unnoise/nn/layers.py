@@ -199,22 +199,25 @@ class Attention(nn.Module):
         # which keeps bf16 training stable at higher learning rates
         self.q_norm = nn.RMSNorm(channels // self.heads, eps=1e-6) if qk_norm else None
         self.k_norm = nn.RMSNorm(channels // self.heads, eps=1e-6) if qk_norm else None
+        # while a list (train/grounding.recorded_cross_attention): each forward appends where its queries
+        # look, (B, N, T) averaged over heads and before any binding, from the same product it attends with
+        self.recorded: list[torch.Tensor] | None = None
 
     def forward(
         self, x: torch.Tensor, context: torch.Tensor | None = None, key_mask=None, *, phrases=None
     ) -> torch.Tensor:
         """With `phrases` (B, T), the context's attribute phrases, its attention is bound (bind_attention)."""
         q, k, v = self.heads_of(x, x if context is None else context)
-        if phrases is None:
+        if phrases is None and self.recorded is None:
             h = attention(q, k, v, key_mask)  # (B, heads, N, c / heads)
         else:
-            h = bind_attention(attention_probabilities(q, k, key_mask), phrases).to(v.dtype) @ v
+            probabilities = attention_probabilities(q, k, key_mask)  # (B, heads, N, T)
+            if self.recorded is not None:
+                self.recorded.append(probabilities.mean(1))
+            if phrases is not None:
+                probabilities = bind_attention(probabilities, phrases).to(v.dtype)
+            h = probabilities @ v
         return self.out(h.transpose(1, 2).reshape(x.shape))
-
-    def probabilities(self, x: torch.Tensor, context: torch.Tensor, key_mask=None) -> torch.Tensor:
-        """Where each query looks: softmax(q k^T / sqrt(d)) over the context, (B, heads, N, T)."""
-        q, k, _ = self.heads_of(x, context)
-        return attention_probabilities(q, k, key_mask)
 
     def heads_of(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Queries (B, heads, N, d) from x (B, N, C); keys and values (B, heads, T, d) from the context."""

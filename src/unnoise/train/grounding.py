@@ -46,21 +46,17 @@ def cross_attention_blocks(network: torch.nn.Module) -> list[tuple[str, Transfor
 @contextlib.contextmanager
 def recorded_cross_attention(network: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
     """While open, every cross-attention of `network` appends where its pixels look, (B, N, T) averaged
-    over heads, to the list yielded (with gradients: the loss trains the queries and keys)."""
+    over heads, to the list yielded (with gradients: the loss trains the queries and keys). The maps are
+    the probabilities the attention itself multiplies its values with, computed once."""
     maps: list[torch.Tensor] = []
-
-    def record(module, args, _output) -> None:
-        queries, tokens, key_mask = args
-        maps.append(module.probabilities(queries, tokens, key_mask).mean(1))
-
-    handles = [
-        block.cross_attention.register_forward_hook(record) for _, block in cross_attention_blocks(network)
-    ]
+    attentions = [block.cross_attention for _, block in cross_attention_blocks(network)]
+    for attention in attentions:
+        attention.recorded = maps
     try:
         yield maps
     finally:
-        for handle in handles:
-            handle.remove()
+        for attention in attentions:
+            attention.recorded = None
 
 
 def grounding_loss(maps: list[torch.Tensor], masks: torch.Tensor, grounded: torch.Tensor) -> torch.Tensor:
