@@ -6,7 +6,9 @@ run reaches that steady state within a few thousand steps: the built-in shapes h
 captions), then times whole steps: the micro-batch (drawing the images and, grounded, the word masks),
 forward with the loss, backward, gradient clipping, AdamW and the EMA update. Median of `--steps` steps
 after `--warmup`. The baseline is the same step without grounding, measured in the same run; each
-configuration runs in its own process, one after another.
+configuration runs in its own process, one after another, in `--rounds` interleaved rounds (a shared
+machine's speed drifts by more than grounding costs: the table gives each configuration's median over the
+rounds, and its lowest and highest).
 
 Run: .venv/bin/python benchmarks/grounding_cost.py [--preset small-p2q] [--batches 32,64]
 Writes benchmarks/results/grounding_cost.md and .json.
@@ -83,6 +85,7 @@ def main() -> None:
     parser.add_argument("--batches", default="32,64", help="batch sizes, comma-separated")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every configuration")
     parser.add_argument("--out", default=str(RESULTS / "grounding_cost"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -97,30 +100,33 @@ def main() -> None:
         print(json.dumps(seconds))
         return
 
+    rates: dict[tuple[int, str], list[float]] = {(b, name): [] for b in batches for name in CONFIGURATIONS}
+    for round_ in range(args.rounds):
+        for (batch, name), seen in rates.items():
+            seen.append(measure(args, name, batch))
+            print(f"round {round_ + 1}, batch {batch}, {name}: {seen[-1]:.1f} images/s", flush=True)
     rows = []
-    for batch in batches:
-        baseline = None
-        for name in CONFIGURATIONS:
-            rate = measure(args, name, batch)
-            baseline = baseline or rate
-            rows.append(
-                {"batch": batch, "configuration": name, "images_per_s": rate, "ratio": rate / baseline}
-            )
-            print(f"batch {batch}, {name}: {rate:.1f} images/s ({rate / baseline:.2f}x plain)", flush=True)
+    for (batch, name), seen in rates.items():
+        median, plain = statistics.median(seen), statistics.median(rates[batch, "plain"])
+        rows.append({
+            "batch": batch, "configuration": name, "images_per_s": median, "lowest": min(seen),
+            "highest": max(seen), "ratio": median / plain, "rounds": seen,
+        })  # fmt: skip
 
     lines = [
         "# Grounding cost: training images/s with and without token grounding",
         "",
         f"`{args.preset}` at batch sizes {args.batches}, bf16 where native; a whole training step (data,"
         f" forward, backward, AdamW, EMA) with the caption cache warm; median of {args.steps} steps after"
-        f" {args.warmup}."
+        f" {args.warmup}; the median of {args.rounds} interleaved rounds."
         f" {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch"
         f" {torch.__version__}. Baseline: the same step without grounding, in the same run.",
         "",
-        "| batch | configuration | images/s | vs plain |",
-        "|---:|---|---:|---:|",
+        "| batch | configuration | images/s | lowest - highest | vs plain |",
+        "|---:|---|---:|---:|---:|",
         *(
-            f"| {r['batch']} | {r['configuration']} | {r['images_per_s']:.1f} | {r['ratio']:.2f}x |"
+            f"| {r['batch']} | {r['configuration']} | {r['images_per_s']:.1f} | {r['lowest']:.1f} -"
+            f" {r['highest']:.1f} | {r['ratio']:.2f}x |"
             for r in rows
         ),
         "",
