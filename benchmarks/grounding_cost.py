@@ -56,11 +56,7 @@ def time_steps(preset: str, batch: int, fields: dict, steps: int, warmup: int, o
     seconds = []
     for step in range(warmup + steps):
         start = time.perf_counter()
-        run.backward(batches)
-        torch.nn.utils.clip_grad_norm_(run.network.parameters(), config.grad_clip)
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
-        run.ema.update(run.network, 0.999)
+        run.step(batches, step)
         if step >= warmup:
             seconds.append(time.perf_counter() - start)
     return seconds

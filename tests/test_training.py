@@ -5,6 +5,7 @@ import errno
 import itertools
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -23,7 +24,8 @@ from unnoise.errors import UnnoiseError
 from unnoise.release import load_release
 from unnoise.train.checkpoint import latest_good_state, list_states, load_training_state
 from unnoise.train.config import TrainConfig
-from unnoise.train.loop import Run, train
+from unnoise.train.distributed import init_distributed
+from unnoise.train.loop import Run, learning_rate, train
 
 from .conftest import run_cli
 
@@ -228,6 +230,34 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch, 
     skipped = [r for r in caplog.records if "step skipped" in r.message]
     assert len(skipped) == 4 and all(r.levelno == logging.WARNING for r in skipped)
     assert latest_good_state(tmp_path)["step"] == 2
+
+
+def test_a_step_with_a_non_finite_loss_changes_nothing(tmp_path, monkeypatch):
+    config = TrainConfig(
+        preset="tiny", batch_size=4, steps=4, warmup_steps=0, sample_every=0, out=str(tmp_path)
+    )
+    run = Run(config, init_distributed("cpu"))
+    batches = run.micro_batches(0)
+    assert run.step(batches, 0).finite  # AdamW has state from here on
+
+    def snapshot() -> list[torch.Tensor]:  # the weights, the EMA weights and AdamW's first moments
+        ema, moments = run.ema.module.parameters(), (s["exp_avg"] for s in run.optimizer.state.values())
+        return [t.detach().clone() for t in (*run.network.parameters(), *ema, *moments)]
+
+    before = snapshot()
+    real = Run.micro_batch_loss
+    monkeypatch.setattr(Run, "micro_batch_loss", lambda self, batch: real(self, batch) * float("nan"))
+    skipped = run.step(batches, 1)
+    assert not skipped.finite and math.isnan(skipped.loss)
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot(), strict=True))
+    assert all(p.grad is None for p in run.network.parameters())
+
+    monkeypatch.setattr(Run, "micro_batch_loss", real)
+    taken = run.step(batches, 2)
+    assert taken.finite and taken.lr == learning_rate(config, 2) and taken.grad_norm > 0
+    changed = [not torch.equal(a, b) for a, b in zip(before, snapshot(), strict=True)]
+    n = len(changed) // 3  # weights, EMA weights, moments; zero-initialised layers keep some at 0 early on
+    assert any(changed[:n]) and any(changed[n : 2 * n]) and any(changed[2 * n :])
 
 
 def test_a_second_run_into_the_same_folder_is_refused(tmp_path):

@@ -8,7 +8,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -251,6 +251,39 @@ class Run:
             total += float(loss.detach())
         return total
 
+    def step(self, batches: Iterator[Batch], step: int) -> StepTaken:
+        """Training step `step` (from 0): the schedule's learning rate, gradients over the global batch whose
+        micro-batches `batches` yields next, clipping, AdamW and the EMA update. A non-finite loss or
+        gradient changes nothing: the gradients are dropped, the grounding loss it added is taken back, and
+        the result says `finite=False`."""
+        c = self.config
+        lr = learning_rate(c, step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        grounding_before = self.grounding_seen
+        loss = self.backward(batches)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.network.parameters(), c.grad_clip))
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.grounding_seen = grounding_before  # a skipped step is not logged
+            return StepTaken(loss, grad_norm, lr, finite=False)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        images_seen = (step + 1) * c.batch_size
+        self.ema.update(self.network, ema_decay(c.batch_size, images_seen, c.ema_half_life, c.ema_warmup))
+        return StepTaken(loss, grad_norm, lr, finite=True)
+
+
+@dataclass(frozen=True)
+class StepTaken:
+    """What one training step did: this process's mean loss (grounding included), the gradient's norm
+    before clipping, the learning rate; `finite` False when the step was skipped."""
+
+    loss: float
+    grad_norm: float
+    lr: float
+    finite: bool
+
 
 class MicroBatchPlan(torch.utils.data.Dataset):
     """Item k: this process's micro-batch k % accumulation of step k // accumulation (see train/data.py)."""
@@ -369,17 +402,10 @@ def _train(config: TrainConfig, setup: Distributed, resume: bool) -> Path:
     bad_in_a_row, window_start, window_loss, window_steps = 0, time.perf_counter(), 0.0, 0
     with progress_bar(start, config.steps, enabled=setup.is_main) as progress:  # closed on an error too
         for step in range(start, config.steps):
-            lr = learning_rate(config, step)
-            for group in run.optimizer.param_groups:
-                group["lr"] = lr
-            grounding_before = run.grounding_seen
-            loss = run.backward(batches)
-            grad_norm = torch.nn.utils.clip_grad_norm_(run.network.parameters(), config.grad_clip)
-            if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
-                run.optimizer.zero_grad(set_to_none=True)
-                run.grounding_seen = grounding_before  # a skipped step is not logged
+            taken = run.step(batches, step)
+            if not taken.finite:
                 bad_in_a_row += 1
-                logger.warning(f"step {step}: non-finite loss or gradient ({loss}); step skipped")
+                logger.warning(f"step {step}: non-finite loss or gradient ({taken.loss}); step skipped")
                 if bad_in_a_row >= config.max_bad_steps:
                     raise UnnoiseError(
                         f"training diverged: {bad_in_a_row} non-finite losses in a row at step {step}. The"
@@ -388,14 +414,7 @@ def _train(config: TrainConfig, setup: Distributed, resume: bool) -> Path:
                     )
                 continue
             bad_in_a_row = 0
-            run.optimizer.step()
-            run.optimizer.zero_grad(set_to_none=True)
-            images_seen = (step + 1) * config.batch_size
-            run.ema.update(
-                run.network,
-                ema_decay(config.batch_size, images_seen, config.ema_half_life, config.ema_warmup),
-            )
-            window_loss, window_steps = window_loss + loss, window_steps + 1
+            window_loss, window_steps = window_loss + taken.loss, window_steps + 1
             done = step + 1
 
             if done % config.log_every == 0 or done == config.steps:
@@ -403,7 +422,9 @@ def _train(config: TrainConfig, setup: Distributed, resume: bool) -> Path:
                 diffusion = window_loss / window_steps - config.grounding_weight * grounding
                 mean_loss = float(mean_across(torch.tensor(diffusion), setup))
                 rate = window_steps * config.batch_size / (time.perf_counter() - window_start)
-                metrics.write(step=done, loss=mean_loss, lr=lr, grad_norm=float(grad_norm), images_per_s=rate)
+                metrics.write(
+                    step=done, loss=mean_loss, lr=taken.lr, grad_norm=taken.grad_norm, images_per_s=rate
+                )
                 grounding_log.write(step=done, grounding_loss=grounding)
                 run.grounding_seen = 0.0
                 progress.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.1f}")
