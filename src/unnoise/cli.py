@@ -30,15 +30,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train.config import TrainConfig
     from .train.loop import train
 
-    given = {name: getattr(args, name) for name in TrainConfig.__dataclass_fields__ if hasattr(args, name)}
-    for name in ("data", "text_encoder"):  # folders: the run's config names them wherever --resume runs from
-        if name in given and Path(given[name]).expanduser().is_dir():
+    return _run_training(args, TrainConfig, train, folders=("data", "text_encoder", "autoencoder"))
+
+
+def _cmd_train_autoencoder(args: argparse.Namespace) -> int:
+    from .train.autoencoder import AutoencoderTrainConfig, train_autoencoder
+
+    return _run_training(args, AutoencoderTrainConfig, train_autoencoder, folders=("data",))
+
+
+def _run_training(args: argparse.Namespace, config_class, train, folders: tuple[str, ...]) -> int:
+    """The config from the flags given, over the run's saved config.json when resuming."""
+    given = {name: getattr(args, name) for name in config_class.__dataclass_fields__ if hasattr(args, name)}
+    for name in folders:  # folders: the run's config names them wherever --resume runs from
+        if given.get(name) and Path(given[name]).expanduser().is_dir():
             given[name] = str(Path(given[name]).expanduser().resolve())
-    saved = Path(given.get("out", TrainConfig.out)) / "config.json"
+    saved = Path(given.get("out", config_class.out)) / "config.json"
     if args.resume and saved.is_file():  # continue with the run's own settings, overridden by the flags given
-        config = TrainConfig.from_dict({**TrainConfig.load(saved).__dict__, **given})
+        config = config_class.from_dict({**config_class.load(saved).__dict__, **given})
     else:
-        config = TrainConfig(**given)
+        config = config_class(**given)
     train(config, resume=args.resume)
     return 0
 
@@ -786,6 +797,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue the run in --out from its last good checkpoint"
     )
     p.set_defaults(run=_cmd_train)
+
+    from .train.autoencoder import AutoencoderTrainConfig
+
+    p = sub.add_parser(
+        "train-autoencoder",
+        help="train the image codec of a latent model on a folder of images",
+        description="Train a small convolutional autoencoder (pixels <-> latents) on a folder; its release"
+        " (model/) is what `unnoise train --autoencoder` trains a latent model on. Kill it at any time and"
+        " rerun with --resume.",
+    )
+    add_config_arguments(p, AutoencoderTrainConfig)
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last good checkpoint"
+    )
+    p.set_defaults(run=_cmd_train_autoencoder)
     return parser
 
 

@@ -5,21 +5,25 @@
 
 Every method builds the `ImageSettings` of its first image, checked, and hands them to `render`, the one
 path: image i uses seed + i with its own generator (for its starting noise and any fresh noise the sampler
-draws), so a seed gives the same image whatever the number of images asked for. Each image carries its
-settings in a PNG `parameters` text chunk, in AUTOMATIC1111's format.
+draws), so a seed gives the same image whatever the number of images asked for, bit for bit on a CPU at a
+given thread count: each prompt is encoded alone and padded to the encoder's full length, and the network
+computes its per-image vectors row by row (`PerImageLinear`), where kernels would round by batch size
+(benchmarks/batch_invariance.py measures the cost). Each image carries its settings in a PNG `parameters`
+text chunk, in AUTOMATIC1111's format.
 """
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+from .codec import Codec, IdentityCodec, latent_size_mask, load_codec
 from .diffusion.denoiser import Denoiser
 from .diffusion.editing import img2img, inpaint, masked_start, variation_noise
 from .diffusion.formulations import FORMULATIONS
@@ -30,6 +34,7 @@ from .errors import UnnoiseError
 from .images import fit, from_pil, masked_area, open_image, open_mask, to_pil, with_info
 from .nn.layers import TransformerBlock
 from .release import (
+    CODEC_FOLDER,
     load_network,
     model_hash,
     model_name,
@@ -73,13 +78,14 @@ class Inpainting:
     """What inpainting adds to img2img: the region to regenerate at the model's size (1, 1, R, R), True =
     regenerate, and RePaint's block length and repeats."""
 
-    mask: torch.Tensor
+    mask: torch.Tensor  # (1, 1, R, R) in pixels; render brings it to the codec's size
     jump: int
     resample: int
 
 
 class Pipeline:
-    """A released model ready to generate and edit: its denoiser, its text encoder and its name."""
+    """A released model ready to generate and edit: its denoiser, its text encoder, its image codec and its
+    name. `resolution` and `stride` are in pixels; the denoiser works at 1/codec.factor of them."""
 
     def __init__(
         self,
@@ -91,8 +97,10 @@ class Pipeline:
         stride: int = 1,
         default_guidance: float = DEFAULT_GUIDANCE,
         default_bind_attributes: bool = False,
+        codec: Codec | None = None,
     ):
         self.denoiser, self.text, self.resolution, self.name = denoiser, text, resolution, name
+        self.codec = codec or IdentityCodec()  # pixels <-> what the denoiser works on
         self.model_hash = model_hash  # first 10 hex digits of the weights' SHA-256 (A1111's "Model hash")
         self.stride = stride  # image sides are multiples of this (the network's downsampling or patch)
         self.default_guidance = default_guidance  # what `guidance=None` means: the release's recommendation
@@ -340,16 +348,21 @@ class Pipeline:
         first = each[0]
         generators = [torch.Generator().manual_seed(s.seed) for s in each]
         noise = torch.stack([self.noise(s, g) for s, g in zip(each, generators, strict=True)])
-        noise = noise.to(self.device)  # (N, 3, R, R)
+        noise = noise.to(self.device)  # (N, c, R / f, R / f)
         cond = self.condition(each)
-        uncond = self.text.encode([s.negative_prompt for s in each]).to(self.device)
+        uncond = self.encode([s.negative_prompt for s in each]).to(self.device)
         denoiser = cfg(self.denoiser, first.guidance, uncond)
         stopped = ""
         with torch.no_grad():
+            if init is not None:  # pixels (1, 3, R, R) -> the denoiser's space (1, c, R / f, R / f)
+                init = self.codec.encode(init)
+            if inpainting is not None:
+                inpainting = replace(inpainting, mask=latent_size_mask(inpainting.mask, self.codec.factor))
             try:
                 x = self.draw(denoiser, noise, first, cond, generators, init, inpainting, callback)
             except StopSamplingError as stop:
                 x, stopped = stop.denoised, f", Interrupted: {stop.note}"
+            x = self.codec.decode(x)  # (N, 3, R, R)
         images = to_pil(x)
         for image, settings in zip(images, each, strict=True):
             image.info["parameters"] = settings.parameters() + stopped
@@ -389,21 +402,34 @@ class Pipeline:
             callback=callback, **options,
         )  # fmt: skip
 
+    def preview(self, denoised: torch.Tensor) -> Image.Image:
+        """A sampler step's x0 estimate (N, c, h, w) of the first image, as a picture (the codec's cheap
+        decoder)."""
+        with torch.no_grad():
+            return to_pil(self.codec.preview(denoised[:1]))[0]
+
     def noise(self, settings: ImageSettings, generator: torch.Generator) -> torch.Tensor:
-        """The image's unit starting noise (3, H, W), drawn first from its own generator."""
-        shape = (3, settings.height or self.resolution, settings.width or self.resolution)
+        """The image's unit starting noise (c, H / f, W / f), drawn first from its own generator."""
+        f = self.codec.factor
+        height, width = settings.height or self.resolution, settings.width or self.resolution
+        shape = (self.codec.channels, height // f, width // f)
         noise = torch.randn(shape, generator=generator)
         if settings.variation_seed is None or not settings.variation_strength:
             return noise
         other = torch.randn(shape, generator=torch.Generator().manual_seed(settings.variation_seed))
         return variation_noise(noise[None], other[None], settings.variation_strength)[0]
 
+    def encode(self, prompts: list[str]) -> TextEmbedding:
+        """The prompts' embedding (B, T, D) at the encoder's full length T, whatever the prompts: an image's
+        text then has the same shape in every batch, so no kernel sees a batch-dependent length."""
+        return self.text.encode(prompts).padded_to(self.text.max_tokens)
+
     def condition(self, each: list[ImageSettings]) -> TextEmbedding:
         """The prompts' text condition, each moved prompt_mix of the way to its mix prompt's, with their
         attribute phrases where binding is asked for."""
-        cond = self.text.encode([s.prompt for s in each])
+        cond = self.encode([s.prompt for s in each])
         if any(s.prompt_mix for s in each):
-            other = self.text.encode([s.mix_prompt if s.prompt_mix else s.prompt for s in each])
+            other = self.encode([s.mix_prompt if s.prompt_mix else s.prompt for s in each])
             cond = cond.mix(other, torch.tensor([s.prompt_mix for s in each], device=cond.device))
         if any(s.bind_attributes for s in each):
             self.check_binds_attributes()
@@ -462,6 +488,9 @@ def load(name_or_path: str | Path, *, device: str | torch.device = "auto") -> Pi
         network = network.to(memory_format=torch.channels_last)
     formulation = FORMULATIONS[config["formulation"]]
     denoiser = Denoiser(network.eval().requires_grad_(False), formulation).to(device)
+    codec = release_codec(folder, config)
+    if codec is not None:
+        codec.to(device)
     encoder = config["text_encoder"]
     text = CachedTextEncoder(
         load_text_encoder(
@@ -472,13 +501,44 @@ def load(name_or_path: str | Path, *, device: str | torch.device = "auto") -> Pi
         ),
         max_entries=PROMPT_CACHE,
     )
+    factor = codec.factor if codec is not None else 1
     return Pipeline(
         denoiser,
         text,
-        network.config.resolution,
+        network.config.resolution * factor,
         model_name(folder),
         model_hash(config),
-        stride=network.config.stride,
+        stride=network.config.stride * factor,
         default_guidance=release_guidance(config),
         default_bind_attributes=release_bind_attributes(config),
+        codec=codec,
     )
+
+
+def release_codec(folder: Path, config: dict) -> Codec | None:
+    """The image codec a release names (None: pixels), checked against the network's input channels."""
+    named = config.get("codec")
+    if named is None:
+        return None
+    if (
+        not isinstance(named, dict)
+        or named.get("kind") != "autoencoder"
+        or named.get("folder") != CODEC_FOLDER
+    ):
+        raise UnnoiseError(
+            f'{folder}: config.json: codec must be {{"kind": "autoencoder", "folder": "{CODEC_FOLDER}"}},'
+            f" got {named!r}"
+        )
+    where = Path(folder) / CODEC_FOLDER
+    if not (where / "config.json").is_file():
+        raise UnnoiseError(
+            f"{folder} is a latent model but its autoencoder is missing ({where} has no config.json): copy"
+            " the whole release folder, autoencoder/ included"
+        )
+    codec = load_codec(where)
+    channels = (config.get("network") or {}).get("in_channels", 3)
+    if codec.channels != channels:
+        raise UnnoiseError(
+            f"{folder}: the network sees {channels} channels but its autoencoder makes {codec.channels}"
+        )
+    return codec

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"  # models shipped inside the package
 RELEASE_FORMAT = "unnoise-model/1"
+AUTOENCODER_FORMAT = "unnoise-autoencoder/1"  # an image codec's release (train/autoencoder.py, codec.py)
+CODEC_FOLDER = "autoencoder"  # where a latent model's release keeps its codec's
 # What a release's config.json may hold under "defaults": the sampling settings its maker measured best,
 # used when a caller gives none (`unnoise defaults` shows and sets them; releases without keep the global)
 RELEASE_DEFAULTS = ("guidance", "bind_attributes")
@@ -370,6 +372,16 @@ def load_network(folder: Path) -> tuple[torch.nn.Module, dict]:
     config = {**config, "text_encoder": {**encoder, "name": locate_text_encoder(folder, encoder["name"])}}
     try:  # "network" since issue 11; earlier releases hold a UNet's shape under "unet"
         network_config = network_config_from_dict(config.get("network") or config["unet"])
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
+        raise UnnoiseError(f"{folder}: config.json does not describe a network ({error})") from None
+    return materialise(folder, network_config, config), config
+
+
+def materialise(folder: Path, network_config, config: dict) -> torch.nn.Module:
+    """The network `network_config` builds, with the weights of `folder`/model.safetensors: built on the
+    meta device first and its shapes compared with the safetensors header, so a config that asks for more
+    than its weights hold is refused before anything is allocated."""
+    try:
         with torch.device("meta"):
             network = network_config.build()
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
@@ -384,4 +396,4 @@ def load_network(folder: Path) -> tuple[torch.nn.Module, dict]:
         )
     network = network.to_empty(device="cpu")
     network.load_state_dict(release_weights(folder, config))
-    return network, config
+    return network

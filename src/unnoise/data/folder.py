@@ -501,6 +501,37 @@ class ImageFolderDataset(Dataset):
     def report(self) -> ScanReport:
         return self._report
 
+    @property
+    def pixels(self) -> torch.Tensor:
+        """Every usable image, preprocessed: (N, 3, R, R) uint8 (a preloaded data set only)."""
+        if self._pixels is None:
+            raise UnnoiseError("the images were not preloaded (preload=False)")
+        return self._pixels
+
+
+def folder_resolution(root: str | Path, caption_column: str = "text", say=print) -> int:
+    """The side to train a folder at: its images' size when they are all one square size; otherwise the
+    short side most of them have, said with the counts (`say`), since others will be resized and cropped."""
+    scan, sizes = scan_and_decode(
+        root, caption_column=caption_column, max_pixels=DEFAULT_MAX_PIXELS, decode=lambda image: image.size
+    )
+    require_usable(scan.report)
+    counts: dict[tuple[int, int], int] = {}
+    for size in sizes:
+        counts[size] = counts.get(size, 0) + 1
+    (width, height), _ = max(counts.items(), key=lambda item: item[1])
+    side = min(width, height)
+    if len(counts) == 1 and width == height:
+        say(f"resolution {side}: every image of {root} is {width}x{height}")
+    else:
+        shown = ", ".join(f"{n} at {w}x{h}" for (w, h), n in sorted(counts.items(), key=lambda i: -i[1])[:4])
+        say(
+            f"resolution {side} (the short side of the most common size): the images of {root} differ in size"
+            f" ({shown}{', ...' if len(counts) > 4 else ''}); the others are resized and centre-cropped, or"
+            " give --resolution"
+        )
+    return side
+
 
 def require_usable(report: ScanReport) -> None:
     if report.usable > 0:

@@ -15,6 +15,10 @@ class Denoiser(torch.nn.Module):
 
     `network(x_in (B, ...), c_noise (B,), cond) -> F (B, ...)` never sees the formulation; samplers call
     this module with x = x0 + sigma n (B, ...) and sigma (B,).
+
+    An image's result does not depend on its batch (tests/test_batch_invariance.py). On a CPU, PyTorch
+    convolves a batch of one with another kernel than larger batches, which rounds differently, so outside
+    training a lone image is evaluated as a batch of two (itself twice), the kernel every batch uses.
     """
 
     def __init__(self, network: torch.nn.Module, formulation: Formulation):
@@ -23,6 +27,8 @@ class Denoiser(torch.nn.Module):
         self.formulation = formulation
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        if len(x) == 1 and x.device.type == "cpu" and not torch.is_grad_enabled():
+            return self(x.expand(2, *x.shape[1:]), sigma.expand(2), paired(cond))[:1]
         c_skip, c_out, c_in, c_noise = self.formulation.scalings(sigma)
         output = self.network(append_dims(c_in, x.ndim) * x, c_noise, cond)
         return append_dims(c_skip, x.ndim) * x + append_dims(c_out, x.ndim) * output.to(x.dtype)
@@ -44,6 +50,11 @@ class Denoiser(torch.nn.Module):
         error = (self(x, sigma, cond) - x0) ** 2  # in x0.dtype: D casts the network output back
         weight = self.formulation.loss_weight(sigma) if weight is None else weight
         return weight * error.flatten(1).mean(1)
+
+
+def paired(cond: Any) -> Any:
+    """A batch-of-one condition repeated to two rows (tensors and objects that index like them)."""
+    return None if cond is None else cond[[0, 0]]
 
 
 def min_snr_weight(sigma: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:

@@ -84,6 +84,21 @@ def zero_init(module: nn.Module) -> nn.Module:
     return module
 
 
+class PerImageLinear(nn.Linear):
+    """A Linear on per-image vectors (B, D_in) -> (B, D_out) that, outside training, computes each row alone.
+
+    BLAS libraries choose their kernel by the number of rows (MKL on an AMD EPYC: one kernel for 1 row,
+    another for 2-3, a third for 4 and more) and the kernels round differently, so a batched product
+    would make an image's noise embedding depend on how many images share its batch. One matrix-vector
+    product per row cannot (tests/test_batch_invariance.py). Training keeps the single batched product.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or x.ndim != 2:
+            return super().forward(x)
+        return torch.stack([F.linear(row, self.weight, self.bias) for row in x])  # (B, D_out)
+
+
 class NoiseEmbedding(nn.Module):
     """c_noise (B,) -> (B, dim): sinusoids at log-spaced frequencies, then an MLP.
 
@@ -94,7 +109,7 @@ class NoiseEmbedding(nn.Module):
     def __init__(self, dim: int, frequencies: int = 64):
         super().__init__()
         self.register_buffer("freqs", torch.logspace(math.log10(0.005), math.log10(50.0), frequencies))
-        self.mlp = nn.Sequential(nn.Linear(2 * frequencies, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.mlp = nn.Sequential(PerImageLinear(2 * frequencies, dim), nn.SiLU(), PerImageLinear(dim, dim))
 
     def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
         angles = c_noise.float()[:, None] * self.freqs[None]  # (B, F)
@@ -108,7 +123,7 @@ class ResBlock(nn.Module):
         super().__init__()
         self.norm1 = group_norm(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, 2 * out_channels)
+        self.emb = PerImageLinear(emb_dim, 2 * out_channels)
         self.norm2 = group_norm(out_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))

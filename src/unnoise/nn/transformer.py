@@ -19,7 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Attention, NetworkConfigBase, NoiseEmbedding, TextRefiner, sincos_positions, zero_init
+from .layers import (
+    Attention,
+    NetworkConfigBase,
+    NoiseEmbedding,
+    PerImageLinear,
+    TextRefiner,
+    sincos_positions,
+    zero_init,
+)
 
 
 @dataclass(frozen=True)
@@ -72,7 +80,7 @@ class Block(nn.Module):
             nn.GELU(approximate="tanh"),
             nn.Linear(mlp_ratio * width, width),
         )
-        self.modulation = zero_init(nn.Linear(width, 6 * width))  # every block starts as the identity
+        self.modulation = zero_init(PerImageLinear(width, 6 * width))  # every block starts as the identity
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(emb).chunk(6, dim=1)  # (B, D) each
@@ -87,7 +95,7 @@ class DiffusionTransformer(nn.Module):
         c, p, d = config.in_channels, config.patch, config.width
         self.patchify = nn.Conv2d(c, d, p, stride=p)  # (B, C, H, W) -> (B, D, H/p, W/p)
         self.noise_embedding = NoiseEmbedding(d)
-        self.pooled_text = nn.Linear(config.text_dim, d)
+        self.pooled_text = PerImageLinear(config.text_dim, d)
         self.text_in = nn.Linear(config.text_dim, d)
         self.text_refiner = TextRefiner(d, config.text_layers, config.head_channels)
         self.blocks = nn.ModuleList(
@@ -96,7 +104,7 @@ class DiffusionTransformer(nn.Module):
         half = config.depth // 2 if config.long_skips else 0
         self.skip_merges = nn.ModuleList(nn.Linear(2 * d, d) for _ in range(half))
         self.norm_out = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        self.modulation_out = zero_init(nn.Linear(d, 2 * d))
+        self.modulation_out = zero_init(PerImageLinear(d, 2 * d))
         self.out = zero_init(nn.Linear(d, p * p * c))  # each token's patch of pixels
         self._init_weights()
 

@@ -20,6 +20,7 @@ from .layers import (
     Downsample,
     NetworkConfigBase,
     NoiseEmbedding,
+    PerImageLinear,
     ResBlock,
     TextRefiner,
     TransformerBlock,
@@ -77,7 +78,7 @@ class UNet(nn.Module):
         widths = [c * m for m in config.channel_mult]  # channels per level
         emb_dim = 4 * c
         self.noise_embedding = NoiseEmbedding(emb_dim)
-        self.pooled_text = nn.Linear(config.text_dim, emb_dim)
+        self.pooled_text = PerImageLinear(config.text_dim, emb_dim)
         folded = config.in_channels * config.patch**2  # channels of the patch-folded image
         self.stem = nn.Conv2d(folded, c, 3, padding=1)
         self.positions = zero_init(nn.Conv2d(c, c, 1)) if config.position_embedding else None

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from ..errors import UnnoiseError
-from ..images import png_bytes, to_pil
+from ..images import png_bytes
 from ..pipeline import Pipeline, StopSamplingError
 from ..threads import CpuShare
 
@@ -308,7 +308,7 @@ class Worker:
                 stopped = f"step {job.step} of {job.total_steps}"
                 job.notes["interrupted"] = f"at {stopped}: the images are finished from its x0 estimates"
                 raise StopSamplingError(step.denoised, stopped)
-            preview = png_bytes(to_pil(step.denoised[:1])[0])  # (1, 3, R, R) -> the first image's x0_hat
+            preview = png_bytes(self.pipe.preview(step.denoised))  # the first image's x0_hat, decoded
             job.update(step=job.step + 1, preview=preview)
 
         return report

@@ -383,9 +383,11 @@ class CachedCaption(NamedTuple):
 class CachedTextEncoder:
     """Wraps a TextEncoder so each distinct caption is encoded once; the cache lives on CPU.
 
-    `encode` returns the same batch the wrapped encoder would (on its device), encoding only the
-    captions it has not seen, in one call. With `max_entries` the cache keeps only the most recently
-    used captions (a server meets unboundedly many prompts); training keeps every caption (None).
+    `encode` returns the same batch the wrapped encoder would (on its device), encoding each caption it
+    has not seen alone, so that a caption's states do not depend on the batch it first came in (kernels
+    round differently by batch size); `precompute` encodes many at once, for training. With `max_entries`
+    the cache keeps only the most recently used captions (a server meets unboundedly many prompts);
+    training keeps every caption (None).
     """
 
     def __init__(
@@ -426,9 +428,9 @@ class CachedTextEncoder:
         prompts = check_prompts(prompts)
         if not prompts:
             return TextEmbedding.empty(self.dim, self.device)
-        missing = [p for p in dict.fromkeys(prompts) if p not in self.entries]
-        if missing:
-            self.store(missing, self.encoder.encode(missing))
+        for prompt in dict.fromkeys(prompts):  # each alone: its encoding never depends on its batch
+            if prompt not in self.entries:
+                self.store([prompt], self.encoder.encode([prompt]))
         embedding = self.assemble(prompts)
         self.forget_least_recent()
         return embedding

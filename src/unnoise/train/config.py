@@ -18,8 +18,37 @@ def option(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
+class RunConfig:
+    """What a training run's config (a dataclass) shares: its config.json and back."""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        names = {f.name for f in fields(cls)}
+        unknown = set(values) - names
+        if unknown:
+            raise UnnoiseError(f"unknown training options: {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path: Path):
+        """A run's saved config.json; a damaged one is named, never a traceback."""
+        try:
+            values = json.loads(Path(path).read_text())
+        except ValueError as error:
+            raise UnnoiseError(f"{path} is not valid JSON ({error}); fix or delete it to resume") from None
+        if not isinstance(values, dict):
+            raise UnnoiseError(f"{path} holds a {type(values).__name__}, not a training configuration")
+        try:
+            return cls.from_dict(values)
+        except TypeError as error:
+            raise UnnoiseError(f"{path} is not a training configuration ({error})") from None
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(RunConfig):
     # what to learn
     data: str = option("shapes", "'shapes' (built in, procedural, unbounded) or a folder of captioned images")
     preset: str = option(
@@ -179,28 +208,3 @@ class TrainConfig:
         if not self.grounding_weight:
             return None
         return GroundedWords(places=self.ground_places, numbers=self.ground_numbers)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = set(values) - names
-        if unknown:
-            raise UnnoiseError(f"unknown training options: {', '.join(sorted(unknown))}")
-        return cls(**values)
-
-    @classmethod
-    def load(cls, path: Path) -> TrainConfig:
-        """A run's saved config.json; a damaged one is named, never a traceback."""
-        try:
-            values = json.loads(Path(path).read_text())
-        except ValueError as error:
-            raise UnnoiseError(f"{path} is not valid JSON ({error}); fix or delete it to resume") from None
-        if not isinstance(values, dict):
-            raise UnnoiseError(f"{path} holds a {type(values).__name__}, not a training configuration")
-        try:
-            return cls.from_dict(values)
-        except TypeError as error:
-            raise UnnoiseError(f"{path} is not a training configuration ({error})") from None
