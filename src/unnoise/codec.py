@@ -27,6 +27,7 @@ class Codec(Protocol):
     factor: int
     channels: int
     name: str
+    fingerprint: str  # changes with the codec's weights (a latent cache is keyed by it)
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor: ...
 
@@ -38,7 +39,7 @@ class Codec(Protocol):
 class IdentityCodec:
     """Pixel models: the network sees the pixels themselves."""
 
-    factor, channels, name = 1, 3, "pixels"
+    factor, channels, name, fingerprint = 1, 3, "pixels", "pixels"
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         return pixels
@@ -76,8 +77,15 @@ class LatentStatistics:
 class AutoencoderCodec:
     """unnoise's own autoencoder with its latent statistics."""
 
-    def __init__(self, autoencoder: Autoencoder, statistics: LatentStatistics, name: str = "autoencoder"):
+    def __init__(
+        self,
+        autoencoder: Autoencoder,
+        statistics: LatentStatistics,
+        name: str = "autoencoder",
+        fingerprint: str = "",
+    ):
         self.autoencoder, self.statistics, self.name = autoencoder, statistics, name
+        self.fingerprint = fingerprint or f"{name}:{statistics}"
         self.factor = autoencoder.config.factor
         self.channels = autoencoder.config.latent_channels
 
@@ -129,7 +137,13 @@ def load_codec(folder: str | Path) -> AutoencoderCodec:
             f" autoencoder makes {network_config.latent_channels}"
         )
     autoencoder = materialise(folder, network_config, config)
-    return AutoencoderCodec(autoencoder.eval().requires_grad_(False), statistics, name=folder.resolve().name)
+    name = folder.resolve().parent.name if folder.resolve().name == "model" else folder.resolve().name
+    return AutoencoderCodec(
+        autoencoder.eval().requires_grad_(False),
+        statistics,
+        name=name,
+        fingerprint=config.get("weights_sha256", ""),
+    )
 
 
 def check_autoencoder_fields(values) -> dict:

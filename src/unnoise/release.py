@@ -104,13 +104,17 @@ def release_config(
     steps: int,
     images_seen: int,
     defaults: dict | None = None,
+    codec: dict | None = None,
+    resolution: int | None = None,
 ) -> dict:
     """The config.json of a release to be written in `folder`: what `unnoise.load` needs to rebuild the
     denoiser and its text encoder, and how far training had come (`save_release` adds the weights' checksum).
 
     text_encoder: "minilm" or the encoder's folder (saved relative to the release folder); text_fingerprint:
     the loaded encoder's name, which changes with its weights' files and settings. defaults: sampling
-    defaults that belong to how the model was trained (RELEASE_DEFAULTS)."""
+    defaults that belong to how the model was trained (RELEASE_DEFAULTS). codec: {"kind": "autoencoder",
+    "folder": CODEC_FOLDER} for a latent model, whose images' side `resolution` is the network's times the
+    codec's factor."""
     config = {
         "format": RELEASE_FORMAT,
         "unnoise_version": __version__,
@@ -122,9 +126,11 @@ def release_config(
             "max_tokens": max_tokens,
             "token_layers": token_layers,
         },
-        "resolution": network.resolution,
+        "resolution": resolution or network.resolution,
         "training": {"steps": steps, "images_seen": images_seen},
     }
+    if codec:
+        config["codec"] = dict(codec)
     if defaults:
         config["defaults"] = dict(defaults)
     return config

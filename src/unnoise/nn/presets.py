@@ -1,4 +1,5 @@
-"""Named network shapes: `tiny` for tests, `small` for 32x32 on a CPU, `large` for 64x64.
+"""Named network shapes: `tiny` for tests, `small` for 32x32 on a CPU, `large` for 64x64, `latent-small` for
+the 16x16 latents of a 64x64 autoencoder and `pixel-64` for 64x64 pixels folded 4x4 (its fair baseline).
 
 `small` was chosen by measured training speed on 2 CPU cores (bf16, batch 64): 32 base channels with
 (1, 2, 4) multipliers trains at about 44 images/s with 5.7M parameters, where 64 channels with (1, 2, 2)
@@ -73,3 +74,12 @@ def network_config_from_dict(values: dict) -> NetworkConfig:
     if kind not in kinds:
         raise ValueError(f"unknown network kind {kind!r}; known: {', '.join(kinds)}")
     return kinds[kind].from_dict(values)
+
+
+# Issue 29: real images at 64x64. small-p2q's UNet on the 16x16 latents of an f4 autoencoder (the channels
+# are the codec's, set by `train --autoencoder`) ...
+PRESETS["latent-small"] = replace(PRESETS["small-p2q"], resolution=16, patch=1, in_channels=4)
+PRESETS["latent-tiny"] = replace(PRESETS["tiny"], resolution=8, in_channels=4)
+# ... and the same UNet on 64x64 pixels folded 4x4 into 48 channels at 16x16: the pixel baseline of equal
+# cost
+PRESETS["pixel-64"] = replace(PRESETS["small-p2q"], resolution=64, patch=4)

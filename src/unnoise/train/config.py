@@ -68,7 +68,21 @@ class TrainConfig(RunConfig):
         "what cross-attention reads: the encoder's last layer, or the mean of its first and last (the first"
         " keeps words apart that MiniLM's last nearly merges, such as left and right; see docs/training.md)",
     )
-    resolution: int | None = option(None, "image side in pixels (default: the preset's)")
+    resolution: int | None = option(
+        None,
+        "image side in pixels (default: a folder's image size when its images agree, else the preset's; a"
+        " latent model's: its autoencoder's)",
+    )
+    autoencoder: str = option(
+        "",
+        "an autoencoder release (train-autoencoder's model/): the network learns the folder's latents instead"
+        " of its pixels, and the release carries the autoencoder (presets latent-small, latent-tiny)",
+    )
+    held_out: float = option(
+        0.0,
+        "fraction of a folder's concepts kept out of training (data/split.py, seed 0), for `unnoise eval"
+        " folder` to measure generalisation on",
+    )
     background: str = option("#ffffff", "colour behind transparent pixels of a folder's images")
     caption_column: str = option("text", "the caption column of a folder's metadata.jsonl or .csv")
     shapes_mix: str = option(
@@ -173,6 +187,12 @@ class TrainConfig(RunConfig):
             CaptionMix.parse(self.shapes_mix)
         if self.resolution is not None and not 16 <= self.resolution <= 1024:
             raise UnnoiseError(f"--resolution must be in 16..1024 pixels, got {self.resolution}")
+        if self.autoencoder and self.data == "shapes":
+            raise UnnoiseError("--autoencoder trains on a folder's images: give --data FOLDER")
+        if not 0 <= self.held_out < 1:
+            raise UnnoiseError(f"--held-out must be in [0, 1), got {self.held_out}")
+        if self.held_out and self.data == "shapes":
+            raise UnnoiseError("--held-out splits a folder's concepts; the built-in shapes are unbounded")
         if not 0 <= self.cond_dropout < 1:
             raise UnnoiseError(f"--cond-dropout must be in [0, 1), got {self.cond_dropout}")
         if not self.lr > 0 or self.lr == float("inf"):

@@ -55,6 +55,9 @@ class ShapesSource:
     def examples(self, positions: list[int]) -> tuple[torch.Tensor, list[str]]:
         return self.dataset.batch(positions)
 
+    def mirrored(self, example: torch.Tensor, position: int) -> torch.Tensor:
+        return example.flip(-1)
+
     def grounded_examples(
         self, positions: list[int], words: GroundedWords
     ) -> tuple[torch.Tensor, list[str], list[dict[str, torch.Tensor]]]:
@@ -70,10 +73,21 @@ class ShapesSource:
 
 
 class FolderSource:
-    """A folder of captioned images, reshuffled each epoch by a permutation seeded with (seed, epoch)."""
+    """A folder of captioned images, reshuffled each epoch by a permutation seeded with (seed, epoch); with
+    `held_out`, the concepts of that fraction (data.split, seeded by `split_seed`) are left out."""
 
-    def __init__(self, root: str, resolution: int, seed: int, background: str, caption_column: str = "text"):
+    def __init__(
+        self,
+        root: str,
+        resolution: int,
+        seed: int,
+        background: str,
+        caption_column: str = "text",
+        held_out: float = 0.0,
+        split_seed: int = 0,
+    ):
         from ..data.folder import ImageFolderDataset
+        from ..data.split import held_out_mask
 
         try:
             rgb = ImageColor.getrgb(background)[:3]
@@ -85,30 +99,109 @@ class FolderSource:
             root, resolution=resolution, background=rgb, caption_column=caption_column
         )
         self.seed = seed
-        self.captions = self.dataset.captions
-        self.description = f"{root}: {self.dataset.report.summary()}"
+        held = held_out_mask(self.dataset.captions, held_out, split_seed) if held_out else []
+        self.indices = [i for i in range(len(self.dataset)) if not (held and held[i])]  # the training items
+        if not self.indices:
+            raise UnnoiseError(f"every concept of {root} fell in the held-out split: lower --held-out")
+        self.captions = [self.dataset.captions[i] for i in self.indices]
+        left_out = f"; {len(self.dataset) - len(self.indices)} held out ({held_out:.0%} of the concepts)"
+        self.description = f"{root}: {self.dataset.report.summary()}{left_out if held_out else ''}"
         self._permutations: dict[int, torch.Tensor] = {}
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch not in self._permutations:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._permutations = {epoch: torch.randperm(len(self.dataset), generator=generator)}
+            self._permutations = {epoch: torch.randperm(len(self.indices), generator=generator)}
         return self._permutations[epoch]
 
+    def index(self, position: int) -> int:
+        """The data set index of the example at a global sample position."""
+        n = len(self.indices)
+        return self.indices[int(self._permutation(position // n)[position % n])]
+
     def examples(self, positions: list[int]) -> tuple[torch.Tensor, list[str]]:
-        n = len(self.dataset)
-        items = [self.dataset[int(self._permutation(p // n)[p % n])] for p in positions]
+        items = [self.dataset[self.index(p)] for p in positions]
         return torch.stack([image for image, _ in items]), [caption for _, caption in items]
+
+    def mirrored(self, example: torch.Tensor, position: int) -> torch.Tensor:
+        """The example at `position` flipped left to right."""
+        return example.flip(-1)
+
+
+class LatentSource:
+    """A folder's images as a codec's latents, encoded once (with their mirror images when flips are asked
+    for, since a flipped latent is not the latent of the flipped image) and cached in the run folder."""
+
+    def __init__(self, folder: FolderSource, codec, cache: Path, *, flip: bool, log=print):
+        self.folder, self.captions = folder, folder.captions
+        self.latents, self.mirrors = encoded_folder(folder, codec, cache, flip=flip, log=log)
+        c, h, w = self.latents.shape[1:]
+        self.description = f"{folder.description}; as {c}x{h}x{w} latents of {codec.name}"
+
+    def examples(self, positions: list[int]) -> tuple[torch.Tensor, list[str]]:
+        indices = [self.folder.index(p) for p in positions]
+        return self.latents[indices].float(), [self.folder.dataset.captions[i] for i in indices]
+
+    def mirrored(self, example: torch.Tensor, position: int) -> torch.Tensor:
+        return self.mirrors[self.folder.index(position)].float()
+
+
+def encoded_folder(folder: FolderSource, codec, cache: Path, *, flip: bool, log=print):
+    """(latents (N, c, h, w), mirror images' latents or None) of every image of the folder, from `cache`
+    when it was made from the same images by the same codec; a damaged or stale cache is made again."""
+    import hashlib
+
+    from ..release import CorruptCheckpointError, load_tensors, save_tensors
+
+    pixels = folder.dataset.pixels  # (N, 3, R, R) uint8
+    key = hashlib.sha256(pixels.numpy().tobytes())
+    key.update(f"{codec.name}:{codec.fingerprint}:{flip}".encode())
+    key = key.hexdigest()
+    if cache.is_file():
+        try:
+            tensors = load_tensors(cache)
+            if tensors.get("key") is not None and bytes(tensors["key"].tolist()).decode() == key:
+                return tensors["latents"], tensors.get("mirrors")
+            log(f"{cache} was made from other images or another autoencoder: encoding again")
+        except (CorruptCheckpointError, UnicodeDecodeError, ValueError) as error:
+            log(f"{cache} is damaged ({error}): encoding again")
+    log(f"encoding {len(pixels)} images with {codec.name}{' and their mirror images' if flip else ''} (once)")
+    latents, mirrors = encode_all(codec, pixels, False), encode_all(codec, pixels, True) if flip else None
+    tensors = {"latents": latents, "key": torch.tensor(list(key.encode()), dtype=torch.uint8)}
+    if mirrors is not None:
+        tensors["mirrors"] = mirrors
+    tmp = cache.with_name(f".tmp-{cache.name}")
+    save_tensors(tensors, tmp)
+    tmp.replace(cache)  # a killed write leaves a temporary, never a half cache under the real name
+    return latents, mirrors
+
+
+@torch.no_grad()
+def encode_all(codec, pixels: torch.Tensor, mirror: bool, batch: int = 256) -> torch.Tensor:
+    """Latents (N, c, h, w) in bf16 of uint8 pixels (N, 3, R, R), mirrored first if asked."""
+    from ..data.folder import to_unit_range
+
+    out = []
+    for chunk in pixels.split(batch):
+        x = to_unit_range(chunk)
+        out.append(codec.encode(x.flip(-1) if mirror else x).to(torch.bfloat16))
+    return torch.cat(out)
 
 
 def open_source(
-    data: str, resolution: int, seed: int, background: str, caption_column: str = "text", shapes_mix: str = ""
+    data: str,
+    resolution: int,
+    seed: int,
+    background: str,
+    caption_column: str = "text",
+    shapes_mix: str = "",
+    held_out: float = 0.0,
 ):
     if data == "shapes":
         return ShapesSource(resolution, seed, shapes_mix)
     if not Path(data).exists():
         raise UnnoiseError(f"--data {data!r}: no such folder (use 'shapes' for the built-in data set)")
-    return FolderSource(data, resolution, seed, background, caption_column)
+    return FolderSource(data, resolution, seed, background, caption_column, held_out=held_out)
 
 
 def position_generator(seed: int, position: int) -> torch.Generator:
@@ -141,7 +234,7 @@ def make_batch(
             if masks is not None:
                 masks[k] = {}
         if flip and torch.rand(1, generator=generator).item() < 0.5:
-            images[k] = images[k].flip(-1)
+            images[k] = source.mirrored(images[k], position)
             if masks is not None:
                 masks[k] = {word: m.flip(-1) for word, m in masks[k].items()}
     return Batch(images, captions, torch.cat(sigmas), torch.stack(noises), masks)

@@ -6,6 +6,7 @@ import contextlib
 import csv
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
@@ -13,18 +14,19 @@ from pathlib import Path
 
 import torch
 
+from ..codec import load_codec
 from ..diffusion.denoiser import Denoiser, min_snr_weight
 from ..diffusion.formulations import FORMULATIONS
 from ..errors import UnnoiseError
 from ..nn.presets import PRESETS
 from ..nn.unet import count_parameters
-from ..release import WriteFailedError, release_config, released_steps, save_release
+from ..release import CODEC_FOLDER, WriteFailedError, release_config, released_steps, save_release
 from ..settings import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
 from ..text.encoders import CachedTextEncoder, load_text_encoder
 from ..text.phrases import attribute_phrases
 from .checkpoint import latest_good_state, load_optimizer_state, remove_temporaries, save_training_state
 from .config import TrainConfig
-from .data import Batch, make_batch, open_source
+from .data import Batch, LatentSource, make_batch, open_source
 from .distributed import Distributed, barrier, init_distributed, mean_across, shutdown
 from .ema import EMA, ema_decay
 from .grounding import cross_attention_blocks, grounding_loss, recorded_cross_attention, token_masks
@@ -67,13 +69,9 @@ class Run:
         self.micro_batch = int(per_process)
         self.bf16 = config.precision == "bf16" or (config.precision == "auto" and native_bf16(setup.device))
         self.dir = Path(config.out)
-        preset = PRESETS[config.preset]
-        try:
-            self.network_config = replace(preset, resolution=config.resolution or preset.resolution)
-        except ValueError as error:
-            raise UnnoiseError(
-                f"--resolution {config.resolution} for --preset {config.preset}: {error}"
-            ) from None
+        self.codec = load_codec(config.autoencoder) if config.autoencoder else None
+        self.resolution = pixel_resolution(config, self.codec, log)  # the images' side in pixels
+        self.network_config = network_shape(config, self.codec, self.resolution)
         self.formulation = training_formulation(config)
         torch.manual_seed(config.seed)
         self.network = self.network_config.build().to(setup.device)
@@ -100,12 +98,18 @@ class Run:
         )
         self.source = open_source(
             config.data,
-            self.network_config.resolution,
+            self.resolution,
             config.seed,
             config.background,
             config.caption_column,
             config.shapes_mix,
+            config.held_out,
         )
+        if self.codec is not None:
+            self.codec.to(setup.device)
+            self.source = LatentSource(
+                self.source, self.codec, self.dir / "latents.safetensors", flip=config.flip, log=log
+            )
         if self.source.captions is not None:
             self.text.precompute([*self.source.captions, ""], progress=setup.is_main)
         model = self.network
@@ -170,6 +174,8 @@ class Run:
 
     def write_release(self, step: int) -> None:
         c, folder = self.config, self.dir / "model"
+        if self.codec is not None:  # first the codec, so no config ever names a missing one
+            copy_codec(Path(c.autoencoder), folder / CODEC_FOLDER)
         release = release_config(
             folder,
             self.network_config,
@@ -181,6 +187,8 @@ class Run:
             steps=step,
             images_seen=step * c.batch_size,
             defaults={"bind_attributes": True} if c.bind_attributes else None,  # how it learned to read
+            codec=None if self.codec is None else {"kind": "autoencoder", "folder": CODEC_FOLDER},
+            resolution=self.resolution,
         )
         try:
             save_release(folder, self.ema.module, release)
@@ -312,6 +320,60 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     decay_steps = config.lr_decay_fraction * config.steps
     decay = min(1.0, (config.steps - step) / decay_steps) if decay_steps > 0 else 1.0
     return config.lr * min(warmup, decay)
+
+
+def pixel_resolution(config: TrainConfig, codec, log: Callable[[str], None]) -> int:
+    """The images' side: --resolution; else a latent model's autoencoder's; else a folder's image size
+    (said, with the sizes when they differ); else the preset's."""
+    if codec is not None:
+        trained_at = codec.autoencoder.config.resolution
+        if config.resolution not in (None, trained_at):
+            raise UnnoiseError(
+                f"--resolution {config.resolution}: the autoencoder {config.autoencoder} was trained at"
+                f" {trained_at}x{trained_at}; train at that size, or train an autoencoder at"
+                f" {config.resolution} (unnoise train-autoencoder --resolution {config.resolution})"
+            )
+        return trained_at
+    if config.resolution is not None:
+        return config.resolution
+    if config.data != "shapes" and Path(config.data).is_dir():
+        from ..data.folder import folder_resolution
+
+        return folder_resolution(config.data, config.caption_column, log)
+    return PRESETS[config.preset].resolution
+
+
+def network_shape(config: TrainConfig, codec, resolution: int):
+    """The preset's network at the size (and, for a latent model, the channels) it will see."""
+    preset = PRESETS[config.preset]
+    factor = 1 if codec is None else codec.factor
+    if resolution % factor:
+        raise UnnoiseError(f"--resolution {resolution} is not a multiple of the autoencoder's {factor}")
+    changes = {"resolution": resolution // factor}
+    if codec is not None:
+        changes["in_channels"] = codec.channels
+    try:
+        return replace(preset, **changes)
+    except ValueError as error:
+        raise UnnoiseError(f"--resolution {resolution} for --preset {config.preset}: {error}") from None
+
+
+def copy_codec(source: Path, folder: Path) -> None:
+    """The autoencoder release beside the model's (its config and weights), unless an identical one is."""
+    import shutil
+
+    from ..release import read_release_config
+
+    wanted = read_release_config(source).get("weights_sha256")
+    if (folder / "config.json").is_file() and read_release_config(folder).get("weights_sha256") == wanted:
+        return
+    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in ("model.safetensors", "config.json"):
+        shutil.copyfile(source / name, tmp / name)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -474,8 +536,9 @@ def save_sample_grid(run: Run, path: Path, steps: int = DEFAULT_STEPS) -> None:
     from ..pipeline import Pipeline
 
     prompts = SAMPLE_PROMPTS.get(run.config.data) or list(dict.fromkeys(run.source.captions))[:8]
-    resolution = run.network_config.resolution
-    pipe = Pipeline(Denoiser(run.ema.module, run.formulation), run.text, resolution, name=run.dir.name)
+    resolution = run.resolution
+    denoiser = Denoiser(run.ema.module, run.formulation)
+    pipe = Pipeline(denoiser, run.text, resolution, name=run.dir.name, codec=run.codec)
     images = pipe.render_each(
         [
             pipe.settings(p, "", DEFAULT_SAMPLER, None, steps, DEFAULT_GUIDANCE, i).replace(
