@@ -385,6 +385,30 @@ def _cmd_eval_shapes(args: argparse.Namespace) -> int:
     return _write_report(report.to_dict(), args.report)
 
 
+def _cmd_eval_folder(args: argparse.Namespace) -> int:
+    from .eval.folder_eval import run_folder_eval
+    from .settings import sampler_name
+
+    sampler = sampler_name(args.sampler)
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "unnoise" / "judges"
+    report = run_folder_eval(
+        args.model, args.data, held_out=args.held_out, captions=args.captions, sampler=sampler,
+        steps=args.steps, guidance=args.guidance, seed=args.seed, device=args.device,
+        judge_steps=args.judge_steps, judge_cache=cache,
+    )  # fmt: skip
+    for side in ("train", "held_out"):
+        r = report[side]
+        align = r["text_alignment"]
+        print(
+            f"{side}: {r['captions']} captions; text alignment {align['fraction']:.2f} of the way from"
+            f" shuffled captions ({align['floor']:.3f}) to real images ({align['ceiling']:.3f});"
+            f" FD {r['fd']:.3f}, KID {r['kid']:.4f}, precision {r['precision']:.2f}, recall"
+            f" {r['recall']:.2f}, density {r['density']:.2f}, coverage {r['coverage']:.2f},"
+            f" near copies {r['near_copies']:.0%}"
+        )
+    return _write_report(report, args.report)
+
+
 def _cmd_eval_inpaint(args: argparse.Namespace) -> int:
     from .eval.inpaint_eval import run_inpaint_eval, table
     from .settings import sampler_name
@@ -720,6 +744,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="save every inpainted image there, as colour|shape/<trial>-<seed>-<pass|fail>.png",
     )
     p.set_defaults(run=_cmd_eval_inpaint)
+
+    p = suites.add_parser(
+        "folder",
+        help="judge a model on a folder of captioned images: text alignment against controls, FD, KID,"
+        " precision/recall, density/coverage, near copies, on a concept split (docs/evaluation.md)",
+    )
+    p.add_argument("--model", required=True, help="a shipped model's name or a release folder")
+    p.add_argument("--data", required=True, help="the folder of captioned images the model is judged on")
+    p.add_argument(
+        "--held-out", type=float, default=0.1, help="the split's held-out fraction of concepts (default 0.1)"
+    )
+    p.add_argument("--captions", type=int, default=300, help="captions drawn per side (default 300)")
+    add_device_argument(p)
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER)
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    add_guidance_argument(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--judge-steps", type=int, default=1500, help="training steps of the judge (default 1500)")
+    p.add_argument("--report", default="folder_eval.json", help="where the JSON report goes")
+    p.set_defaults(run=_cmd_eval_folder)
 
     p = sub.add_parser(
         "defaults",
