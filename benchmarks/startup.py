@@ -44,7 +44,7 @@ PHASES = ("import", "load", "image 1", "image 2", "process")
 # --- workers: each runs in its own process and prints one JSON line of phase times ----------------------
 
 
-def worker_ours(model: str) -> dict[str, float]:
+def worker_ours(model: str, prompt: str) -> dict[str, float]:
     t0 = time.perf_counter()
     import unnoise
     import unnoise.pipeline  # what load() brings in: torch, the UNet, the samplers
@@ -52,14 +52,14 @@ def worker_ours(model: str) -> dict[str, float]:
     t1 = time.perf_counter()
     pipe = unnoise.load(model)
     t2 = time.perf_counter()
-    pipe.generate(PROMPT, seed=1, steps=STEPS, guidance=GUIDANCE)
+    pipe.generate(prompt, seed=1, steps=STEPS, guidance=GUIDANCE)
     t3 = time.perf_counter()
-    pipe.generate(PROMPT, seed=2, steps=STEPS, guidance=GUIDANCE)
+    pipe.generate(prompt, seed=2, steps=STEPS, guidance=GUIDANCE)
     t4 = time.perf_counter()
     return {"import": t1 - t0, "load": t2 - t1, "image 1": t3 - t2, "image 2": t4 - t3}
 
 
-def worker_diffusers(unet_folder: str) -> dict[str, float]:
+def worker_diffusers(unet_folder: str, prompt: str) -> dict[str, float]:
     t0 = time.perf_counter()
     import diffusers
     import torch
@@ -70,6 +70,8 @@ def worker_diffusers(unet_folder: str) -> dict[str, float]:
 
     minilm = packaged_minilm_path()
     unet = diffusers.UNet2DConditionModel.from_pretrained(unet_folder).eval()
+    vae_folder = Path(unet_folder) / "vae"
+    vae = diffusers.AutoencoderKL.from_pretrained(vae_folder).eval() if vae_folder.is_dir() else None
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm)
     encoder = transformers.AutoModel.from_pretrained(minilm).eval()
     scheduler = diffusers.DPMSolverMultistepScheduler()
@@ -77,12 +79,13 @@ def worker_diffusers(unet_folder: str) -> dict[str, float]:
 
     @torch.no_grad()
     def image(seed: int) -> torch.Tensor:
-        tokens = tokenizer(["", PROMPT], padding=True, return_tensors="pt")
+        tokens = tokenizer(["", prompt], padding=True, return_tensors="pt")
         states = encoder(**tokens).last_hidden_state  # (2, T, 384): unconditional, conditional
         mask = tokens["attention_mask"].bool()
         pooled = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # (2, 384)
         size = unet.config.sample_size
-        x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
+        channels = unet.config.in_channels
+        x = torch.randn(1, channels, size, size, generator=torch.Generator().manual_seed(seed))
         scheduler.set_timesteps(STEPS)
         x = x * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
@@ -92,7 +95,7 @@ def worker_diffusers(unet_folder: str) -> dict[str, float]:
             ).sample  # fmt: skip
             uncond, cond = both.chunk(2)
             x = scheduler.step(uncond + GUIDANCE * (cond - uncond), t, x).prev_sample
-        return x
+        return x if vae is None else vae.decode(x / vae.config.scaling_factor).sample  # (1, 3, R, R)
 
     image(1)
     t3 = time.perf_counter()
@@ -101,18 +104,34 @@ def worker_diffusers(unet_folder: str) -> dict[str, float]:
     return {"import": t1 - t0, "load": t2 - t1, "image 1": t3 - t2, "image 2": t4 - t3}
 
 
-def save_diffusers_unet(folder: Path) -> None:
-    """A UNet2DConditionModel of our `small` shape (the shipped model's), random weights, safetensors."""
+def save_diffusers_parts(folder: Path, model: str) -> None:
+    """A UNet2DConditionModel of our model's UNet shape and, for a latent model, an AutoencoderKL (vae/) of
+    its autoencoder's shape (same widths, blocks and latent channels; no attention in its middle block, as
+    ours has none); random weights, safetensors."""
     import diffusers
     import torch
 
     sys.path.insert(0, str(HERE))
     from train_throughput import diffusers_config
 
-    from unnoise.nn.presets import PRESETS
+    from unnoise.nn.presets import network_config_from_dict
+    from unnoise.release import CODEC_FOLDER, read_release_config, resolve_model
 
+    release = resolve_model(model)
+    config = read_release_config(release)
     torch.manual_seed(0)
-    diffusers.UNet2DConditionModel(**diffusers_config(PRESETS["small"])).save_pretrained(folder)
+    unet = network_config_from_dict(config["network"])
+    diffusers.UNet2DConditionModel(**diffusers_config(unet)).save_pretrained(folder)
+    if "codec" in config:
+        ae = read_release_config(release / CODEC_FOLDER)["network"]
+        widths = tuple(ae["channels"] * m for m in ae["channel_mult"])
+        diffusers.AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=ae["latent_channels"], block_out_channels=widths,
+            down_block_types=("DownEncoderBlock2D",) * len(widths),
+            up_block_types=("UpDecoderBlock2D",) * len(widths),
+            layers_per_block=ae["blocks_per_level"], norm_num_groups=min(32, widths[0] // 2),
+            sample_size=ae["resolution"], mid_block_add_attention=False,
+        ).save_pretrained(folder / "vae")  # fmt: skip
 
 
 # --- the parent: fresh processes, medians, the table ----------------------------------------------------
@@ -127,20 +146,21 @@ def run_process(argv: list[str]) -> tuple[float, str]:
     return wall, done.stdout
 
 
-def measure(kind: str, target: str, repeats: int) -> dict[str, list[float]]:
+def measure(kind: str, target: str, repeats: int, prompt: str) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {phase: [] for phase in PHASES}
     for _ in range(repeats):
-        wall, out = run_process([sys.executable, __file__, "--worker", kind, "--target", target])
+        argv = [sys.executable, __file__, "--worker", kind, "--target", target, "--prompt", prompt]
+        wall, out = run_process(argv)
         phases = json.loads(out.strip().splitlines()[-1])
         for phase, seconds in {**phases, "process": wall}.items():
             times[phase].append(seconds)
     return times
 
 
-def measure_cli(model: str, repeats: int) -> list[float]:
+def measure_cli(model: str, repeats: int, prompt: str) -> list[float]:
     unnoise = Path(sys.executable).with_name("unnoise")
     with tempfile.TemporaryDirectory() as out:
-        argv = [str(unnoise), "generate", PROMPT, "--seed", "1", "--model", model, "--out", out]
+        argv = [str(unnoise), "generate", prompt, "--seed", "1", "--model", model, "--out", out]
         return [run_process(argv)[0] for _ in range(repeats)]
 
 
@@ -157,12 +177,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="fresh processes per measurement (median)")
     parser.add_argument("--model", default="shapes-32", help="our model: a shipped name or a folder")
+    parser.add_argument("--prompt", default=PROMPT, help=f"the prompt (default {PROMPT!r})")
     parser.add_argument("--worker", choices=("ours", "diffusers"), help=argparse.SUPPRESS)
     parser.add_argument("--target", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         work = worker_ours if args.worker == "ours" else worker_diffusers
-        print(json.dumps(work(args.target)))
+        print(json.dumps(work(args.target, args.prompt)))
         return
     try:
         import diffusers
@@ -170,28 +191,31 @@ def main() -> None:
         sys.exit("benchmarks/startup.py compares against diffusers: run `.venv/bin/pip install diffusers`")
 
     with tempfile.TemporaryDirectory() as folder:
-        save_diffusers_unet(Path(folder))
-        theirs = measure("diffusers", folder, args.repeats)
-    ours = measure("ours", args.model, args.repeats)
-    cli = measure_cli(args.model, args.repeats)
+        save_diffusers_parts(Path(folder), args.model)
+        theirs = measure("diffusers", folder, args.repeats, args.prompt)
+    ours = measure("ours", args.model, args.repeats, args.prompt)
+    cli = measure_cli(args.model, args.repeats, args.prompt)
 
     import torch
 
     header = [
         "# Start-up: import + load + one 20-step image",
         "",
-        f"Median of {args.repeats} fresh processes; one 32x32 image, {STEPS} steps of DPM-Solver++(2M),"
+        f"Median of {args.repeats} fresh processes; one image (decoded, for a latent model), {STEPS} steps"
+        " of DPM-Solver++(2M),"
         f" guidance {GUIDANCE:g}; model `{args.model}` against diffusers {diffusers.__version__} parts"
         f" of the same shape (see the script's docstring). torch {torch.__version__},"
-        f" {os.cpu_count()} CPUs. `.venv/bin/python benchmarks/startup.py --repeats {args.repeats}`",
+        f" {os.cpu_count()} CPUs. `.venv/bin/python benchmarks/startup.py --repeats {args.repeats}"
+        f"{'' if args.model == 'shapes-32' else f' --model {args.model}'}`",
         "",
     ]
     markdown = "\n".join([*header, *table(ours, theirs, cli), ""])
     print(markdown)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "startup.md").write_text(markdown)
+    name = "startup" if args.model == "shapes-32" else f"startup_{Path(args.model).name}"
+    (RESULTS / f"{name}.md").write_text(markdown)
     record = {"repeats": args.repeats, "model": args.model, "ours": ours, "diffusers": theirs, "cli": cli}
-    (RESULTS / "startup.json").write_text(json.dumps(record, indent=1))
+    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":
