@@ -68,7 +68,8 @@ def main() -> None:
     for preset in CONFIGURATIONS:
         command = [
             sys.executable, __file__, "--worker", preset, "--data", args.data,
-            "--autoencoder", args.autoencoder, "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+            "--autoencoder", args.autoencoder, "--batch", str(args.batch), "--steps", str(args.steps),
+            "--warmup", str(args.warmup),
         ]  # fmt: skip
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
