@@ -468,3 +468,52 @@ def test_inpainting_below_strength_one_starts_from_the_masked_content(pipe):
             "parameters"
         ]
     )
+
+
+# --- issue 31: hostile files given to the CLI and the library ---------------------------------------------
+
+
+def text_bomb_png(path, chunks: int = 62) -> None:
+    """An 8x8 PNG with `chunks` zTXt chunks of 1 MB inflated each (about 84 KB on disk)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packed = zlib.compress(b"A" * 999_900, 9)
+    header = struct.pack(">IIBBBBB", 8, 8, 8, 2, 0, 0, 0)
+    pixels = zlib.compress(b"".join(b"\0" + b"\0" * 24 for _ in range(8)))
+    body = b"".join(chunk(b"zTXt", b"k%d\0\0" % i + packed) for i in range(chunks))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + body + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    )
+
+
+def test_a_png_of_inflating_text_chunks_is_refused_without_inflating_them(tmp_path):
+    import tracemalloc
+
+    from unnoise.images import open_image, read_png_text
+
+    bomb = tmp_path / "bomb.png"
+    text_bomb_png(bomb)
+    assert bomb.stat().st_size < 100_000
+    tracemalloc.start()
+    for read in (open_image, read_png_text):
+        with pytest.raises(UnnoiseError, match="cannot read"):
+            read(bomb)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 2_000_000  # Pillow's own bounds let it hold 62 MB
+
+
+def test_a_fifo_given_as_an_image_is_named_not_waited_on(tmp_path):
+    import os
+
+    from unnoise.images import open_image, open_mask, read_png_text
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    for read in (open_image, open_mask, read_png_text):
+        with pytest.raises(UnnoiseError, match="not a regular file"):
+            read(fifo)

@@ -326,7 +326,8 @@ def test_a_taken_number_is_skipped_not_overwritten(tmp_path):
         (["--sampler-option", "eta=0.5"], "has no option eta"),
         (["--seed", str(2**70)], "seed must be in 0.."),
         (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
-        (["--threads", "0"], "--threads must be at least 1, got 0"),
+        (["--threads", "0"], "--threads must be in 1.."),
+        (["--threads", "100000"], "--threads must be in 1.."),  # issue 31: OpenMP segfaulted (exit 139)
         (["-n", "0"], "-n must be in 1..64, got 0"),
         (["--width", "0"], "--width must be at least 1 pixel, got 0"),
         (["--variation-strength", "nan"], "variation strength must be a finite number"),

@@ -613,8 +613,9 @@ def use_threads(threads: int | str | None) -> None:
 
     if threads is None:
         return
-    if threads != "auto" and threads < 1:
-        raise UnnoiseError(f"--threads must be at least 1, got {threads}")
+    most = 4 * (os.cpu_count() or 1)  # more threads than that only contend; OpenMP crashes on 100,000
+    if threads != "auto" and not 1 <= threads <= most:
+        raise UnnoiseError(f"--threads must be in 1..{most} (4 per CPU of this machine), got {threads}")
     import torch
 
     from .threads import CpuShare

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from .data.folder import limit_png_text
 from .errors import UnnoiseError
 from .settings import ImageSettings
 
@@ -89,6 +90,7 @@ def read_png_parameters(path: str | Path) -> ImageSettings:
 
 def read_png_text(path: str | Path) -> str:
     """The `parameters` text chunk of a PNG (ours or AUTOMATIC1111's)."""
+    regular_file(path, "PNG")
     try:
         with Image.open(path) as image:
             text = image.info.get("parameters")
@@ -117,9 +119,22 @@ def open_mask(mask: Image.Image | str | Path) -> Image.Image:
     return _read(mask, "mask").convert("L")
 
 
+limit_png_text()  # bounded PNG text for every image this module opens (data.folder.PNG_TEXT_CHUNK)
+
+
+def regular_file(path: str | Path, what: str) -> None:
+    """An UnnoiseError unless `path` is missing or a regular file: a FIFO or a device would block a read
+    for ever (issue 31), a folder cannot be read as an image."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file (a pipe, socket or device)"
+        raise UnnoiseError(f"the {what} {path} is {kind}: give an image file")
+
+
 def _read(image: Image.Image | str | Path, what: str) -> Image.Image:
     if isinstance(image, Image.Image):
         return image
+    regular_file(image, what)
     try:
         with Image.open(image) as opened:
             opened.load()

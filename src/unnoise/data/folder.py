@@ -42,6 +42,23 @@ from unnoise.errors import UnnoiseError
 
 T = TypeVar("T")  # what a scan's `decode` makes of each usable image
 
+# PNG text chunks are inflated before any byte or pixel bound applies: Pillow allows 1 MB a chunk and 64 MB
+# an image, so an 84 KB file of 62 compressed 1 MB chunks made a reader hold 62 MB (issue 31). A settings
+# text is a few KB; these bounds refuse such a file after inflating at most 64 KB.
+PNG_TEXT_CHUNK = 64 * 1024
+PNG_TEXT_MEMORY = 256 * 1024
+
+
+def limit_png_text() -> None:
+    """Bound Pillow's PNG text chunks for this process (every reader of ours imports this module)."""
+    from PIL import PngImagePlugin
+
+    PngImagePlugin.MAX_TEXT_CHUNK = PNG_TEXT_CHUNK
+    PngImagePlugin.MAX_TEXT_MEMORY = PNG_TEXT_MEMORY
+
+
+limit_png_text()
+
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 PIL_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")  # the decoders tried, whatever the file name
 DEFAULT_MAX_PIXELS = 8192 * 8192  # larger images are skipped as "too large" before they are decoded

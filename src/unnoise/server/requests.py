@@ -182,8 +182,8 @@ def decode_bytes(raw: bytes, what: str) -> Image.Image:
         if width * height > MAX_PIXELS:
             raise HTTPException(413, f"the {what} has {width}x{height} pixels; at most {MAX_PIXELS} allowed")
         image.load()
-    except Image.DecompressionBombError as error:  # Pillow's own guard, for sizes far beyond ours
-        raise HTTPException(413, f"the {what} has too many pixels ({error})") from None
+    except Image.DecompressionBombError:  # Pillow's own guard, for sizes far beyond ours: our bound is said
+        raise HTTPException(413, f"the {what} has too many pixels; at most {MAX_PIXELS} allowed") from None
     except (OSError, SyntaxError, ValueError):
         raise HTTPException(
             422, f"the {what} is not a readable image (accepted: {', '.join(IMAGE_FORMATS)})"
