@@ -55,8 +55,8 @@ class TrainConfig(RunConfig):
         "small",
         "network: tiny, small (the UNet of shapes-32), small-pos (with 2-D positions and a text refiner),"
         " small-p2 (a UNet on 2x2-folded pixels), small-p2q (with positions in its cross-attention queries),"
-        " dit-small (a transformer), dit-p4 (one on 4x4 patches), dit-tiny, large (64x64); see"
-        " docs/training.md",
+        " dit-small (a transformer), dit-p4 (one on 4x4 patches), dit-tiny, large (64x64), pixel-64 (64x64"
+        " folded 4x4), latent-small and latent-tiny (with --autoencoder); see docs/training.md",
     )
     formulation: str = option("edm", "edm, vp, vp-cosine, ddpm, ddpm-cosine, ve or flow (see docs/math.md)")
     text_encoder: str = option(
