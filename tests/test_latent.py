@@ -233,3 +233,23 @@ def test_the_cli_trains_an_autoencoder(folder, tmp_path, caplog):
         "train-autoencoder", "--data", str(folder), "--preset", "tiny", "--out", str(tmp_path / "ae")
     )
     assert again.returncode == 2 and "--resume" in again.stderr
+
+
+def test_a_second_trainer_on_a_run_folder_is_refused_and_touches_nothing(folder, tmp_path):
+    """Issue 31: two `--resume`s on one folder both trained; now the second is refused, naming the first."""
+    from unnoise.train.checkpoint import RunLock
+
+    out = tmp_path / "run"
+    config = TrainConfig(data=str(folder), preset="latent-tiny", steps=1, batch_size=4, out=str(out))
+    ae = AutoencoderTrainConfig(data=str(folder), preset="tiny", steps=1, batch_size=4, out=str(out))
+    with RunLock(out):
+        before = sorted(p.name for p in out.iterdir())
+        for start in (
+            lambda: train(config),
+            lambda: train(config, resume=True),
+            lambda: train_autoencoder(ae),
+        ):
+            with pytest.raises(UnnoiseError, match=r"in use by another training \(PID \d+\)"):
+                start()
+        assert sorted(p.name for p in out.iterdir()) == before
+    train_autoencoder(ae)  # the lock went with its holder

@@ -26,7 +26,13 @@ from ..errors import UnnoiseError
 from ..nn.autoencoder import AUTOENCODER_PRESETS, Autoencoder
 from ..nn.unet import count_parameters
 from ..release import AUTOENCODER_FORMAT, WriteFailedError, save_release
-from .checkpoint import latest_good_state, load_optimizer_state, remove_temporaries, save_training_state
+from .checkpoint import (
+    RunLock,
+    latest_good_state,
+    load_optimizer_state,
+    remove_temporaries,
+    save_training_state,
+)
 from .config import RunConfig, option
 from .ema import EMA, ema_decay
 from .loop import MetricsLog, native_bf16, progress_bar, show_messages_on_the_terminal
@@ -165,11 +171,16 @@ def split_folder(
 
 def train_autoencoder(config: AutoencoderTrainConfig, *, resume: bool = False) -> Path:
     """Train until config.steps; returns the release folder (EMA weights + latent statistics + card)."""
+    config.validate()
+    show_messages_on_the_terminal()
+    with RunLock(Path(config.out)):
+        return _train_autoencoder(config, resume)
+
+
+def _train_autoencoder(config: AutoencoderTrainConfig, resume: bool) -> Path:
     from ..data.folder import folder_resolution
     from ..pipeline import resolve_device
 
-    config.validate()
-    show_messages_on_the_terminal()
     run_dir = Path(config.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume and any(run_dir.glob("state-*")):

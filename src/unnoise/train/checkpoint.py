@@ -213,3 +213,45 @@ def latest_good_state(run_dir: Path, report: Callable[[str], None] = logger.warn
         except CorruptCheckpointError as error:
             report(f"skipping damaged checkpoint: {error}")
     return None
+
+
+# --- one trainer per run folder -------------------------------------------------------------------------
+
+
+class RunLock:
+    """An exclusive lock on a run folder for as long as one training process writes there (issue 31: two
+    `--resume`s on one folder both trained, and one's steps were silently lost). `flock` on `.lock`: the
+    kernel drops it when the process ends, however it ends, so a killed run never leaves a stale lock."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self.file = None
+
+    def __enter__(self) -> RunLock:
+        import fcntl
+
+        from ..errors import UnnoiseError
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        file = open(self.path, "a+")
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().strip() or "another process"
+            file.close()
+            raise UnnoiseError(
+                f"{self.path.parent} is in use by another training ({holder}): wait for it to finish or stop"
+                " it, or choose another --out"
+            ) from None
+        file.seek(0)
+        file.truncate()
+        file.write(f"PID {os.getpid()}")
+        file.flush()
+        self.file = file
+        return self
+
+    def __exit__(self, *_) -> None:
+        if self.file is not None:
+            self.file.close()  # closing releases the lock
+            self.file = None

@@ -24,7 +24,13 @@ from ..release import CODEC_FOLDER, WriteFailedError, release_config, released_s
 from ..settings import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
 from ..text.encoders import CachedTextEncoder, load_text_encoder
 from ..text.phrases import attribute_phrases
-from .checkpoint import latest_good_state, load_optimizer_state, remove_temporaries, save_training_state
+from .checkpoint import (
+    RunLock,
+    latest_good_state,
+    load_optimizer_state,
+    remove_temporaries,
+    save_training_state,
+)
 from .config import TrainConfig
 from .data import Batch, LatentSource, make_batch, open_source
 from .distributed import Distributed, barrier, init_distributed, mean_across, shutdown
@@ -436,6 +442,11 @@ def show_messages_on_the_terminal() -> None:
 
 def _train(config: TrainConfig, setup: Distributed, resume: bool) -> Path:
     run_dir = Path(config.out)
+    with RunLock(run_dir) if setup.is_main else contextlib.nullcontext():  # rank 0 is the one writer
+        return _train_locked(config, setup, resume, run_dir)
+
+
+def _train_locked(config: TrainConfig, setup: Distributed, resume: bool, run_dir: Path) -> Path:
     if setup.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resume and any(run_dir.glob("state-*")):
