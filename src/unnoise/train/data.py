@@ -8,6 +8,7 @@ sees exactly the batches an uninterrupted one would, and N processes see what on
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -170,7 +171,7 @@ def encoded_folder(folder: FolderSource, codec, cache: Path, *, flip: bool, log=
     tensors = {"latents": latents, "key": torch.tensor(list(key.encode()), dtype=torch.uint8)}
     if mirrors is not None:
         tensors["mirrors"] = mirrors
-    tmp = cache.with_name(f".tmp-{cache.name}")
+    tmp = cache.with_name(f".tmp-{os.getpid()}-{cache.name}")  # each process of a launch its own
     save_tensors(tensors, tmp)
     tmp.replace(cache)  # a killed write leaves a temporary, never a half cache under the real name
     return latents, mirrors
