@@ -273,7 +273,7 @@ def test_a_config_that_asks_for_a_huge_network_is_refused_before_any_allocation(
     shutil.copytree(MODELS_DIR / "shapes-32", folder)
     config = json.loads((folder / "config.json").read_text())
     network = config.get("network") or config.pop("unet")
-    config["network"] = {**network, "channels": 8192, "channel_mult": [1, 2, 4, 8]}  # about 100 GB in fp32
+    config["network"] = {**network, "channels": 4096, "channel_mult": [1, 2, 4, 8]}  # about 25 GB in fp32
     (folder / "config.json").write_text(json.dumps(config))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with pytest.raises(UnnoiseError, match=r"the weights do not match config\.json"):
@@ -282,6 +282,12 @@ def test_a_config_that_asks_for_a_huge_network_is_refused_before_any_allocation(
     for broken in ([1, 2], {"network": {"kind": "mamba"}}, {"network": {"channels": "many"}}):
         (folder / "config.json").write_text(json.dumps(broken))
         with pytest.raises(UnnoiseError):
+            unnoise.load(folder)
+    # issue 31: shapes the weights cannot catch (a resolution allocates nothing until an image is drawn)
+    for field, value in (("resolution", 1_000_000), ("resolution", 20_000), ("head_channels", 0)):
+        config["network"] = {**network, field: value}
+        (folder / "config.json").write_text(json.dumps(config))
+        with pytest.raises(UnnoiseError, match=f"{field} must be whole numbers in"):
             unnoise.load(folder)
 
 

@@ -26,9 +26,40 @@ class NetworkConfigBase:
 
     @classmethod
     def from_dict(cls, values: dict):
-        """Known fields only (a release may carry more); JSON lists back to the tuples they were."""
+        """Known fields only (a release may carry more); JSON lists back to the tuples they were. Each value
+        is checked against what training could have written (FIELD_LIMITS) before anything is built: a
+        resolution of 1,000,000 would pass the weights' shapes and then allocate terabytes (issue 31)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names})
+        known = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names}
+        for name, value in known.items():
+            check_field(name, value)
+        return cls(**known)
+
+
+# The range of every whole-number field of a network config (a tuple field: of each of its entries).
+FIELD_LIMITS = {
+    "resolution": (4, 4096), "in_channels": (1, 64), "latent_channels": (1, 64), "channels": (1, 4096),
+    "channel_mult": (1, 64), "blocks_per_level": (1, 16), "attention_levels": (0, 8),
+    "self_attention_levels": (0, 8), "head_channels": (1, 4096), "text_dim": (1, 8192), "text_layers": (0, 32),
+    "patch": (1, 16), "width": (1, 8192), "depth": (1, 128), "mlp_ratio": (1, 16),
+}  # fmt: skip
+
+
+def check_field(name: str, value) -> None:
+    """ValueError naming the field unless its value is of its kind and within FIELD_LIMITS."""
+    if isinstance(value, bool) or name == "dropout":
+        if name == "dropout" and not (isinstance(value, int | float) and 0 <= value < 1):
+            raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+        return
+    if name not in FIELD_LIMITS:
+        return
+    low, high = FIELD_LIMITS[name]
+    entries = value if isinstance(value, tuple) else (value,)
+    if isinstance(value, tuple) and len(value) > 8:
+        raise ValueError(f"{name} has {len(value)} entries; at most 8")
+    for entry in entries:
+        if isinstance(entry, bool) or not isinstance(entry, int) or not low <= entry <= high:
+            raise ValueError(f"{name} must be whole numbers in {low}..{high}, got {value!r}")
 
 
 @functools.cache
