@@ -40,8 +40,8 @@ class NetworkConfigBase:
 FIELD_LIMITS = {
     "resolution": (4, 4096), "in_channels": (1, 64), "latent_channels": (1, 64), "channels": (1, 4096),
     "channel_mult": (1, 64), "blocks_per_level": (1, 16), "attention_levels": (0, 8),
-    "self_attention_levels": (0, 8), "head_channels": (1, 4096), "text_dim": (1, 8192), "text_layers": (0, 32),
-    "patch": (1, 16), "width": (1, 8192), "depth": (1, 128), "mlp_ratio": (1, 16),
+    "self_attention_levels": (0, 8), "head_channels": (1, 4096), "text_dim": (1, 8192),
+    "text_layers": (0, 32), "patch": (1, 16), "width": (1, 8192), "depth": (1, 128), "mlp_ratio": (1, 16),
 }  # fmt: skip
 
 
