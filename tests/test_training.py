@@ -303,7 +303,9 @@ def test_training_on_a_folder_of_captioned_images(tmp_path, caplog):
             out=str(tmp_path / "run"),
         ),
     )
-    assert "3 usable" in caplog.messages[0] and "not an image" in caplog.messages[0]
+    assert "resolution 30: every image" in caplog.messages[0]  # 40x30: the short side, by default
+    scan = next(m for m in caplog.messages if "usable" in m)
+    assert "3 usable" in scan and "not an image" in scan
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
 
 

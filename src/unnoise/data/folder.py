@@ -538,8 +538,9 @@ def folder_resolution(root: str | Path, caption_column: str = "text", say=print)
         counts[size] = counts.get(size, 0) + 1
     (width, height), _ = max(counts.items(), key=lambda item: item[1])
     side = min(width, height)
-    if len(counts) == 1 and width == height:
-        say(f"resolution {side}: every image of {root} is {width}x{height}")
+    if len(counts) == 1:
+        cropped = "" if width == height else " (the short side: the centre is cropped square)"
+        say(f"resolution {side}: every image of {root} is {width}x{height}{cropped}")
     else:
         shown = ", ".join(f"{n} at {w}x{h}" for (w, h), n in sorted(counts.items(), key=lambda i: -i[1])[:4])
         say(
