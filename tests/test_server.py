@@ -150,8 +150,9 @@ def test_the_official_openai_client_gets_images(server):
     assert len(result.data) == 2 and png_of(result.data[0].b64_json).size == (32, 32)
     big = api.images.generate(prompt="x", size="1024x1024")  # the client's usual size: the largest we make
     assert png_of(big.data[0].b64_json).size == (64, 64)
-    with pytest.raises(openai.BadRequestError, match="is not WIDTHxHEIGHT"):
-        api.images.generate(prompt="x", size="large")
+    for size in ("large", "1_000x1", " 8x8", "+8x+8"):  # issue 31: int() took the middle three
+        with pytest.raises(openai.BadRequestError, match="is not WIDTHxHEIGHT"):
+            api.images.generate(prompt="x", size=size)
 
 
 # --- jobs ------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import time
 from typing import Annotated, Any
 
@@ -208,10 +209,10 @@ def openai_routes(service: Service) -> APIRouter:
             raise HTTPException(400, "only response_format b64_json is supported: this server keeps no files")
         width = height = None
         if body.size not in (None, "auto"):
-            try:
-                width, height = (int(v) for v in body.size.lower().split("x"))
-            except ValueError:
-                raise HTTPException(400, f"size {body.size!r} is not WIDTHxHEIGHT (e.g. 1024x1024)") from None
+            match = re.fullmatch(r"([0-9]{1,5})[xX]([0-9]{1,5})", body.size)  # int() took "1_000", " 8", "+8"
+            if match is None:
+                raise HTTPException(400, f"size {body.size!r} is not WIDTHxHEIGHT (e.g. 1024x1024)")
+            width, height = int(match[1]), int(match[2])
             if not (1 <= width <= 4096 and 1 <= height <= 4096):
                 raise HTTPException(400, f"size {body.size!r}: each side must be in 1..4096")
         request = Txt2Img(prompt=body.prompt, batch_size=body.n, width=width, height=height)
