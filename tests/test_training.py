@@ -188,6 +188,20 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(
     assert load_release(tmp_path / "model")[1]["training"]["steps"] == 4
 
 
+def test_a_full_disk_at_the_first_checkpoint_does_not_promise_an_earlier_one(tmp_path, monkeypatch):
+    """Issue 31: the message said "the previous checkpoint is kept" when there was none."""
+    import unnoise.release
+
+    def disk_full(tensors, path):
+        Path(path).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(unnoise.release, "save_file", disk_full)
+    result = run_cli("train", *TINY, "--steps", "2", "--out", str(tmp_path))
+    assert result.returncode == 1 and "there is no earlier checkpoint" in result.stderr, result.stderr
+    assert "previous checkpoint is kept" not in result.stderr and not list(tmp_path.rglob(".tmp-*"))
+
+
 def test_the_release_loads_without_training_code_and_detects_tampering(tmp_path):
     train(
         TrainConfig(

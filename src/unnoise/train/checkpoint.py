@@ -105,9 +105,10 @@ def save_training_state(
         write_state_folder(tmp, step, model=model, ema=ema, optimizer=optimizer, extra=extra)
     except OSError as error:
         shutil.rmtree(tmp, ignore_errors=True)
+        kept = "the previous checkpoint is kept" if list_states(run_dir) else "there is no earlier checkpoint"
         raise WriteFailedError(
-            f"could not save the checkpoint of step {step} in {run_dir} ({write_failure(error)}); the"
-            " previous checkpoint is kept: free some space, then --resume"
+            f"could not save the checkpoint of step {step} in {run_dir} ({write_failure(error)}); {kept}:"
+            " free some space, then --resume"
         ) from error
     if final.exists():
         shutil.rmtree(final)
