@@ -7,10 +7,13 @@ BIN := $(VENV)/bin
 
 setup: $(VENV)/.installed
 
-# torch is pinned first (a local CPU build); the package's own `torch>=2.4` is then already met.
+# torch is pinned first (a CPU build where pip finds one); the package's own `torch>=2.4` is then met.
+# From the default index on Linux that pin is the CUDA build (gigabytes): give PyTorch's CPU wheel index
+# as TORCH_INDEX to get the CPU build instead (make demo TORCH_INDEX=...).
+TORCH_INDEX ?=
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q torch==2.13.0
+	$(PYTHON) -m venv $(VENV) || (echo "python3 -m venv failed: on Debian or Ubuntu, apt-get install python3-venv" && false)
+	$(BIN)/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 

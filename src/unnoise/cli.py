@@ -11,11 +11,14 @@ from pathlib import Path
 
 def _cmd_samplers(args: argparse.Namespace) -> int:
     from .diffusion.samplers import SAMPLERS, STOCHASTIC
+    from .settings import A1111_SAMPLERS
 
     for name in sorted(SAMPLERS):
         doc = (SAMPLERS[name].__doc__ or "").strip().splitlines()[0]
         kind = "stochastic" if name in STOCHASTIC else "deterministic"
-        print(f"{name:<16} {kind:<13} {doc}")
+        labels = [label for label, ours in A1111_SAMPLERS.items() if ours == name]
+        also = f" (also: {', '.join(repr(label) for label in labels)})" if labels else ""
+        print(f"{name:<16} {kind:<13} {doc}{also}")
     return 0
 
 
@@ -367,7 +370,11 @@ def _cmd_eval_shapes(args: argparse.Namespace) -> int:
     sampler = sampler_name(args.sampler)  # ours or AUTOMATIC1111's label, named before the model loads
     if args.save_images:
         _output_folder(args.save_images)  # a folder that cannot be made is named before any image is drawn
-
+    images = 4 * args.prompts_per_category * args.samples
+    print(
+        f"ShapesEval: {images} images of {args.steps} steps (minutes on a CPU); the report goes to"
+        f" {Path(args.report).resolve()}"
+    )
     report = run_shapes_eval(
         args.model,
         samples_per_prompt=args.samples,
@@ -506,7 +513,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class) -> None:
         flag = "--" + field.name.replace("_", "-")
         hint, default = hints[field.name], field.default
         help_text = field.metadata.get("help", "")
-        shown = {"default": argparse.SUPPRESS, "help": f"{help_text} (default: {default})".lstrip()}
+        said = "(default:" in help_text or default is None  # a None default is explained in the help
+        help_text = help_text if said else f"{help_text} (default: {default})".lstrip()
+        shown = {"default": argparse.SUPPRESS, "help": help_text}
         if typing.get_origin(hint) is typing.Literal:
             parser.add_argument(flag, choices=typing.get_args(hint), **shown)
         elif isinstance(default, bool):
@@ -793,7 +802,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument(
+        "--port", type=int, default=7860, help="the TCP port to listen on (default 7860, as A1111)"
+    )
     p.add_argument(
         "--api-key",
         default=os.environ.get("UNNOISE_API_KEY"),
