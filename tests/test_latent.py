@@ -253,3 +253,17 @@ def test_a_second_trainer_on_a_run_folder_is_refused_and_touches_nothing(folder,
                 start()
         assert sorted(p.name for p in out.iterdir()) == before
     train_autoencoder(ae)  # the lock went with its holder
+
+
+def test_a_folder_of_mixed_sizes_trains_at_the_common_short_side_and_says_the_counts(tmp_path):
+    from unnoise.data.folder import folder_resolution
+
+    root = tmp_path / "mixed"
+    root.mkdir()
+    sizes = [(24, 24)] * 3 + [(40, 32)] * 2 + [(16, 16)]
+    for i, size in enumerate(sizes):
+        Image.new("LA" if i % 2 else "RGBA", size, 128).save(root / f"{i}.png")  # grey and transparent too
+        (root / f"{i}.txt").write_text(f"picture {i}")
+    said = []
+    assert folder_resolution(root, say=said.append) == 24
+    assert "3 at 24x24, 2 at 40x32, 1 at 16x16" in said[0] and "--resolution" in said[0]
