@@ -5,21 +5,23 @@ Python process (so nothing is warm but the operating system's file cache), and e
 inside it:
 
     import   `import unnoise` and what `unnoise.load` imports      | `import diffusers, transformers`
-    load     `unnoise.load("shapes-32")`: UNet + MiniLM            | UNet2DConditionModel.from_pretrained
-                                                                   |   + MiniLM with transformers
-    image 1  20 steps of DPM-Solver++(2M), guidance 3, one image   | DPMSolverMultistepScheduler, same
+    load     `unnoise.load(MODEL)`: network + MiniLM (+ autoencoder) | UNet2DConditionModel.from_pretrained
+                                                                   |   + MiniLM with transformers (+ VAE)
+    image 1  20 steps of DPM-Solver++(2M), guidance 3, one image,  | DPMSolverMultistepScheduler, same
+             decoded to pixels for a latent model                  |   (AutoencoderKL.decode)
     image 2  the same again, now warm                              |
 
-The peer is the same job built from diffusers' parts: a UNet2DConditionModel of the same shape as ours
-(`diffusers_config` from benchmarks/train_throughput.py, random weights saved once with save_pretrained),
-the same MiniLM text encoder loaded with transformers, and diffusers' DPM-Solver++ 2M scheduler (its
-default algorithm and order) with classifier-free guidance as diffusers' pipelines do it (one batch of
-unconditional and conditional inputs). A diffusers pipeline class would add a VAE, which our pixel-space
-model does not have, so it would not be the same job. `process` is the wall time of the whole process as
-seen by its parent, interpreter start and exit included. `unnoise generate` is the CLI end to end.
+The peer is the same job built from diffusers' parts: a UNet2DConditionModel of the same shape as our
+model's network (`diffusers_config` from benchmarks/train_throughput.py, random weights saved once with
+save_pretrained), for a latent model (`--model emoji-64`) an AutoencoderKL of our autoencoder's shape, the
+same MiniLM text encoder loaded with transformers, and diffusers' DPM-Solver++ 2M scheduler (its default
+algorithm and order) with classifier-free guidance as diffusers' pipelines do it (one batch of
+unconditional and conditional inputs). `process` is the wall time of the whole process as seen by its
+parent, interpreter start and exit included. `unnoise generate` is the CLI end to end.
 
-Run: .venv/bin/python benchmarks/startup.py [--repeats 5]   (needs `pip install diffusers`)
-Writes benchmarks/results/startup.md and startup.json.
+Run: .venv/bin/python benchmarks/startup.py [--model emoji-64] [--prompt "red apple"] [--repeats 5]
+     (diffusers comes with the dev install, or `pip install -e ".[diffusers]"`)
+Writes benchmarks/results/startup.md and .json (startup_<model>.md and .json for another model).
 """
 
 from __future__ import annotations
@@ -188,7 +190,7 @@ def main() -> None:
     try:
         import diffusers
     except ImportError:
-        sys.exit("benchmarks/startup.py compares against diffusers: run `.venv/bin/pip install diffusers`")
+        sys.exit('benchmarks/startup.py needs diffusers: `.venv/bin/pip install -e ".[diffusers]"`')
 
     with tempfile.TemporaryDirectory() as folder:
         save_diffusers_parts(Path(folder), args.model)

@@ -11,7 +11,10 @@ import torch
 
 from tests.conftest import run_cli
 from tests.test_latent import autoencoder, captioned_folder, folder, latent_model  # noqa: F401  (fixtures)
+from unnoise.codec import IdentityCodec
 from unnoise.eval.folder_eval import (
+    Judge,
+    codec_report,
     derangement,
     frechet_distance,
     kernel_inception_distance,
@@ -92,3 +95,22 @@ def test_eval_folder_runs_on_a_latent_model(latent_model, folder, tmp_path):  # 
         assert set(report[side]["text_alignment"]) == {"model", "ceiling", "floor", "fraction"}
         assert 0 <= report[side]["near_copies"] <= 1
     assert "text alignment" in done.stdout
+    assert report["autoencoder"]["images"] == report["split"]["held_out_images"]
+    assert "autoencoder:" in done.stdout
+
+
+class NoisyCodec(IdentityCodec):
+    """Decodes with a fixed amount of noise added: a worse reconstruction than the identity's."""
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z + 0.2 * torch.randn(z.shape, generator=torch.Generator().manual_seed(0))
+
+
+def test_the_codec_report_ranks_a_perfect_codec_above_a_noisy_one_and_both_against_blur(tmp_path):
+    root = captioned_folder(tmp_path / "f", tones=False)
+    pixels = split_folder(root, 16, held_out=0.3, seed=3).held_pixels
+    torch.manual_seed(0)
+    judge = Judge().eval()
+    exact, noisy = codec_report(judge, IdentityCodec(), pixels), codec_report(judge, NoisyCodec(), pixels)
+    assert exact["psnr"] > 60 and exact["ssim"] > 0.999 and exact["fd"] < 1e-6 < exact["fd_blurred_control"]
+    assert noisy["psnr"] < 30 and noisy["ssim"] < exact["ssim"] and noisy["fd"] > exact["fd"]

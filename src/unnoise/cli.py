@@ -413,6 +413,12 @@ def _cmd_eval_folder(args: argparse.Namespace) -> int:
             f" {r['recall']:.2f}, density {r['density']:.2f}, coverage {r['coverage']:.2f},"
             f" near copies {r['near_copies']:.0%}"
         )
+    if "autoencoder" in report:
+        r = report["autoencoder"]
+        print(
+            f"autoencoder: {r['images']} held-out images reconstructed at PSNR {r['psnr']:.2f} dB, SSIM"
+            f" {r['ssim']:.3f}, FD {r['fd']:.3f} (the originals blurred: {r['fd_blurred_control']:.3f})"
+        )
     return _write_report(report, args.report)
 
 

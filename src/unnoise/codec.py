@@ -99,7 +99,7 @@ class AutoencoderCodec:
         return self.autoencoder.decoder(z * std + mean).clamp(-1, 1)  # (B, 3, H, W)
 
     def preview(self, z: torch.Tensor) -> torch.Tensor:
-        """The full decoder: at 64x64 it costs a few milliseconds (benchmarks/latent_sampling.py)."""
+        """The full decoder: the cheapest preview that looks right at 64x64 (benchmarks/latent_preview.py)."""
         return self.decode(z)
 
     def to(self, device: torch.device | str) -> AutoencoderCodec:

@@ -18,6 +18,10 @@ For the first `captions` captions of each side (one image each, seed i for capti
 - **precision, recall** (Kynkäänniemi et al. 2019, k = 5) and **density, coverage** (Naeem et al. 2020);
 - **memorisation**: the share of images whose nearest training image is much nearer than the nearest
   training image of another concept (ratio test, d1 / d2 < 0.5: a near copy of one training picture).
+
+For a latent model it also judges the **autoencoder** on every held-out image: PSNR and SSIM of its
+reconstructions and their Fréchet distance to the originals on the judge's features, beside the same
+distance for the originals blurred (halved and enlarged again, bilinear) as a scale.
 """
 
 from __future__ import annotations
@@ -278,6 +282,29 @@ def side_report(
     }  # fmt: skip
 
 
+@torch.no_grad()
+def codec_report(judge: Judge, codec, pixels: torch.Tensor, batch: int = 128) -> dict:
+    """How well `codec` (encode, decode) reconstructs `pixels` (N, 3, R, R) uint8 in the judge's eyes."""
+    from ..train.autoencoder import psnr, ssim
+
+    originals, reconstructions = [], []
+    for chunk in pixels.split(batch):
+        x = to_unit_range(chunk)  # (b, 3, R, R) in [-1, 1]
+        originals.append(x)
+        reconstructions.append(codec.decode(codec.encode(x)).float().clamp(-1, 1))
+    x, y = torch.cat(originals), torch.cat(reconstructions)
+    side = x.shape[-1]
+    blurred = F.interpolate(F.interpolate(x, scale_factor=0.5, mode="bilinear"), size=side, mode="bilinear")
+    real_f = judge.image.features(x).numpy()
+    return {
+        "images": len(x),
+        "psnr": round(float(psnr(y, x).mean()), 3),
+        "ssim": round(float(ssim(y, x).mean()), 4),
+        "fd": round(frechet_distance(real_f, judge.image.features(y).numpy()), 4),
+        "fd_blurred_control": round(frechet_distance(real_f, judge.image.features(blurred).numpy()), 4),
+    }
+
+
 def derangement(n: int, seed: int) -> list[int]:
     """A seeded permutation with no fixed point (each caption goes to another image)."""
     order = list(range(n))
@@ -294,10 +321,12 @@ def evaluate_folder(
     judge_steps: int = 1500,
     judge_cache: Path | None = None,
     seed: int = 0,
+    codec=None,
     say=print,
 ) -> dict:
     """The report. generate(captions, first_seed) -> images (N, 3, R, R) in [-1, 1], caption i with seed
-    first_seed + i; encode_text(captions) -> MiniLM sentence vectors (N, 384)."""
+    first_seed + i; encode_text(captions) -> MiniLM sentence vectors (N, 384); codec: the model's
+    autoencoder (encode, decode), judged on the held-out images, or None for a pixel model."""
     judge = judge_for(split, encode_text, judge_cache, judge_steps, seed, say)
     with torch.no_grad():
         train_features = torch.cat(
@@ -315,6 +344,9 @@ def evaluate_folder(
         report[side] = side_report(
             judge, real, chosen, generated, encode_text(chosen), train_features, train_concepts, seed
         )
+    if codec is not None:
+        say(f"autoencoder: reconstructing the {len(split.held_captions)} held-out images")
+        report["autoencoder"] = codec_report(judge, codec, split.held_pixels)
     return report
 
 
@@ -369,7 +401,7 @@ def run_folder_eval(
 
     report = evaluate_folder(
         generate, encode_text, split, captions=captions, judge_steps=judge_steps, judge_cache=judge_cache,
-        seed=seed, say=say,
+        seed=seed, codec=None if pipe.codec.factor == 1 else pipe.codec, say=say,
     )  # fmt: skip
     settings = {"sampler": sampler or DEFAULT_SAMPLER, "steps": steps or DEFAULT_STEPS}
     settings["guidance"] = pipe.default_guidance if guidance is None else guidance
