@@ -208,7 +208,8 @@ def main() -> None:
         f" guidance {GUIDANCE:g}; model `{args.model}` against diffusers {diffusers.__version__} parts"
         f" of the same shape (see the script's docstring). torch {torch.__version__},"
         f" {os.cpu_count()} CPUs. `.venv/bin/python benchmarks/startup.py --repeats {args.repeats}"
-        f"{'' if args.model == 'shapes-32' else f' --model {args.model}'}`",
+        f"{'' if args.model == 'shapes-32' else f' --model {args.model}'}"
+        f"{'' if args.prompt == PROMPT else f' --prompt {args.prompt!r}'}`",
         "",
     ]
     markdown = "\n".join([*header, *table(ours, theirs, cli), ""])

@@ -123,7 +123,7 @@ def test_the_catalogue_names_shipped_models_releases_and_training_runs(tmp_path)
     shutil.copytree(MODELS_DIR / "shapes-32", tmp_path / "run-7" / "model")
     (tmp_path / "notes").mkdir()
     catalogue = model_catalogue([tmp_path])
-    assert list(catalogue) == ["shapes-32", "mine", "run-7"]
+    assert list(catalogue) == ["emoji-64", "shapes-32", "mine", "run-7"]  # the shipped ones first
     assert catalogue["run-7"] == tmp_path / "run-7" / "model" and model_name(catalogue["run-7"]) == "run-7"
     assert model_catalogue([tmp_path / "mine"])["mine"] == tmp_path / "mine"  # a release folder itself
     assert unnoise.load(tmp_path / "run-7" / "model").name == "run-7"
