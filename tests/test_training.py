@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -644,3 +645,29 @@ def test_a_run_started_with_relative_folders_resumes_from_another_directory(tmp_
     monkeypatch.chdir(elsewhere)
     again = run_cli("train", "--resume", "--steps", "2", "--out", str(project / "runs" / "r"))
     assert again.returncode == 0, again.stderr
+
+
+def test_it_says_up_front_how_long_the_run_takes_and_checkpoints_by_time_too(tmp_path, caplog, monkeypatch):
+    """Issue 31 item 10: after the first logged steps the run says the time left at the measured speed;
+    `--checkpoint-minutes` checkpoints when that much time has passed, whatever --checkpoint-every says."""
+    import unnoise.train.loop as loop
+
+    clock = itertools.count(0.0, 31.0)  # each reading of the clock 31 s after the one before
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: next(clock))
+    caplog.set_level(logging.INFO, logger="unnoise.train")
+    config = TrainConfig(
+        preset="tiny", batch_size=4, steps=4, log_every=1, checkpoint_every=100, checkpoint_minutes=1.5,
+        keep_checkpoints=10, sample_every=0, out=str(tmp_path),
+    )  # fmt: skip
+    train(config)
+    (said,) = [m for m in caplog.messages if "steps left take about" in m]
+    assert re.fullmatch(
+        r"at \d+\.\d images/s the 3 steps left take about \d+ min \(done near \d\d:\d\d\); a checkpoint every"
+        r" 100 steps and every 1.5 minutes",
+        said,
+    ), said
+    saved = sorted(p.name for p in tmp_path.glob("state-*"))
+    assert len(saved) >= 2 and saved[-1] == "state-00000004", saved  # by time before the last step
+    without = replace(config, checkpoint_minutes=0.0, out=str(tmp_path / "steps-only"))
+    train(without)
+    assert [p.name for p in (tmp_path / "steps-only").glob("state-*")] == ["state-00000004"]

@@ -155,6 +155,9 @@ class TrainConfig(RunConfig):
     log_every: int = option(50, "steps between rows of log.csv")
     sample_every: int = option(1000, "steps between sample grids in samples/ (0: none)")
     checkpoint_every: int = option(500, "steps between resumable checkpoints and releases")
+    checkpoint_minutes: float = option(
+        10.0, "also a checkpoint when this many minutes of training passed since the last (0: by steps only)"
+    )
     keep_checkpoints: int = option(3, "the newest this many checkpoints are kept")
     max_bad_steps: int = option(20, "this many non-finite losses in a row stop the run")
 
@@ -168,7 +171,7 @@ class TrainConfig(RunConfig):
                 raise UnnoiseError(
                     f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
                 )
-        for name in ("data_workers", "warmup_steps", "sample_every", "seed"):
+        for name in ("data_workers", "warmup_steps", "sample_every", "seed", "checkpoint_minutes"):
             if getattr(self, name) < 0:
                 raise UnnoiseError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
         for name in ("weight_decay", "grad_clip", "ema_half_life", "ema_warmup", "min_snr_gamma"):

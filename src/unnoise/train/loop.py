@@ -473,6 +473,7 @@ def _train_locked(config: TrainConfig, setup: Distributed, resume: bool, run_dir
     )
     batches = run.micro_batches(start)
     bad_in_a_row, window_start, window_loss, window_steps = 0, time.perf_counter(), 0.0, 0
+    last_checkpoint, estimated = time.perf_counter(), False
     with progress_bar(start, config.steps, enabled=setup.is_main) as progress:  # closed on an error too
         for step in range(start, config.steps):
             taken = run.step(batches, step)
@@ -501,9 +502,16 @@ def _train_locked(config: TrainConfig, setup: Distributed, resume: bool, run_dir
                 grounding_log.write(step=done, grounding_loss=grounding)
                 run.grounding_seen = 0.0
                 progress.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.1f}")
+                if not estimated and done < config.steps:
+                    logger.info(time_estimate(config, done, rate))
+                    estimated = True
                 window_start, window_loss, window_steps = time.perf_counter(), 0.0, 0
-            if done % config.checkpoint_every == 0 or done == config.steps:
+                overdue = checkpoint_overdue(config, time.perf_counter() - last_checkpoint, setup)
+            else:
+                overdue = False
+            if done % config.checkpoint_every == 0 or done == config.steps or overdue:
                 run.save(done)
+                last_checkpoint = time.perf_counter()
             if (
                 setup.is_main
                 and config.sample_every
@@ -513,6 +521,33 @@ def _train_locked(config: TrainConfig, setup: Distributed, resume: bool, run_dir
             progress.update(1)
     logger.info(f"done: {config.steps} steps; model in {run_dir / 'model'}")
     return run_dir / "model"
+
+
+def time_estimate(config: TrainConfig, done: int, images_per_s: float) -> str:
+    """What the rest of the run costs at the speed of its first logged steps, said once, up front."""
+    seconds = (config.steps - done) * config.batch_size / images_per_s
+    finish = time.strftime("%H:%M", time.localtime(time.time() + seconds))
+    every = f"every {config.checkpoint_every} steps"
+    if config.checkpoint_minutes:
+        every += f" and every {config.checkpoint_minutes:g} minutes"
+    return (
+        f"at {images_per_s:.1f} images/s the {config.steps - done} steps left take about"
+        f" {duration(seconds)} (done near {finish}); a checkpoint {every}"
+    )
+
+
+def duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{max(minutes, 1)} min"
+
+
+def checkpoint_overdue(config: TrainConfig, seconds_since: float, setup) -> bool:
+    """Whether --checkpoint-minutes have passed since the last checkpoint, as rank 0's clock says: every
+    rank takes the same decision (one collective at a logging step, which every rank reaches together)."""
+    if not config.checkpoint_minutes:
+        return False
+    due = torch.tensor(float(seconds_since >= 60 * config.checkpoint_minutes and setup.is_main))
+    return bool(mean_across(due, setup) > 0)
 
 
 LOG_FIELDS = ("step", "loss", "lr", "grad_norm", "images_per_s", "time")  # loss: the diffusion loss
