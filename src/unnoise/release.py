@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import reprlib
 from collections.abc import Iterable
 from pathlib import Path
@@ -152,6 +153,7 @@ def save_release(folder: Path, network: torch.nn.Module, config: dict, *, dtype=
     write (WriteFailedError) leaves the previous release as it was."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(folder)
     tmp_weights = folder / f".tmp-model-{os.getpid()}.safetensors"
     tmp_config = folder / f".tmp-config-{os.getpid()}.json"
     try:
@@ -239,6 +241,33 @@ def release_bind_attributes(config: dict) -> bool:
     return config.get("defaults", {}).get("bind_attributes", False)
 
 
+STALE_TEMPORARY = re.compile(r"\.tmp-(?:model|config)-(\d+)\.(?:safetensors|json)")  # save_release's, ours
+
+
+def remove_stale_temporaries(folder: Path) -> int:
+    """Delete the temporaries a killed `save_release` or `unnoise defaults` left in a release folder: those
+    whose writer (the PID in the name) is gone. A live writer's are its own business."""
+    removed = 0
+    for path in Path(folder).glob(".tmp-*"):
+        match = STALE_TEMPORARY.fullmatch(path.name)
+        if match and not process_alive(int(match[1])):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill would end the process there: never guess, keep the file
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def set_release_defaults(folder: Path, **changes: float | bool | None) -> dict:
     """Write some of a release's defaults (`guidance=1.5`, `bind_attributes=True`; None removes one) and
     return its config. Only config.json changes, through a temporary file renamed into place; the weights
@@ -246,6 +275,7 @@ def set_release_defaults(folder: Path, **changes: float | bool | None) -> dict:
     folder = Path(folder)
     config = read_release_config(folder)
     check_release_config(folder, config)
+    remove_stale_temporaries(folder)
     defaults = {**config.get("defaults", {}), **changes}
     defaults = {name: value for name, value in defaults.items() if value is not None}
     config = {key: value for key, value in config.items() if key != "defaults"}

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
@@ -33,7 +34,7 @@ from ..threads import CpuShare
 from .jobs import DEFAULT_DEADLINE, INTERNAL_ERROR, Worker, log
 from .requests import MAX_BODY, REQUEST_MAX_IMAGES, REQUEST_MAX_STEPS
 from .routes import a1111_routes, job_routes, openai_routes
-from .security import Guard
+from .security import Guard, note_planned_stop
 from .service import Service
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -80,6 +81,8 @@ def create_app(
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException):
         headers = getattr(error, "headers", None)
+        if error.status_code == 503 and worker.stopping.is_set():
+            note_planned_stop(request.scope)
         if request.url.path.startswith("/v1/"):  # OpenAI's error shape, which its client reads
             body = {"error": {"message": error.detail, "type": "invalid_request_error", "code": None}}
             return JSONResponse(body, status_code=error.status_code, headers=headers)
@@ -161,9 +164,7 @@ def serve(
 ) -> None:
     """`unnoise serve`: load the model and run uvicorn until interrupted. Clients may switch to the shipped
     models and the releases in `models_dirs`. `log_level` is the least a logged line is: each request's
-    access line is INFO, WARNING for a 4xx, ERROR for a 5xx."""
-    import uvicorn
-
+    access line is INFO, WARNING for a 4xx (and a planned stop's 503), ERROR for a 5xx."""
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         raise UnnoiseError(f"binding {host} exposes the server beyond this machine: pass --api-key too")
     if not 1 <= port <= 65535:
@@ -192,7 +193,24 @@ def serve(
     )
     print(f"unnoise: serving {app.state.worker.pipe.name} on http://{host}:{port}/ (API docs at /docs)")
     # one line a request comes from our access log (security.Guard), with the duration; not uvicorn's
-    uvicorn.run(
+    config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level.lower(), access_log=False, limit_concurrency=256,
-        timeout_graceful_shutdown=5,  # SIGTERM: the lifespan cancels every job; nothing waits for the queue
+        timeout_graceful_shutdown=5,  # nothing waits for the queue: the stop cancels every job at once
     )  # fmt: skip
+    StoppingServer(config, app.state.worker).run()
+
+
+class StoppingServer(uvicorn.Server):
+    """uvicorn's server that, on SIGTERM or Ctrl-C, first stops the worker: every queued or running job is
+    cancelled at once, so each waiting client is answered 503 with Retry-After and each watcher gets its
+    final event within the graceful shutdown, instead of being cut off with a cancelled task's 500."""
+
+    def __init__(self, config: uvicorn.Config, worker: Worker):
+        super().__init__(config)
+        self.worker = worker
+
+    def handle_exit(self, sig, frame) -> None:
+        if not self.worker.stopping.is_set():
+            log.info("stopping: new jobs refused, every job cancelled")
+        self.worker.stop()
+        super().handle_exit(sig, frame)

@@ -35,6 +35,13 @@ log = logging.getLogger("unnoise.server")
 INTERNAL_ERROR = "internal error (the server's log has the details)"
 
 
+STOPPING = "the server is stopping; try again in a moment (or at another server)"
+
+
+class ServerStoppingError(Exception):
+    """A job submitted while the server stops."""
+
+
 class CancelledError(Exception):
     """Raised inside the sampler's callback to stop a job at the next step."""
 
@@ -158,6 +165,7 @@ class Worker:
         self.current: Job | None = None
         self.lock = threading.Lock()
         self.seconds_per_job = 1.0  # running mean, for Retry-After
+        self.stopping = threading.Event()  # a planned stop (SIGTERM): no new job, every job cancelled
         self.cpu_share = cpu_share  # None: PyTorch's thread count as it is
         self.thread = threading.Thread(target=self._loop, name="unnoise-worker", daemon=True)
         self.thread.start()
@@ -170,6 +178,8 @@ class Worker:
         return self.pipe
 
     def submit(self, job: Job) -> Job:
+        if self.stopping.is_set():
+            raise ServerStoppingError(STOPPING)
         with self.lock:
             queued = self.queue_length()  # cancelled jobs still in the queue hold no place
             if queued >= self.queue_size:
@@ -199,6 +209,15 @@ class Worker:
         for job in list(self.jobs.values()):
             if job.state not in FINISHED:
                 self.cancel(job)
+
+    def stop(self) -> None:
+        """A planned stop: refuse new jobs and cancel the others, so that every waiting client is answered
+        (503) and every watcher gets its final event while the server still sends them."""
+        self.stopping.set()
+        for job in list(self.jobs.values()):
+            if job.state not in FINISHED:
+                job.error = STOPPING  # what the watchers' final `cancelled` event says
+        self.close()
 
     def queue_length(self) -> int:
         return sum(1 for job in list(self.jobs.values()) if job.state == "queued")

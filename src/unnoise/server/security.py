@@ -54,10 +54,16 @@ def note_job(scope: dict, job_id: str) -> None:
     scope.setdefault(LOG_NOTES, {})["job"] = job_id
 
 
+def note_planned_stop(scope: dict) -> None:
+    """The request's 503 is the server's planned stop, not a fault: its access line is a WARNING."""
+    scope.setdefault(LOG_NOTES, {})["stopping"] = True
+
+
 def log_request(scope: dict, status: int, milliseconds: float, job_id: str | None) -> None:
     """One line a request: method, path (never the query or the headers, so never a key or a job's token),
-    status, duration and the job; WARNING for a 4xx, ERROR for a 5xx."""
-    level = logging.ERROR if status >= 500 else logging.WARNING if status >= 400 else logging.INFO
+    status, duration and the job; WARNING for a 4xx, ERROR for a 5xx but the 503s of a planned stop."""
+    fault = status >= 500 and not scope.get(LOG_NOTES, {}).get("stopping")
+    level = logging.ERROR if fault else logging.WARNING if status >= 400 else logging.INFO
     job = f" job {job_id}" if job_id else ""
     access.log(level, "%s %s %s %.0f ms%s", scope["method"], scope["path"], status, milliseconds, job)
 

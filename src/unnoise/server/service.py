@@ -14,9 +14,11 @@ from fastapi import HTTPException, Request
 from ..errors import UnnoiseError
 from ..pipeline import Pipeline
 from ..release import read_release_config, sha256
-from .jobs import Job, QueueFullError, Worker, log
+from .jobs import STOPPING, Job, QueueFullError, ServerStoppingError, Worker, log
 from .requests import b64, parameters_of
 from .security import note_job
+
+STOP_RETRY_AFTER = "10"  # seconds: about a restart's time
 
 POLL_SECONDS = 0.05  # how often a waiting request looks at its job
 
@@ -95,6 +97,8 @@ class Service:
             self.worker.submit(job)
         except QueueFullError as full:
             raise HTTPException(429, str(full), headers={"Retry-After": str(full.retry_after)}) from None
+        except ServerStoppingError as stopping:
+            raise HTTPException(503, str(stopping), headers={"Retry-After": STOP_RETRY_AFTER}) from None
         note_job(request.scope, job.id)
         return job
 
@@ -117,13 +121,15 @@ class Service:
             waited += POLL_SECONDS
         return job.version
 
-    @staticmethod
-    def result(job: Job) -> list[bytes]:
-        """A finished job's PNGs, or the error it ended with: 422 the request's, 500 ours, 409 cancelled."""
+    def result(self, job: Job) -> list[bytes]:
+        """A finished job's PNGs, or the error it ended with: 422 the request's, 500 ours, 409 cancelled,
+        503 with Retry-After when the server's stop cancelled it."""
         if job.state == "failed":
             status = 503 if job.timed_out else 500 if job.internal else 422
             headers = {"Retry-After": "30"} if job.timed_out else None
             raise HTTPException(status, job.error or "the job failed", headers=headers)
+        if job.state == "cancelled" and self.worker.stopping.is_set():
+            raise HTTPException(503, STOPPING, headers={"Retry-After": STOP_RETRY_AFTER})
         if job.state == "cancelled":
             raise HTTPException(409, "the job was interrupted")
         return job.images
