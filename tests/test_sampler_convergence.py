@@ -59,6 +59,8 @@ def observed_order(sampler, problem, **options):
         ("heun", 2, {}),
         ("dpmpp_2m", 2, {}),
         ("dpmpp_2m_sde", 2, {"eta": 0.0}),
+        ("dpmpp_2m_sde_heun", 2, {"eta": 0.0}),
+        ("dpmpp_3m_sde", 3, {"eta": 0.0}),
         ("dpmpp_3m", 3, {}),
         ("unipc", 3, {}),
         ("unipc", 2, {"corrector": False}),

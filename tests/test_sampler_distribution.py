@@ -53,6 +53,7 @@ CASES = [
     ("heun", 100, {"s_churn": 40.0}),
     ("dpmpp_2m_sde", 100, {}),
     ("dpmpp_3m_sde", 100, {}),
+    ("dpmpp_2m_sde_heun", 100, {}),
     ("pc", 200, {}),
     ("euler", 200, {}),
     ("dpmpp_2m", 50, {}),
@@ -130,4 +131,30 @@ def test_sde_solvers_at_eta_0_are_deterministic(setup):
         torch.testing.assert_close(
             run(name, mixture, noise, seed=1, eta=0.0), run(name, mixture, noise, seed=2, eta=0.0)
         )
-    torch.testing.assert_close(run("dpmpp_3m_sde", mixture, noise, eta=0.0), run("dpmpp_3m", mixture, noise))
+    # k-diffusion's 2M SDE in its midpoint form at eta = 0 is DPM-Solver++(2M) term for term
+    torch.testing.assert_close(run("dpmpp_2m_sde", mixture, noise, eta=0.0), run("dpmpp_2m", mixture, noise))
+
+
+def test_sde_solvers_take_their_noise_from_a_noise_sampler_as_k_diffusion_s_do(setup):
+    """noise_sampler(sigma, sigma_next) gives each step's unit noise (k-diffusion's convention: the noise of
+    a Brownian tree, or a caller's own): called once per step before the last, and what it gives is used."""
+    mixture, _, noise = setup
+    sigmas = karras(8, 0.02, 20.0)
+    for name in ("euler_ancestral", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"):
+        calls = []
+
+        def zeros(sigma, sigma_next, calls=calls):
+            calls.append((sigma, sigma_next))
+            return torch.zeros_like(noise)
+
+        out = sample(mixture, noise, sigmas, sampler=name, noise_sampler=zeros)
+        pairs = list(zip(sigmas.tolist(), sigmas.tolist()[1:], strict=False))[:-1]
+        assert calls == pairs, name
+
+        def ones(sigma, sigma_next):
+            return torch.ones_like(noise)
+
+        again = sample(mixture, noise, sigmas, sampler=name, noise_sampler=zeros, generator=seeded(9))
+        torch.testing.assert_close(out, again, rtol=0, atol=0)  # no other randomness
+        shifted = sample(mixture, noise, sigmas, sampler=name, noise_sampler=ones)
+        assert (shifted - out).abs().max() > 1e-3, name

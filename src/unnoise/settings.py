@@ -47,12 +47,14 @@ A1111_SAMPLERS: dict[str, str] = {
     "DDIM": "ddim",
     "DDPM": "ddpm",
     "DPM++ 2M": "dpmpp_2m",
-    "DPM++ 3M": "dpmpp_3m",
-    "DPM++ 2M SDE": "dpmpp_2m_sde",
+    "DPM++ 2M SDE": "dpmpp_2m_sde",  # k-diffusion's algorithms under k-diffusion's names (samplers.py)
+    "DPM++ 2M SDE Heun": "dpmpp_2m_sde_heun",
     "DPM++ 3M SDE": "dpmpp_3m_sde",
     "UniPC": "unipc",
 }
 A1111_LABELS: dict[str, str] = {ours: label for label, ours in A1111_SAMPLERS.items()}
+# labels unnoise once wrote that are no AUTOMATIC1111 sampler: read (PNGs made then), never written
+OLD_LABELS: dict[str, str] = {"DPM++ 3M": "dpmpp_3m"}
 SCHEDULE_TYPE = "Karras"  # what A1111 calls the default schedule of every formulation here (rho = 7)
 SCHEDULE_TYPES = ("Automatic", "Karras")  # the A1111 schedule types that name it
 # AUTOMATIC1111's second pass ("hires fix"): its "Denoising strength" belongs to that pass, not to an edit
@@ -71,6 +73,8 @@ def sampler_name(name: str | None) -> str:
     base = name.removesuffix(" Karras")
     if base in A1111_SAMPLERS:
         return A1111_SAMPLERS[base]
+    if base in OLD_LABELS:
+        return OLD_LABELS[base]
     if name in SAMPLERS:
         return name
     known = ", ".join(sorted({*A1111_SAMPLERS, *SAMPLERS}))

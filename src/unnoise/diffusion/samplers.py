@@ -42,6 +42,15 @@ DEFAULT_SAMPLER = "dpmpp_2m"  # the one place it is written: settings.py, the CL
 STOCHASTIC: set[str] = set()  # samplers that draw fresh noise with their default options
 
 
+NoiseSampler = Callable[[float, float], torch.Tensor] | None  # (sigma, sigma_next) -> unit noise like x
+
+
+def _sde_noise(x, generator, noise_sampler: NoiseSampler, sigma: float, sigma_next: float) -> torch.Tensor:
+    """The step's unit noise: the caller's `noise_sampler(sigma, sigma_next)` (k-diffusion's convention,
+    e.g. a Brownian tree) or fresh Gaussian noise from `generator`."""
+    return randn_like(x, generator) if noise_sampler is None else noise_sampler(sigma, sigma_next)
+
+
 # --- checks shared by every sampler -----------------------------------------------------------------
 
 
@@ -178,9 +187,11 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[f
 
 @register("euler_ancestral", stochastic=True)
 def sample_euler_ancestral(
-    denoiser, x, sigmas, *, cond=None, generator=None, callback=None, eta=1.0, s_noise=1.0
-):
-    """Euler to sigma_down, then add noise of std sigma_up (ancestral sampling, as in k-diffusion)."""
+    denoiser, x, sigmas, *, cond=None, generator=None, callback=None, eta=1.0, s_noise=1.0,
+    noise_sampler: NoiseSampler = None,
+):  # fmt: skip
+    """Euler to sigma_down, then add noise of std sigma_up (ancestral sampling, as in k-diffusion; its
+    noise from `noise_sampler(sigma, sigma_next)` when given, as k-diffusion takes it)."""
     D = bind(denoiser, cond)
     for i, sigma, sigma_next in _steps(sigmas):
         denoised = D(x, sigma)
@@ -188,7 +199,7 @@ def sample_euler_ancestral(
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         x = x + (sigma_down - sigma) * (x - denoised) / sigma
         if sigma_up > 0:
-            x = x + s_noise * sigma_up * randn_like(x, generator)
+            x = x + s_noise * sigma_up * _sde_noise(x, generator, noise_sampler, sigma, sigma_next)
     return x
 
 
@@ -356,40 +367,108 @@ def sample_dpmpp_3m(denoiser, x, sigmas, *, cond=None, generator=None, callback=
     )
 
 
+# The SDE samplers AUTOMATIC1111 and ComfyUI call "DPM++ 2M SDE" and "DPM++ 3M SDE" are k-diffusion's:
+# the exponential integrator of the SDE family with eta (x_next = (s_next/s) e^{-eta h} x + (1 -
+# e^{-(1+eta)h}) D + ...), its higher-order terms from divided differences of the previous D in lambda
+# (the midpoint or Heun form of the 2nd-order term; DPM-Solver-v3's phi functions for the 3rd), and
+# noise of std s_next sqrt(1 - e^{-2 eta h}). Same names, same algorithm: written here from those
+# equations and checked against k-diffusion's own code (benchmarks/k_diffusion_parity.py).
+
+
+def _phi_1(a: float) -> float:
+    """(1 - e^{-a}) for a = (1 + eta) h: the weight of D in one exponential-integrator step."""
+    return -math.expm1(-a)
+
+
 @register("dpmpp_2m_sde", stochastic=True)
 def sample_dpmpp_2m_sde(
-    denoiser, x, sigmas, *, cond=None, generator=None, callback=None, eta=1.0, s_noise=1.0
-):
-    """SDE-DPM-Solver++(2M) (Lu et al. 2022b, Sec. 5): eta = 1 is the reverse SDE, eta = 0 the ODE."""
-    return _dpmpp_multistep(
-        denoiser,
-        x,
-        sigmas,
-        cond=cond,
-        generator=generator,
-        callback=callback,
-        order=2,
-        eta=eta,
-        s_noise=s_noise,
-    )
+    denoiser, x, sigmas, *, cond=None, generator=None, callback=None, eta=1.0, s_noise=1.0,
+    solver_type: Literal["midpoint", "heun"] = "midpoint", noise_sampler: NoiseSampler = None,
+):  # fmt: skip
+    """SDE-DPM-Solver++(2M) (Lu et al. 2022b, Sec. 5) as k-diffusion writes it ("DPM++ 2M SDE"): eta = 1
+    the reverse SDE, eta = 0 the ODE (then the midpoint form is exactly dpmpp_2m).
+
+    With a = (1 + eta) h and r = h_prev / h,
+        x_next = (s_next/s) e^{-eta h} x + (1 - e^{-a}) D + c (D - D_prev) / r + s_next sigma_z z,
+    sigma_z = sqrt(1 - e^{-2 eta h}),
+    c = (1 - e^{-a}) / 2 in the midpoint form, c = phi_2 = 1 - (1 - e^{-a}) / a in Heun's.
+    """
+    if solver_type not in ("midpoint", "heun"):
+        raise UnnoiseError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
+    D = bind(denoiser, cond)
+    old_denoised, h_last = None, None
+    for i, sigma, sigma_next in _steps(sigmas):
+        denoised = D(x, sigma)
+        _report(callback, i, sigma, x, denoised)
+        if sigma_next == 0:
+            return denoised
+        h = _lambda(sigma_next) - _lambda(sigma)
+        a = (1 + eta) * h
+        x = (sigma_next / sigma) * math.exp(-eta * h) * x + _phi_1(a) * denoised
+        if old_denoised is not None:
+            r = h_last / h
+            c = _phi_1(a) / 2 if solver_type == "midpoint" else 1 - _phi_1(a) / a
+            x = x + c / r * (denoised - old_denoised)
+        if eta > 0:
+            noise = _sde_noise(x, generator, noise_sampler, sigma, sigma_next)
+            x = x + sigma_next * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise * noise
+        old_denoised, h_last = denoised, h
+    return x
+
+
+@register("dpmpp_2m_sde_heun", stochastic=True)
+def sample_dpmpp_2m_sde_heun(
+    denoiser, x, sigmas, *, cond=None, generator=None, callback=None, eta=1.0, s_noise=1.0,
+    noise_sampler: NoiseSampler = None,
+):  # fmt: skip
+    """dpmpp_2m_sde with the Heun form of its 2nd-order term (AUTOMATIC1111's "DPM++ 2M SDE Heun")."""
+    return sample_dpmpp_2m_sde(
+        denoiser, x, sigmas, cond=cond, generator=generator, callback=callback, eta=eta, s_noise=s_noise,
+        solver_type="heun", noise_sampler=noise_sampler, to_zero=bool(sigmas[-1] == 0),
+    )  # fmt: skip
 
 
 @register("dpmpp_3m_sde", stochastic=True)
 def sample_dpmpp_3m_sde(
-    denoiser, x, sigmas, *, cond=None, generator=None, callback=None, eta=1.0, s_noise=1.0
-):
-    """SDE-DPM-Solver++ of 3rd order, multistep (the 3M analogue of dpmpp_2m_sde)."""
-    return _dpmpp_multistep(
-        denoiser,
-        x,
-        sigmas,
-        cond=cond,
-        generator=generator,
-        callback=callback,
-        order=3,
-        eta=eta,
-        s_noise=s_noise,
-    )
+    denoiser, x, sigmas, *, cond=None, generator=None, callback=None, eta=1.0, s_noise=1.0,
+    noise_sampler: NoiseSampler = None,
+):  # fmt: skip
+    """SDE-DPM-Solver++ of 3rd order, multistep, as k-diffusion writes it ("DPM++ 3M SDE").
+
+    With a = (1 + eta) h, phi_2 = 1 - (1 - e^{-a}) / a, phi_3 = phi_2 / a - 1/2, and the divided
+    differences of the last three D (h_1, h_2 the previous steps, r0 = h_1 / h, r1 = h_2 / h):
+        d1_0 = (D - D_1) / r0,  d1_1 = (D_1 - D_2) / r1,
+        d1 = d1_0 + (d1_0 - d1_1) r0 / (r0 + r1),  d2 = (d1_0 - d1_1) / (r0 + r1),
+        x_next = (s_next/s) e^{-eta h} x + (1 - e^{-a}) D + phi_2 d1 - phi_3 d2 + s_next sigma_z z;
+    with two points only d1 = (D - D_1) / r0 and no d2; with one, the first-order step.
+    """
+    D = bind(denoiser, cond)
+    previous: list[tuple[torch.Tensor, float]] = []  # (D, h) of the last two steps, newest first
+    for i, sigma, sigma_next in _steps(sigmas):
+        denoised = D(x, sigma)
+        _report(callback, i, sigma, x, denoised)
+        if sigma_next == 0:
+            return denoised
+        h = _lambda(sigma_next) - _lambda(sigma)
+        a = (1 + eta) * h
+        phi_2 = 1 - _phi_1(a) / a
+        x = (sigma_next / sigma) * math.exp(-eta * h) * x + _phi_1(a) * denoised
+        if len(previous) == 2:
+            (d_1, h_1), (d_2, h_2) = previous
+            r0, r1 = h_1 / h, h_2 / h
+            d1_0, d1_1 = (denoised - d_1) / r0, (d_1 - d_2) / r1
+            d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+            d2 = (d1_0 - d1_1) / (r0 + r1)
+            phi_3 = phi_2 / a - 0.5
+            x = x + phi_2 * d1 - phi_3 * d2
+        elif len(previous) == 1:
+            ((d_1, h_1),) = previous
+            x = x + phi_2 * (denoised - d_1) / (h_1 / h)
+        if eta > 0:
+            noise = _sde_noise(x, generator, noise_sampler, sigma, sigma_next)
+            x = x + sigma_next * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise * noise
+        previous = [(denoised, h), *previous][:2]
+    return x
 
 
 # --- UniPC ---------------------------------------------------------------------------------------------
