@@ -54,6 +54,7 @@ from .settings import (
     MaskedContent,
     sampler_name,
 )
+from .stable_diffusion import is_diffusers_folder, load_stable_diffusion
 from .text.encoders import CachedTextEncoder, TextEmbedding, load_text_encoder
 from .text.phrases import attribute_phrases
 
@@ -483,6 +484,8 @@ def load(name_or_path: str | Path, *, device: str | torch.device = "auto") -> Pi
     """Load a released model (safetensors + config.json) with its text encoder; nothing is unpickled."""
     device = resolve_device(device)
     folder = resolve_model(name_or_path)
+    if is_diffusers_folder(folder):
+        return load_stable_diffusion(folder, device)
     network, config = load_network(folder)
     if device.type == "cpu":  # the layout PyTorch's CPU convolutions are fastest in
         network = network.to(memory_format=torch.channels_last)

@@ -343,16 +343,18 @@ def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 
 def resolve_model(name_or_path: str | Path) -> Path:
-    """A release folder: a path as given, or the name of a model shipped in the package."""
+    """A release folder (or a diffusers Stable Diffusion folder): a path as given, or the name of a model
+    shipped in the package."""
     path = Path(name_or_path)
-    if (path / "config.json").is_file():
+    if (path / "config.json").is_file() or (path / "model_index.json").is_file():
         return path
     shipped = MODELS_DIR / str(name_or_path)
     if (shipped / "config.json").is_file():
         return shipped
     available = [p.name for p in shipped_models()]
     raise UnnoiseError(
-        f"no model {str(name_or_path)!r}: not a folder with config.json, nor a shipped model"
+        f"no model {str(name_or_path)!r}: not a folder with config.json (unnoise's) or model_index.json"
+        " (a diffusers Stable Diffusion folder), nor a shipped model"
         f" (shipped: {', '.join(available) or 'none yet'})"
     )
 

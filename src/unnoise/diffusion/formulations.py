@@ -174,13 +174,18 @@ class VP(Formulation):
         return self.sigma(_uniform(n, generator, self.t_train_min, 1.0)).float()
 
 
-def discrete_betas(kind: str, num_timesteps: int) -> torch.Tensor:
-    """beta_1..beta_N of DDPM (linear), Stable Diffusion (scaled_linear) or improved DDPM (cosine)."""
+def discrete_betas(
+    kind: str, num_timesteps: int, start: float | None = None, end: float | None = None
+) -> torch.Tensor:
+    """beta_1..beta_N of DDPM (linear), Stable Diffusion (scaled_linear) or improved DDPM (cosine); `start`
+    and `end` replace the first and last beta of the linear kinds (a diffusers scheduler config's)."""
     n = num_timesteps
     if kind == "linear":  # Ho et al. 2020, Sec. 4
-        return torch.linspace(1e-4 * 1000 / n, 0.02 * 1000 / n, n, dtype=torch.float64)
+        low, high = start or 1e-4 * 1000 / n, end or 0.02 * 1000 / n
+        return torch.linspace(low, high, n, dtype=torch.float64)
     if kind == "scaled_linear":  # Rombach et al. 2022
-        return torch.linspace(0.00085**0.5, 0.012**0.5, n, dtype=torch.float64) ** 2
+        low, high = start or 0.00085, end or 0.012
+        return torch.linspace(low**0.5, high**0.5, n, dtype=torch.float64) ** 2
     if kind == "cosine":  # Nichol & Dhariwal 2021, eq. 17, betas clipped at 0.999
         steps = torch.arange(n + 1, dtype=torch.float64) / n
         alpha_bar = torch.cos((steps + 0.008) / 1.008 * math.pi / 2) ** 2
@@ -195,10 +200,13 @@ class VPDiscrete(Formulation):
     parametrization: Parametrization = "eps"
     beta_schedule: Literal["linear", "scaled_linear", "cosine"] = "linear"
     num_timesteps: int = 1000
+    beta_start: float | None = None  # None: the schedule's own first and last beta
+    beta_end: float | None = None
 
     @property
     def log_sigmas(self) -> torch.Tensor:  # (N,), increasing in t
-        alpha_bar = torch.cumprod(1 - discrete_betas(self.beta_schedule, self.num_timesteps), 0)
+        betas = discrete_betas(self.beta_schedule, self.num_timesteps, self.beta_start, self.beta_end)
+        alpha_bar = torch.cumprod(1 - betas, 0)
         return 0.5 * torch.log((1 - alpha_bar) / alpha_bar)
 
     @property
