@@ -346,7 +346,7 @@ def resolve_model(name_or_path: str | Path) -> Path:
     """A release folder (or a diffusers Stable Diffusion folder): a path as given, or the name of a model
     shipped in the package."""
     path = Path(name_or_path)
-    if (path / "config.json").is_file() or (path / "model_index.json").is_file():
+    if is_model_folder(path):
         return path
     shipped = MODELS_DIR / str(name_or_path)
     if (shipped / "config.json").is_file():
@@ -374,12 +374,17 @@ def model_catalogue(folders: Iterable[Path] = ()) -> dict[str, Path]:
     for folder in map(Path, folders):
         if not folder.is_dir():
             raise UnnoiseError(f"--models-dir {str(folder)!r} is not a folder")
-        candidates = [folder] if (folder / "config.json").is_file() else sorted(folder.iterdir())
+        candidates = [folder] if is_model_folder(folder) else sorted(folder.iterdir())
         for candidate in candidates:
             release = candidate / "model" if (candidate / "model" / "config.json").is_file() else candidate
-            if (release / "config.json").is_file():
+            if is_model_folder(release):
                 catalogue.setdefault(model_name(release), release)
     return catalogue
+
+
+def is_model_folder(folder: Path) -> bool:
+    """An unnoise release (config.json) or a diffusers Stable Diffusion folder (model_index.json)."""
+    return (folder / "config.json").is_file() or (folder / "model_index.json").is_file()
 
 
 def model_name(folder: Path) -> str:
