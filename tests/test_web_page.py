@@ -283,3 +283,123 @@ def test_the_page_fits_a_phone(page, server):
         phone.screenshot(path=str(OUTPUT / "web-page-phone.png"), full_page=True)
     finally:
         phone.close()
+
+
+# --- issue 31 item 11: what a new user tripped on ------------------------------------------------------
+
+
+def test_a_finger_drag_on_the_mask_paints_a_stroke_and_does_not_scroll_the_page(page, server, tmp_path):
+    """Real touch events (Chromium's own, through the DevTools protocol) on a phone-sized page."""
+    Image.new("RGB", (32, 32), "gray").save(tmp_path / "in.png")
+    phone = page.context.browser.new_page(
+        viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True, has_touch=True
+    )
+    try:
+        phone.goto(server.url + "/")
+        ready(phone)
+        phone.check("input[name=mode][value=inpaint]")
+        phone.set_input_files("#file", str(tmp_path / "in.png"))
+        phone.wait_for_function("document.getElementById('mask').width === 32")
+        phone.locator("#mask").scroll_into_view_if_needed()
+        box = phone.locator("#mask").bounding_box()
+        scrolled = phone.evaluate("window.scrollY")
+        cdp = phone.context.new_cdp_session(phone)
+        points = [(box["x"] + 30 + 15 * i, box["y"] + 30 + 15 * i) for i in range(12)]
+        for kind, (x, y) in [("touchStart", points[0]), *(("touchMove", p) for p in points[1:])]:
+            cdp.send("Input.dispatchTouchEvent", {"type": kind, "touchPoints": [{"x": x, "y": y}]})
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+        painted = phone.evaluate(
+            """() => { const c = document.getElementById('mask');
+                const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                const rows = new Set();
+                for (let i = 0; i < d.length; i += 4) if (d[i] > 128) rows.add(Math.floor(i / 4 / c.width));
+                return rows.size; }"""
+        )
+        assert painted >= 16, f"the stroke covers {painted} rows of 32: a dot, not a drag"
+        assert phone.evaluate("window.scrollY") == scrolled
+    finally:
+        phone.close()
+
+
+def test_an_empty_guidance_field_means_the_model_s_own_guidance(page, server):
+    page.goto(server.url + "/")
+    ready(page)
+    page.fill("#prompt", "a red circle")
+    page.fill("#count", "1")
+    page.fill("#steps", "2")
+    page.fill("#guidance", "")
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('done')", timeout=60_000)
+    caption = page.locator(".batch").first.locator("figcaption").first.inner_text()
+    assert f"CFG scale: {unnoise.load('shapes-32').default_guidance:g}" in caption, caption
+
+
+def test_a_png_dropped_on_an_edit_s_image_is_that_image_not_its_settings(page, server):
+    made = unnoise.load("shapes-32").generate("a small red circle", seed=5, steps=3)[0]
+    from unnoise.images import png_bytes
+
+    page.goto(server.url + "/")
+    ready(page)
+    page.check("input[name=mode][value=img2img]")
+    page.fill("#prompt", "my own prompt")
+    page.evaluate(
+        """(data) => {
+            const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], "dropped.png", { type: "image/png" }));
+            const drop = new DragEvent("drop", { dataTransfer: transfer, bubbles: true });
+            document.getElementById('edit').dispatchEvent(drop);
+        }""",
+        base64.b64encode(png_bytes(made)).decode(),
+    )
+    page.wait_for_function("document.getElementById('picture').width === 32")
+    assert page.input_value("#prompt") == "my own prompt"
+    assert page.is_visible("#picture")  # the input's thumbnail
+
+
+def test_the_sampler_menu_the_size_fields_the_empty_preview_and_the_favicon(page, server):
+    missing = []
+    page.on("response", lambda r: missing.append(r.url) if r.status == 404 else None)
+    page.goto(server.url + "/")
+    ready(page)
+    labels = page.eval_on_selector_all(
+        "#sampler option", "(os) => Object.fromEntries(os.map((o) => [o.value, o.text]))"
+    )
+    assert labels["dpmpp_2m"] == "DPM++ 2M" and labels["euler_ancestral"] == "Euler a"
+    page.evaluate("localStorage.clear(); document.getElementById('preview').removeAttribute('src')")
+    assert not page.is_visible("#preview")  # no broken-image icon before there is an image
+    assert page.is_visible("#size")
+    for mode in ("img2img", "inpaint"):
+        page.check(f"input[name=mode][value={mode}]")
+        assert not page.is_visible("#size")  # an edit keeps its image's size
+    page.check("input[name=mode][value=txt2img]")
+    assert missing == [], missing
+
+
+def test_inpainting_progress_says_why_it_counts_more_steps_than_asked(page, server, tmp_path):
+    Image.new("RGB", (32, 32), "gray").save(tmp_path / "in.png")
+    page.goto(server.url + "/")
+    ready(page)
+    page.check("input[name=mode][value=inpaint]")
+    page.set_input_files("#file", str(tmp_path / "in.png"))
+    page.wait_for_function("document.getElementById('mask').width === 32")
+    box = page.locator("#mask").bounding_box()
+    page.mouse.move(box["x"] + 20, box["y"] + 20)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 60, box["y"] + 60, steps=4)
+    page.mouse.up()
+    page.fill("#prompt", "a blue square")
+    page.fill("#count", "1")
+    page.fill("#steps", "4")
+    page.evaluate(
+        """() => { window.seen = []; new MutationObserver(() => window.seen.push(
+            document.getElementById('status').textContent)).observe(document.getElementById('status'),
+            { childList: true, characterData: true, subtree: true }); }"""
+    )
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('done')", timeout=60_000)
+    progress = [s for s in page.evaluate("window.seen") if ": step " in s]
+    assert progress and all("RePaint" in s for s in progress if int(s.split(" of ")[1].split()[0]) > 4), (
+        progress
+    )
+    assert any("RePaint" in s for s in progress), progress

@@ -29,6 +29,7 @@ from ..release import model_catalogue, model_name, resolve_model
 from ..settings import (
     DEFAULT_SAMPLER,
     DEFAULT_STEPS,
+    a1111_label,
 )
 from ..threads import CpuShare
 from .jobs import DEFAULT_DEADLINE, INTERNAL_ERROR, Worker, log
@@ -140,6 +141,7 @@ def create_app(
             "stride": service.pipe.stride,
             "size_rule": service.pipe.size_note(),
             "samplers": sorted(SAMPLERS),
+            "sampler_labels": {name: a1111_label(name) for name in SAMPLERS},  # what captions and PNGs say
             "defaults": defaults,
             **limits,
         }

@@ -22,6 +22,8 @@ function mode() { return document.querySelector("input[name=mode]:checked").valu
 function showMode() {
   $("edit").hidden = mode() === "txt2img";
   $("paint").hidden = mode() !== "inpaint";
+  $("mask").hidden = mode() !== "inpaint";  // img2img shows the picture alone: a thumbnail of its input
+  $("size").hidden = mode() !== "txt2img";  // an edit keeps its image's size
 }
 
 function setStatus(text, error = false) { $("status").textContent = text; $("status").className = error ? "error" : ""; }
@@ -30,7 +32,10 @@ async function start() {
   config = await (await fetch("/config")).json();
   $("model").textContent = `${config.model}, ${config.resolution}x${config.resolution}`;
   const defaults = config.defaults;  // the library's ImageSettings defaults
-  for (const name of config.samplers) $("sampler").add(new Option(name, name, name === defaults.sampler, name === defaults.sampler));
+  for (const name of config.samplers) {  // shown by the label captions and PNGs use ("DPM++ 2M"), sent by name
+    const label = config.sampler_labels[name] || name, chosen = name === defaults.sampler;
+    $("sampler").add(new Option(label, name, chosen, chosen));
+  }
   $("steps").value = defaults.steps;
   $("guidance").value = defaults.guidance; $("bind").checked = defaults.bind_attributes;
   $("steps").max = config.max_steps; $("count").max = config.max_images;  // the server's bounds
@@ -58,11 +63,13 @@ function remember(batch) {
   try { localStorage.setItem("unnoise-history", JSON.stringify(kept)); } catch { /* storage full: keep the page */ }
 }
 
-// --- a PNG dropped on the page restores the settings it carries (its parameters text) ----------------
+// --- a PNG dropped on the page restores the settings it carries (its parameters text); dropped on the
+// image of an edit, it is that image ----------------------------------------------------------------------
 async function restoreFromDrop(e) {
   e.preventDefault();
   const file = e.dataTransfer.files[0];
   if (!file) return;
+  if (mode() !== "txt2img" && $("edit").contains(e.target)) { showPicture(URL.createObjectURL(file)); return; }
   const data = await new Promise((done) => { const r = new FileReader(); r.onload = () => done(r.result); r.readAsDataURL(file); });
   try {
     const info = await api("/sdapi/v1/png-info", { method: "POST", body: JSON.stringify({ image: data }) });
@@ -81,21 +88,23 @@ function seedOf(parameters) { return +((parameters.match(/Seed: (\d+)/) || [])[1
 function sendTo(target, src) {
   document.querySelector(`input[name=mode][value=${target}]`).checked = true;
   showMode();
-  const image = new Image();
-  image.onload = () => drawPicture(image);
-  image.src = src;
+  showPicture(src);
   window.scrollTo(0, 0);
 }
 
 function loadPicture() {
   const file = $("file").files[0];
-  if (!file) return;
+  if (file) showPicture(URL.createObjectURL(file));
+}
+
+function showPicture(src) {
   const image = new Image();
   image.onload = () => drawPicture(image);
-  image.src = URL.createObjectURL(file);
+  image.src = src;
 }
 
 function drawPicture(image) {
+  $("canvases").hidden = false;
   for (const canvas of [$("picture"), $("mask")]) { canvas.width = image.width; canvas.height = image.height; }
   $("picture").getContext("2d").drawImage(image, 0, 0);
   clearMask();
@@ -116,7 +125,7 @@ function paintable(canvas) {
     const r = $("brush").value * canvas.width / 256;
     g.fillStyle = "white"; g.beginPath(); g.arc(x, y, r, 0, 2 * Math.PI); g.fill();
   };
-  canvas.addEventListener("pointerdown", (e) => { down = true; paint(e); });
+  canvas.addEventListener("pointerdown", (e) => { down = true; canvas.setPointerCapture(e.pointerId); paint(e); });
   canvas.addEventListener("pointermove", paint);
   window.addEventListener("pointerup", () => { down = false; });
 }
@@ -124,9 +133,10 @@ function paintable(canvas) {
 function request() {
   const body = {
     prompt: $("prompt").value, negative_prompt: $("negative").value, sampler_name: $("sampler").value,
-    steps: +$("steps").value, cfg_scale: +$("guidance").value, batch_size: +$("count").value,
+    steps: +$("steps").value, batch_size: +$("count").value,
     seed: $("random").checked ? -1 : +$("seed").value, bind_attributes: $("bind").checked,
   };
+  if ($("guidance").value !== "") body.cfg_scale = +$("guidance").value;  // empty: the model's default
   if (mode() === "txt2img") { body.width = +$("width").value; body.height = +$("height").value; }
   if (mode() !== "txt2img") {
     if (!picture) throw new Error("choose an image first");
@@ -169,7 +179,9 @@ async function watch(job) {
       if (event === "progress") {
         if (s.preview) $("preview").src = "data:image/png;base64," + s.preview;
         $("progress").value = s.progress;
-        setStatus(`${s.state}: step ${s.step} of ${s.total_steps}`);
+        const asked = +$("steps").value, repaint = mode() === "inpaint" && s.total_steps > asked;
+        const why = repaint ? ` (RePaint goes back and forth over your ${asked} steps to blend the edit)` : "";
+        setStatus(`${s.state}: step ${s.step} of ${s.total_steps}${why}`);
       } else { finish(event, s); return; }
     }
   }
