@@ -267,3 +267,28 @@ def test_a_folder_of_mixed_sizes_trains_at_the_common_short_side_and_says_the_co
     said = []
     assert folder_resolution(root, say=said.append) == 24
     assert "3 at 24x24, 2 at 40x32, 1 at 16x16" in said[0] and "--resolution" in said[0]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "pickle", "ckpt-only", "oversized"])
+def test_a_latent_release_with_a_hostile_autoencoder_is_one_line(damage, latent_model, tmp_path):
+    """Issue 31's probes of the new file kinds: an autoencoder whose weights are cut short, a pickle in a
+    .safetensors name, only a .ckpt, or a config that would allocate far more than its weights hold: each
+    refused by `unnoise generate` with one line (exit 2, a user error), nothing unpickled, no traceback."""
+    import pickle
+
+    release = Path(shutil.copytree(latent_model, tmp_path / "release"))
+    weights = release / "autoencoder" / "model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:200])
+    elif damage == "pickle":
+        weights.write_bytes(pickle.dumps({"weight": [1.0] * 10}))
+    elif damage == "ckpt-only":
+        weights.rename(weights.with_suffix(".ckpt"))
+    else:
+        config = json.loads((release / "autoencoder" / "config.json").read_text())
+        config["network"]["channels"] = 4096  # within the field's range, far beyond the weights
+        (release / "autoencoder" / "config.json").write_text(json.dumps(config))
+    out = str(tmp_path / "out")
+    done = run_cli("generate", "a red square", "--model", str(release), "--steps", "1", "--out", out)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
