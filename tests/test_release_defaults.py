@@ -119,15 +119,14 @@ def test_the_server_fills_in_the_model_s_guidance_and_a_client_s_own_wins(releas
 
 def test_defaults_removes_what_a_killed_writer_left_and_not_what_a_live_one_is_writing(release):
     """Issue 31 item 7: a killed `unnoise defaults` left `.tmp-config-PID.json` files nothing removed."""
-    import os
     import subprocess
     import sys
 
     argv = [sys.executable, "-c", "import os; print(os.getpid())"]
     gone = subprocess.run(argv, capture_output=True, text=True, check=True)  # a process that has ended
-    dead_pid, live_pid = int(gone.stdout), os.getpid()
+    dead_pid, live_pid = int(gone.stdout), 1
     left = [release / f".tmp-config-{dead_pid}.json", release / f".tmp-model-{dead_pid}.safetensors"]
-    writing = release / f".tmp-config-{live_pid}.json"  # this test's own process: alive
+    writing = release / f".tmp-config-{live_pid}.json"  # PID 1, init: alive, and not this writer
     for path in [*left, writing]:
         path.write_text("half")
     assert run_cli("defaults", str(release), "--guidance", "2").returncode == 0

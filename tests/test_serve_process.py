@@ -75,22 +75,25 @@ def test_a_planned_stop_answers_waiting_clients_503_and_watchers_a_final_event_a
     answers, events = [], []
     try:
         assert wait_until(lambda: server_is_up(url), timeout=120), "the server did not start"
-        job = httpx.post(f"{url}/jobs", json={"prompt": "x", "steps": 400}, timeout=10).json()
+        job = httpx.post(f"{url}/jobs", json={"prompt": "x", "steps": 200}, timeout=10).json()
 
         def watch() -> None:
             headers = {"X-Job-Token": job["token"]}
             with httpx.stream("GET", f"{url}{job['events']}", headers=headers, timeout=60) as stream:
-                events.extend(line for line in stream.iter_lines() if line.startswith(("event:", "data:")))
+                events.append(f"status {stream.status_code}")
+                for line in stream.iter_lines():
+                    if line.startswith(("event:", "data:")):
+                        events.append(line)
 
         def wait_for_images() -> None:
-            body = {"prompt": "y", "steps": 400}
+            body = {"prompt": "y", "steps": 200}
             answers.append(httpx.post(f"{url}/sdapi/v1/txt2img", json=body, timeout=60))
 
         threads = [threading.Thread(target=watch), threading.Thread(target=wait_for_images)]
         for thread in threads:
             thread.start()
         assert wait_until(lambda: httpx.get(f"{url}/health", timeout=5).json()["busy"], timeout=30)
-        assert wait_until(lambda: events, timeout=30)  # the watcher is connected
+        assert wait_until(lambda: len(events) > 1, timeout=30), events  # the watcher is connected
         server.send_signal(signal.SIGTERM)
         for thread in threads:
             thread.join(timeout=30)
@@ -99,7 +102,7 @@ def test_a_planned_stop_answers_waiting_clients_503_and_watchers_a_final_event_a
         (answer,) = answers
         assert answer.status_code == 503 and answer.headers["Retry-After"].isdigit(), answer.text
         assert "stopping" in answer.json()["error"]
-        assert events[-2] == "event: cancelled", events[-4:]
+        assert events[0] == "status 200" and events[-2] == "event: cancelled", events[-4:]
         assert "stopping" in json.loads(events[-1].removeprefix("data:"))["error"]
         assert "Traceback" not in output and " ERROR" not in output, output
     finally:
