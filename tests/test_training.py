@@ -500,6 +500,42 @@ def test_learning_rate_warms_up_holds_then_decays_to_zero():
     assert learning_rate(TrainConfig(lr=1e-3, warmup_steps=1, steps=10), 9) == 1e-3  # no decay: constant
 
 
+def test_the_linear_and_cosine_schedules_fall_from_the_peak_to_zero_after_the_warm_up():
+    """Issue 30 item 4: named schedules, one typed field; the constant one's tail stays its own option."""
+    from unnoise.train.loop import learning_rate
+
+    linear = TrainConfig(lr=1e-3, warmup_steps=10, steps=110, lr_schedule="linear")
+    cosine = replace(linear, lr_schedule="cosine")
+    for config in (linear, cosine):
+        rates = [learning_rate(config, s) for s in range(110)]
+        assert rates[0] == pytest.approx(1e-4) and rates[10] == pytest.approx(1e-3)
+        assert all(a >= b for a, b in itertools.pairwise(rates[10:])) and rates[109] < 2e-5
+    assert learning_rate(linear, 60) == pytest.approx(0.5e-3)  # half way down
+    assert learning_rate(cosine, 60) == pytest.approx(0.5e-3)  # the cosine's midpoint too
+    assert learning_rate(cosine, 35) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi / 4)))
+    with pytest.raises(UnnoiseError, match="one or the other"):
+        replace(linear, lr_decay_fraction=0.2).validate()
+
+
+def test_a_config_file_gives_options_and_the_flags_given_override_it(tmp_path):
+    """Issue 30 item 4: `--config run.toml` (or JSON); names with - or _; the flags win; unknown names and
+    broken files are one line each; the resolved config is written beside the run."""
+    (tmp_path / "run.toml").write_text(
+        'preset = "tiny"\nbatch-size = 4\nsteps = 2\nlr = 5e-4\nlr_schedule = "cosine"\nsample_every = 0\n'
+    )
+    out = tmp_path / "run"
+    done = run_cli("train", "--config", str(tmp_path / "run.toml"), "--lr", "1e-3", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["batch_size"], saved["steps"], saved["lr_schedule"], saved["lr"]) == (4, 2, "cosine", 1e-3)
+    (tmp_path / "bad.json").write_text('{"preset": "tiny", "learning_rate": 1}')
+    done = run_cli("train", "--config", str(tmp_path / "bad.json"), "--out", str(tmp_path / "x"))
+    assert done.returncode == 2 and "unknown options learning_rate" in done.stderr
+    (tmp_path / "broken.toml").write_text("steps = = 3")
+    done = run_cli("train", "--config", str(tmp_path / "broken.toml"), "--out", str(tmp_path / "y"))
+    assert done.returncode == 2 and "not valid TOML" in done.stderr
+
+
 def test_the_training_density_of_sigma_moves_only_for_edm():
     from unnoise.train.loop import training_formulation
 

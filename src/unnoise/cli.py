@@ -43,8 +43,11 @@ def _cmd_train_autoencoder(args: argparse.Namespace) -> int:
 
 
 def _run_training(args: argparse.Namespace, config_class, train, folders: tuple[str, ...]) -> int:
-    """The config from the flags given, over the run's saved config.json when resuming."""
+    """The config from the flags given, over a --config file's values, over the run's saved config.json
+    when resuming."""
     given = {name: getattr(args, name) for name in config_class.__dataclass_fields__ if hasattr(args, name)}
+    if args.config:
+        given = {**config_class.read_file(args.config), **given}  # the flags given win
     for name in folders:  # folders: the run's config names them wherever --resume runs from
         if given.get(name) and Path(given[name]).expanduser().is_dir():
             given[name] = str(Path(given[name]).expanduser().resolve())
@@ -533,6 +536,18 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class) -> None:
             parser.add_argument(flag, type=type(default), **shown)
 
 
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """--resume and --config, the flags of every training command beside its options."""
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last good checkpoint"
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        help="a TOML or JSON file of options (their names, with _ or -); the flags given override it",
+    )
+
+
 def add_repaint_arguments(p: argparse.ArgumentParser) -> None:
     """--jump and --resample; left out, they take the pipeline's defaults (REPAINT_JUMP, REPAINT_RESAMPLE)."""
     p.add_argument("--jump", type=int, default=None, help="RePaint: steps per resampled block (default 2)")
@@ -855,9 +870,7 @@ def build_parser() -> argparse.ArgumentParser:
         " Kill it at any time and rerun with --resume.",
     )
     add_config_arguments(p, TrainConfig)
-    p.add_argument(
-        "--resume", action="store_true", help="continue the run in --out from its last good checkpoint"
-    )
+    add_run_arguments(p)
     p.set_defaults(run=_cmd_train)
 
     from .train.autoencoder import AutoencoderTrainConfig
@@ -870,9 +883,7 @@ def build_parser() -> argparse.ArgumentParser:
         " rerun with --resume.",
     )
     add_config_arguments(p, AutoencoderTrainConfig)
-    p.add_argument(
-        "--resume", action="store_true", help="continue the run in --out from its last good checkpoint"
-    )
+    add_run_arguments(p)
     p.set_defaults(run=_cmd_train_autoencoder)
     return parser
 

@@ -33,6 +33,37 @@ class RunConfig:
         return cls(**values)
 
     @classmethod
+    def read_file(cls, path: str | Path) -> dict:
+        """The options of a `--config` file: TOML (`lr = 5e-4`) or JSON, names with _ or -; every name
+        must be an option of this command and every value of its type (checked when the config is made)."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as error:
+            raise UnnoiseError(f"--config {path}: cannot read it ({error.strerror})") from None
+        try:
+            if path.suffix.lower() == ".json":
+                values = json.loads(text)
+            else:
+                import tomllib
+
+                values = tomllib.loads(text)
+        except ImportError:
+            raise UnnoiseError(
+                f"--config {path}: TOML needs Python 3.11 or later; give a .json file"
+            ) from None
+        except ValueError as error:  # json.JSONDecodeError and tomllib.TOMLDecodeError are ValueErrors
+            kind = "JSON" if path.suffix.lower() == ".json" else "TOML"
+            raise UnnoiseError(f"--config {path}: not valid {kind} ({error})") from None
+        if not isinstance(values, dict):
+            raise UnnoiseError(f"--config {path}: a table of options was expected")
+        values = {str(name).replace("-", "_"): value for name, value in values.items()}
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise UnnoiseError(f"--config {path}: unknown options {', '.join(unknown)}")
+        return values
+
+    @classmethod
     def load(cls, path: Path):
         """A run's saved config.json; a damaged one is named, never a traceback."""
         try:
@@ -100,8 +131,13 @@ class TrainConfig(RunConfig):
     grad_accumulation: int = option(1, "micro-batches per step")
     lr: float = option(2e-4, "AdamW's peak learning rate")
     warmup_steps: int = option(500, "steps of linear warm-up to --lr")
+    lr_schedule: Literal["constant", "linear", "cosine"] = option(
+        "constant",
+        "after the warm-up: constant (with the --lr-decay-fraction tail), or down to 0 at the last step,"
+        " linearly or along a half cosine",
+    )
     lr_decay_fraction: float = option(
-        0.0, "the last fraction of the steps decays the learning rate linearly to 0 (0: constant)"
+        0.0, "constant schedule: the last fraction of the steps decays the learning rate linearly to 0"
     )
     weight_decay: float = option(0.0, "AdamW's decoupled weight decay")
     grad_clip: float = option(1.0, "the gradient's norm is clipped to this")
@@ -202,6 +238,11 @@ class TrainConfig(RunConfig):
             raise UnnoiseError(f"--lr must be a positive number, got {self.lr}")
         if not 0 <= self.lr_decay_fraction <= 1:
             raise UnnoiseError(f"--lr-decay-fraction must be in [0, 1], got {self.lr_decay_fraction}")
+        if self.lr_schedule != "constant" and self.lr_decay_fraction:
+            raise UnnoiseError(
+                f"--lr-decay-fraction is the constant schedule's tail; the {self.lr_schedule} schedule decays"
+                " over all the steps after the warm-up: give one or the other"
+            )
         if self.sigma_p_mean is not None and not abs(self.sigma_p_mean) < float("inf"):
             raise UnnoiseError(f"--sigma-p-mean must be a finite number, got {self.sigma_p_mean}")
         if not 0 <= self.grounding_weight < float("inf"):

@@ -320,11 +320,16 @@ def _one_thread_per_worker(_worker_id: int) -> None:
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
-    """Linear warm-up to config.lr, constant, then a linear decay to 0 over the last `lr_decay_fraction` of
-    the steps (warm-up, stable, decay: Hu et al. 2024)."""
+    """Linear warm-up to config.lr, then by `lr_schedule`: constant, with a linear decay to 0 over the last
+    `lr_decay_fraction` of the steps (warm-up, stable, decay: Hu et al. 2024); or from the peak down to 0 at
+    the last step, linearly or along a half cosine (Loshchilov & Hutter 2017, without restarts)."""
     warmup = min(1.0, (step + 1) / max(1, config.warmup_steps))
-    decay_steps = config.lr_decay_fraction * config.steps
-    decay = min(1.0, (config.steps - step) / decay_steps) if decay_steps > 0 else 1.0
+    if config.lr_schedule == "constant":
+        decay_steps = config.lr_decay_fraction * config.steps
+        decay = min(1.0, (config.steps - step) / decay_steps) if decay_steps > 0 else 1.0
+        return config.lr * min(warmup, decay)
+    after = max(0.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))  # 0 -> 1
+    decay = 1 - after if config.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * after))
     return config.lr * min(warmup, decay)
 
 
