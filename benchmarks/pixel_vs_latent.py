@@ -57,12 +57,12 @@ def images_per_second(preset: str, data: str, autoencoder: str) -> float:
 
 def train(preset: str, steps: int, args: argparse.Namespace) -> Path:
     out = Path(args.runs) / preset
-    command = [UNNOISE, "train", "--out", str(out)]
+    command = [UNNOISE, "train", "--out", str(out), "--steps", str(steps)]
+    command += ["--ema-half-life", str(steps * BATCH // 10)]  # a tenth of the images seen
     if (out / "config.json").exists():
-        command += ["--resume", "--steps", str(steps)]
+        command += ["--resume"]
     else:
-        command += ["--data", args.data, "--preset", preset, "--steps", str(steps), *RECIPE]
-        command += ["--ema-half-life", str(steps * BATCH // 10)]  # a tenth of the images seen
+        command += ["--data", args.data, "--preset", preset, *RECIPE]
         if preset.startswith("latent"):
             command += ["--autoencoder", args.autoencoder]
     with open(out.with_suffix(".log"), "a") as log:
@@ -141,8 +141,9 @@ def main() -> None:
     args = parser.parse_args()
     Path(args.runs).mkdir(parents=True, exist_ok=True)
     rows = {}
-    for preset in PRESETS:
-        speed = images_per_second(preset, args.data, args.autoencoder)
+    speeds = {preset: images_per_second(preset, args.data, args.autoencoder) for preset in PRESETS}
+    for preset in PRESETS:  # both speeds measured first, back to back, before any training
+        speed = speeds[preset]
         steps = max(250, round(args.minutes * 60 * speed / BATCH))
         said = f"{speed:.1f} images/s measured -> {steps} steps in {args.minutes:g} minutes"
         print(f"{preset}: {said}", flush=True)
