@@ -17,8 +17,7 @@ import torch
 import unnoise
 from unnoise.data.folder import to_unit_range
 from unnoise.eval.folder_eval import first_of_each_caption, split_folder
-from unnoise.images import contact_sheet, to_pil
-from unnoise.train.autoencoder import psnr
+from unnoise.images import contact_sheet, psnr, to_pil
 
 
 @torch.no_grad()

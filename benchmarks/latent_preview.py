@@ -29,8 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import unnoise
-from unnoise.images import from_pil
-from unnoise.train.autoencoder import psnr
+from unnoise.images import from_pil, psnr
 
 RESULTS = Path(__file__).parent / "results"
 PROMPTS = ("red apple", "dog face", "fire", "ghost", "strawberry", "green heart", "rocket", "japan flag")

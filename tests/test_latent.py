@@ -16,7 +16,8 @@ from tests.conftest import run_cli
 from unnoise.codec import IdentityCodec, LatentStatistics, latent_size_mask, load_codec
 from unnoise.data.split import concept_of, held_out_mask
 from unnoise.errors import UnnoiseError
-from unnoise.train.autoencoder import AutoencoderTrainConfig, psnr, ssim, train_autoencoder
+from unnoise.images import psnr, ssim
+from unnoise.train.autoencoder import AutoencoderTrainConfig, train_autoencoder
 from unnoise.train.config import TrainConfig
 from unnoise.train.loop import train
 

@@ -634,7 +634,7 @@ def test_options_schedulers_png_info_and_openai_models(client, server):
     info = client.post("/sdapi/v1/png-info", json={"image": made["images"][0]}).json()
     assert info["info"].startswith("a red circle\nSteps: 2") and info["parameters"]["Seed"] == 5
     api = openai.OpenAI(base_url=f"{server.url}/v1", api_key="not-needed-on-loopback", max_retries=0)
-    assert [m.id for m in api.models.list()] == ["shapes-32"]
+    assert [m.id for m in api.models.list()] == ["shapes-32", "emoji-64"]  # serving first, then the others
 
 
 def test_a_client_switches_models_by_name_and_a_broken_one_leaves_the_old_serving(pipe, tmp_path):
@@ -649,7 +649,7 @@ def test_a_client_switches_models_by_name_and_a_broken_one_leaves_the_old_servin
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text('{"network": 3}')
     models = model_catalogue([tmp_path])
-    assert sorted(models) == ["broken", "shapes-32", "shapes-copy"]
+    assert sorted(models) == ["broken", "emoji-64", "shapes-32", "shapes-copy"]
     port = free_port()
     app = create_app(pipe, port=port, models=models, load_model=lambda path: unnoise.load(path, device="cpu"))
     running = Server(app, port)

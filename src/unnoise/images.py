@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from .data.folder import limit_png_text
@@ -173,3 +174,32 @@ def masked_area(mask: Image.Image, padding: int) -> tuple[int, int, int, int] | 
 def with_info(image: Image.Image, info: dict) -> Image.Image:
     image.info.update(info)
     return image
+
+
+# --- how alike two batches of images are ------------------------------------------------------------
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Peak signal-to-noise ratio in dB of images in [-1, 1] (peak-to-peak 2), per image (B,)."""
+    mse = ((x.float() - y.float()) ** 2).flatten(1).mean(1).clamp_min(1e-12)
+    return 10 * torch.log10(4.0 / mse)
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Structural similarity (Wang et al. 2004) per image (B,): 11x11 Gaussian windows of sigma 1.5, on
+    [0, 1] pixels, mean over channels and positions (the windows that fit inside the image)."""
+    x, y = (x.float() + 1) / 2, (y.float() + 1) / 2
+    C = x.shape[1]
+    g = torch.exp(-((torch.arange(11, dtype=torch.float32) - 5) ** 2) / (2 * 1.5**2))
+    g = g / g.sum()
+    window = (g[:, None] * g[None, :]).expand(C, 1, 11, 11).to(x.device)  # (C, 1, 11, 11)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, window, groups=C)
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x, var_y = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    c1, c2 = 0.01**2, 0.03**2
+    index = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return index.flatten(1).mean(1)

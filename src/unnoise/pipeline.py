@@ -485,7 +485,11 @@ def load(name_or_path: str | Path, *, device: str | torch.device = "auto") -> Pi
     device = resolve_device(device)
     folder = resolve_model(name_or_path)
     if is_diffusers_folder(folder):
-        return load_stable_diffusion(folder, device)
+        sd = load_stable_diffusion(folder, device)
+        return Pipeline(
+            sd.denoiser, CachedTextEncoder(sd.text, max_entries=PROMPT_CACHE), sd.resolution,
+            model_name(folder), stride=sd.stride, default_guidance=sd.default_guidance, codec=sd.codec,
+        )  # fmt: skip
     network, config = load_network(folder)
     if device.type == "cpu":  # the layout PyTorch's CPU convolutions are fastest in
         network = network.to(memory_format=torch.channels_last)

@@ -215,12 +215,23 @@ def check_safetensors(folder: Path, part: str) -> None:
     raise UnnoiseError(f"{where} has no weights (no .safetensors file)")
 
 
-def load_stable_diffusion(folder: str | Path, device: torch.device, *, clip_skip: int = 1, name: str = ""):
-    """A diffusers Stable Diffusion folder as an unnoise Pipeline."""
+@dataclass
+class StableDiffusionParts:
+    """What a diffusers folder becomes: the pipeline (`pipeline.load`) is built from these."""
+
+    denoiser: nn.Module  # Denoiser(DiffusersUNet, VPDiscrete)
+    text: CLIPTextEncoder
+    codec: VAECodec
+    resolution: int  # pixels
+    stride: int  # pixels
+    default_guidance: float = SD_GUIDANCE
+
+
+def load_stable_diffusion(
+    folder: str | Path, device: torch.device, *, clip_skip: int = 1
+) -> StableDiffusionParts:
+    """A diffusers Stable Diffusion folder's parts, checked, on `device`."""
     from .diffusion.denoiser import Denoiser
-    from .pipeline import PROMPT_CACHE, Pipeline
-    from .release import model_name
-    from .text.encoders import CachedTextEncoder
 
     folder = Path(folder)
     diffusers = require_diffusers()
@@ -238,18 +249,11 @@ def load_stable_diffusion(folder: str | Path, device: torch.device, *, clip_skip
     text_model = transformers.CLIPTextModel.from_pretrained(folder / "text_encoder", **common)
     tokenizer = transformers.CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
     network = DiffusersUNet(unet.eval().requires_grad_(False))
-    denoiser = Denoiser(network, scheduler.formulation()).to(device)
     codec = VAECodec(vae).to(device)
-    encoder = CLIPTextEncoder(tokenizer, text_model.to(device), name=folder.name, clip_skip=clip_skip)
-    text = CachedTextEncoder(encoder, max_entries=PROMPT_CACHE)
-    shape = network.config
-    return Pipeline(
-        denoiser,
-        text,
-        shape.resolution * codec.factor,
-        name or model_name(folder),
-        "",
-        stride=shape.stride * codec.factor,
-        default_guidance=SD_GUIDANCE,
+    return StableDiffusionParts(
+        denoiser=Denoiser(network, scheduler.formulation()).to(device),
+        text=CLIPTextEncoder(tokenizer, text_model.to(device), name=folder.name, clip_skip=clip_skip),
         codec=codec,
+        resolution=network.config.resolution * codec.factor,
+        stride=network.config.stride * codec.factor,
     )

@@ -285,7 +285,7 @@ def side_report(
 @torch.no_grad()
 def codec_report(judge: Judge, codec, pixels: torch.Tensor, batch: int = 128) -> dict:
     """How well `codec` (encode, decode) reconstructs `pixels` (N, 3, R, R) uint8 in the judge's eyes."""
-    from ..train.autoencoder import psnr, ssim
+    from ..images import psnr, ssim
 
     originals, reconstructions = [], []
     for chunk in pixels.split(batch):
