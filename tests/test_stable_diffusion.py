@@ -160,3 +160,29 @@ def test_pickled_weights_are_refused_with_the_conversion(sd_folder, tmp_path):
         weights.rename(weights.with_suffix(".bin"))
     with pytest.raises(UnnoiseError, match=r"pickled weights \(diffusion_pytorch_model.bin\)"):
         unnoise.load(folder, device="cpu")
+
+
+def test_the_server_serves_an_sd_folder_to_webuiapi_and_openai_with_their_defaults(pipe):
+    """Issue 32 point 5 (a first check): the same client calls as for our own models."""
+    import base64
+    import io
+
+    import openai
+    import webuiapi
+    from PIL import Image
+
+    from tests.test_server import Server, free_port
+    from unnoise.server.app import create_app
+
+    port = free_port()
+    running = Server(create_app(pipe, port=port, models={}), port)
+    try:
+        api = webuiapi.WebUIApi(host="127.0.0.1", port=port)
+        result = api.txt2img(prompt="a red cat", steps=3)
+        assert result.image.size[0] >= 16 and "Model: tiny-sd" in result.info["infotexts"][0]
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="not-needed-on-loopback", max_retries=0)
+        made = client.images.generate(prompt="a blue dog", response_format="b64_json")
+        image = Image.open(io.BytesIO(base64.b64decode(made.data[0].b64_json)))
+        assert image.size[0] >= 16
+    finally:
+        running.stop()
