@@ -531,6 +531,11 @@ def test_a_config_file_gives_options_and_the_flags_given_override_it(tmp_path):
     (tmp_path / "bad.json").write_text('{"preset": "tiny", "learning_rate": 1}')
     done = run_cli("train", "--config", str(tmp_path / "bad.json"), "--out", str(tmp_path / "x"))
     assert done.returncode == 2 and "unknown options learning_rate" in done.stderr
+    wrong = (('{"steps": "abc"}', "steps must be int"), ('{"lr_schedule": "wild"}', "must be one of"))
+    for text, said in wrong:
+        (tmp_path / "typed.json").write_text(text)
+        done = run_cli("train", "--config", str(tmp_path / "typed.json"), "--out", str(tmp_path / "z"))
+        assert done.returncode == 2 and said in done.stderr, done.stderr
     (tmp_path / "broken.toml").write_text("steps = = 3")
     done = run_cli("train", "--config", str(tmp_path / "broken.toml"), "--out", str(tmp_path / "y"))
     assert done.returncode == 2 and "not valid TOML" in done.stderr

@@ -61,6 +61,10 @@ class RunConfig:
         unknown = sorted(set(values) - {f.name for f in fields(cls)})
         if unknown:
             raise UnnoiseError(f"--config {path}: unknown options {', '.join(unknown)}")
+        for name, value in values.items():
+            problem = option_type_problem(cls, name, value)
+            if problem:
+                raise UnnoiseError(f"--config {path}: {name} {problem}")
         return values
 
     @classmethod
@@ -76,6 +80,26 @@ class RunConfig:
             return cls.from_dict(values)
         except TypeError as error:
             raise UnnoiseError(f"{path} is not a training configuration ({error})") from None
+
+
+def option_type_problem(config_class, name: str, value) -> str:
+    """What is wrong with `value` for option `name` ('' if nothing), as the option's flag would check it:
+    one of a Literal's choices, or a value of the default's type (a whole number where a float is)."""
+    import typing
+
+    hint = typing.get_type_hints(config_class)[name]
+    if typing.get_origin(hint) is typing.Literal:
+        choices = typing.get_args(hint)
+        return "" if value in choices else f"must be one of {', '.join(map(str, choices))}, got {value!r}"
+    kinds = tuple(t for t in typing.get_args(hint) if t is not type(None)) or (hint,)
+    if value is None and type(None) in typing.get_args(hint):
+        return ""
+    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        return ""
+    if isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds):
+        return ""
+    wanted = " or ".join(k.__name__ for k in kinds)
+    return f"must be {wanted}, got {value!r}"
 
 
 @dataclass
