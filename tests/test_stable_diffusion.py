@@ -186,3 +186,22 @@ def test_the_server_serves_an_sd_folder_to_webuiapi_and_openai_with_their_defaul
         assert image.size[0] >= 16
     finally:
         running.stop()
+
+
+@pytest.mark.parametrize("damage", ["no tokenizer", "cut weights", "no unet config"])
+def test_a_damaged_sd_folder_is_one_line(damage, sd_folder, tmp_path):
+    import shutil
+
+    from tests.conftest import run_cli
+
+    folder = shutil.copytree(sd_folder, tmp_path / "damaged")
+    if damage == "no tokenizer":
+        shutil.rmtree(folder / "tokenizer")
+    elif damage == "cut weights":
+        weights = next((folder / "unet").glob("*.safetensors"))
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:
+        (folder / "unet" / "config.json").unlink()
+    done = run_cli("generate", "a cat", "--model", str(folder), "--steps", "1", "--out", str(tmp_path / "o"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr

@@ -31,7 +31,7 @@ from torch import nn
 
 from .diffusion.formulations import VPDiscrete
 from .errors import UnnoiseError
-from .text.encoders import TextEmbedding, check_prompts
+from .text.encoders import TextEmbedding, check_prompts, no_progress_bars
 
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 PICKLED = (".bin", ".ckpt", ".pt", ".pth")
@@ -215,6 +215,16 @@ def check_safetensors(folder: Path, part: str) -> None:
     raise UnnoiseError(f"{where} has no weights (no .safetensors file)")
 
 
+def load_part(where: Path, kind, **options):
+    """`kind.from_pretrained(where)`, its failure (a missing or damaged file) one line that names the part."""
+    try:
+        with no_progress_bars():
+            return kind.from_pretrained(where, **options)
+    except (OSError, ValueError, RuntimeError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UnnoiseError(f"{where}: cannot load this {kind.__name__} ({first})") from None
+
+
 @dataclass
 class StableDiffusionParts:
     """What a diffusers folder becomes: the pipeline (`pipeline.load`) is built from these."""
@@ -240,14 +250,17 @@ def load_stable_diffusion(
     index = read_json(folder / "model_index.json")
     for part in ("unet", "vae", "text_encoder"):
         check_safetensors(folder, part)
+    for part in ("tokenizer", "scheduler"):
+        if not (folder / part).is_dir():
+            raise UnnoiseError(f"{folder} is a diffusers folder without {part}/")
     if "text_encoder_2" in index:
         raise UnnoiseError(f"{folder}: SDXL (two text encoders) is not supported yet; SD 1.x and 2.x are")
     scheduler = SchedulerConfig.read(folder / "scheduler" / "scheduler_config.json")
     common: dict[str, Any] = {"use_safetensors": True, "local_files_only": True}
-    unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet", **common)
-    vae = diffusers.AutoencoderKL.from_pretrained(folder / "vae", **common)
-    text_model = transformers.CLIPTextModel.from_pretrained(folder / "text_encoder", **common)
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+    unet = load_part(folder / "unet", diffusers.UNet2DConditionModel, **common)
+    vae = load_part(folder / "vae", diffusers.AutoencoderKL, **common)
+    text_model = load_part(folder / "text_encoder", transformers.CLIPTextModel, **common)
+    tokenizer = load_part(folder / "tokenizer", transformers.CLIPTokenizer, local_files_only=True)
     network = DiffusersUNet(unet.eval().requires_grad_(False))
     codec = VAECodec(vae).to(device)
     return StableDiffusionParts(
