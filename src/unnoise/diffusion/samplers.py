@@ -329,42 +329,31 @@ def _lambda_derivatives(history: list[tuple[float, torch.Tensor]]):
     return slope0 + (lam0 - lam1) * curvature, 2 * curvature
 
 
-def _dpmpp_multistep(
-    denoiser, x, sigmas, *, cond, generator, callback, order: int, eta: float, s_noise: float = 1.0
-):
-    """Multistep DPM-Solver++ of `order` for the ODE (eta = 0) or the SDE family (eta > 0).
+@register("dpmpp_3m")
+def sample_dpmpp_3m(denoiser, x, sigmas, *, cond=None, generator=None, callback=None):
+    """DPM-Solver++(3M): multistep 3rd order on the ODE (Lu et al. 2022b, eq. 9 and Appendix; data
+    prediction), unnoise's own (no AUTOMATIC1111 label: k-diffusion's 3M is dpmpp_3m_sde at eta 0).
 
-    x_next = (s_next/s) e^{-eta h} x + I0 D + I1 D' + I2/2 D'' + s_next sqrt(1 - e^{-2 eta h}) s_noise z,
-    the exponential integrator with D(lambda) Taylor-expanded (Lu et al. 2022b, eqs. 9 and 13; eta = 1
-    is the SDE-DPM-Solver++ of their Sec. 5). The first steps use the lower orders that history allows.
+    x_next = (s_next/s) x + I0 D + I1 D' + I2/2 D'', the exponential integrator with D(lambda)
+    Taylor-expanded; the first steps use the lower orders that history allows.
     """
     D = bind(denoiser, cond)
-    history: list[tuple[float, torch.Tensor]] = []  # (lambda, D) of the last `order` points
+    history: list[tuple[float, torch.Tensor]] = []  # (lambda, D) of the last 3 points
     for i, sigma, sigma_next in _steps(sigmas):
         denoised = D(x, sigma)
         _report(callback, i, sigma, x, denoised)
         if sigma_next == 0:
             return denoised
-        history = [*history, (_lambda(sigma), denoised)][-order:]
+        history = [*history, (_lambda(sigma), denoised)][-3:]
         h = _lambda(sigma_next) - _lambda(sigma)
-        i0, i1, i2 = exponential_integrator_weights(h, 1 + eta)
+        i0, i1, i2 = exponential_integrator_weights(h, 1.0)
         slope, second = _lambda_derivatives(history)
-        x = (sigma_next / sigma) * math.exp(-eta * h) * x + i0 * denoised
+        x = (sigma_next / sigma) * x + i0 * denoised
         if slope is not None:
             x = x + i1 * slope
         if second is not None:
             x = x + (i2 / 2) * second
-        if eta > 0:
-            x = x + sigma_next * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise * randn_like(x, generator)
     return x
-
-
-@register("dpmpp_3m")
-def sample_dpmpp_3m(denoiser, x, sigmas, *, cond=None, generator=None, callback=None):
-    """DPM-Solver++(3M): multistep 3rd order on the ODE (Lu et al. 2022b, Appendix; data prediction)."""
-    return _dpmpp_multistep(
-        denoiser, x, sigmas, cond=cond, generator=generator, callback=callback, order=3, eta=0.0
-    )
 
 
 # The SDE samplers AUTOMATIC1111 and ComfyUI call "DPM++ 2M SDE" and "DPM++ 3M SDE" are k-diffusion's:
@@ -378,6 +367,19 @@ def sample_dpmpp_3m(denoiser, x, sigmas, *, cond=None, generator=None, callback=
 def _phi_1(a: float) -> float:
     """(1 - e^{-a}) for a = (1 + eta) h: the weight of D in one exponential-integrator step."""
     return -math.expm1(-a)
+
+
+def _sde_first_order(x, denoised, sigma: float, sigma_next: float, h: float, eta: float):
+    """The first-order part of an SDE-DPM-Solver++ step: (s_next/s) e^{-eta h} x + (1 - e^{-(1+eta)h}) D."""
+    return (sigma_next / sigma) * math.exp(-eta * h) * x + _phi_1((1 + eta) * h) * denoised
+
+
+def _sde_add_noise(x, generator, noise_sampler, sigma, sigma_next, h: float, eta: float, s_noise: float):
+    """x plus the step's fresh noise, s_next sqrt(1 - e^{-2 eta h}) s_noise z (nothing at eta = 0)."""
+    if eta <= 0:
+        return x
+    noise = _sde_noise(x, generator, noise_sampler, sigma, sigma_next)
+    return x + sigma_next * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise * noise
 
 
 @register("dpmpp_2m_sde", stochastic=True)
@@ -404,14 +406,12 @@ def sample_dpmpp_2m_sde(
             return denoised
         h = _lambda(sigma_next) - _lambda(sigma)
         a = (1 + eta) * h
-        x = (sigma_next / sigma) * math.exp(-eta * h) * x + _phi_1(a) * denoised
+        x = _sde_first_order(x, denoised, sigma, sigma_next, h, eta)
         if old_denoised is not None:
             r = h_last / h
             c = _phi_1(a) / 2 if solver_type == "midpoint" else 1 - _phi_1(a) / a
             x = x + c / r * (denoised - old_denoised)
-        if eta > 0:
-            noise = _sde_noise(x, generator, noise_sampler, sigma, sigma_next)
-            x = x + sigma_next * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise * noise
+        x = _sde_add_noise(x, generator, noise_sampler, sigma, sigma_next, h, eta, s_noise)
         old_denoised, h_last = denoised, h
     return x
 
@@ -452,7 +452,7 @@ def sample_dpmpp_3m_sde(
         h = _lambda(sigma_next) - _lambda(sigma)
         a = (1 + eta) * h
         phi_2 = 1 - _phi_1(a) / a
-        x = (sigma_next / sigma) * math.exp(-eta * h) * x + _phi_1(a) * denoised
+        x = _sde_first_order(x, denoised, sigma, sigma_next, h, eta)
         if len(previous) == 2:
             (d_1, h_1), (d_2, h_2) = previous
             r0, r1 = h_1 / h, h_2 / h
@@ -464,9 +464,7 @@ def sample_dpmpp_3m_sde(
         elif len(previous) == 1:
             ((d_1, h_1),) = previous
             x = x + phi_2 * (denoised - d_1) / (h_1 / h)
-        if eta > 0:
-            noise = _sde_noise(x, generator, noise_sampler, sigma, sigma_next)
-            x = x + sigma_next * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise * noise
+        x = _sde_add_noise(x, generator, noise_sampler, sigma, sigma_next, h, eta, s_noise)
         previous = [(denoised, h), *previous][:2]
     return x
 
