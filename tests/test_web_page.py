@@ -91,18 +91,23 @@ def test_the_download_is_the_png_with_its_parameters(page):
     assert image.size == (32, 32) and image.info["parameters"] == caption  # the settings shown are in the PNG
 
 
+def paint_a_mask(page, image: Path, *, start: float, end: float, steps: int) -> None:
+    """Inpaint mode, `image` (32x32) chosen, a mouse drag on the mask from (start, start) to (end, end) px."""
+    page.check("input[name=mode][value=inpaint]")
+    page.set_input_files("#file", str(image))
+    page.wait_for_function("document.getElementById('mask').width === 32")
+    box = page.locator("#mask").bounding_box()
+    page.mouse.move(box["x"] + start, box["y"] + start)
+    page.mouse.down()
+    page.mouse.move(box["x"] + end, box["y"] + end, steps=steps)
+    page.mouse.up()
+
+
 def test_inpainting_a_painted_mask_keeps_the_rest_of_the_picture(page, tmp_path):
     rng = np.random.default_rng(0)
     source = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
     source.save(tmp_path / "in.png")
-    page.check("input[name=mode][value=inpaint]")
-    page.set_input_files("#file", str(tmp_path / "in.png"))
-    page.wait_for_function("document.getElementById('mask').width === 32")
-    box = page.locator("#mask").bounding_box()
-    page.mouse.move(box["x"] + 40, box["y"] + 40)
-    page.mouse.down()
-    page.mouse.move(box["x"] + 90, box["y"] + 90, steps=5)
-    page.mouse.up()
+    paint_a_mask(page, tmp_path / "in.png", start=40, end=90, steps=5)
     page.fill("#prompt", "a green triangle")
     page.fill("#count", "1")
     before = page.locator("#gallery figure").count()
@@ -380,14 +385,7 @@ def test_inpainting_progress_says_why_it_counts_more_steps_than_asked(page, serv
     Image.new("RGB", (32, 32), "gray").save(tmp_path / "in.png")
     page.goto(server.url + "/")
     ready(page)
-    page.check("input[name=mode][value=inpaint]")
-    page.set_input_files("#file", str(tmp_path / "in.png"))
-    page.wait_for_function("document.getElementById('mask').width === 32")
-    box = page.locator("#mask").bounding_box()
-    page.mouse.move(box["x"] + 20, box["y"] + 20)
-    page.mouse.down()
-    page.mouse.move(box["x"] + 60, box["y"] + 60, steps=4)
-    page.mouse.up()
+    paint_a_mask(page, tmp_path / "in.png", start=20, end=60, steps=4)
     page.fill("#prompt", "a blue square")
     page.fill("#count", "1")
     page.fill("#steps", "4")
