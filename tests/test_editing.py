@@ -379,7 +379,7 @@ A1111_TEXT = (
 def test_png_text_speaks_automatic1111s_sampler_names_and_reads_its_pngs():
     """Issue 13: our PNGs named samplers in our spelling, without a schedule type or a model hash."""
     settings = ImageSettings(
-        "a dog", sampler="euler_ancestral", seed=3, width=32, height=32, model_hash="abc"
+        "a dog", sampler="euler_ancestral", seed=3, width=32, height=32, model_hash="abc", schedule="Karras"
     )
     text = settings.parameters()
     assert "Sampler: Euler a, Schedule type: Karras" in text and "Model hash: abc" in text
@@ -395,8 +395,11 @@ def test_png_text_speaks_automatic1111s_sampler_names_and_reads_its_pngs():
         A1111_TEXT.replace("DPM++ 2M, Schedule type: Karras", "DPM++ 2M Karras")
     )
     assert older.sampler == "dpmpp_2m"
-    with pytest.raises(UnnoiseError, match="'Exponential' schedule"):
-        ImageSettings.from_parameters(A1111_TEXT.replace("Karras", "Exponential"))
+    assert (
+        ImageSettings.from_parameters(A1111_TEXT.replace("Karras", "Exponential")).schedule == "Exponential"
+    )
+    with pytest.raises(UnnoiseError, match="'Polyexponential' schedule"):
+        ImageSettings.from_parameters(A1111_TEXT.replace("Karras", "Polyexponential"))
     assert ImageSettings("x", sampler="pc").parameters().count("Sampler: pc,") == 1  # no A1111 label: ours
 
 

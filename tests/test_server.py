@@ -477,6 +477,9 @@ def test_a_bug_is_a_500_logged_for_the_operator_and_a_users_mistake_a_422(pipe, 
         def size_for(self, width, height):
             return self.resolution, self.resolution
 
+        def with_schedule(self, settings):
+            return settings
+
         def generate(self, *args, **kwargs):
             raise self.error
 

@@ -9,64 +9,12 @@ import torch
 
 import unnoise
 from unnoise.errors import UnnoiseError
+from unnoise.settings import ImageSettings
 from unnoise.stable_diffusion import VAECodec
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
-
-
-def byte_characters() -> list[str]:
-    """The 256 printable characters byte-level BPE (GPT-2, CLIP) writes the bytes 0..255 as."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    others = [b for b in range(256) if b not in printable]
-    table = {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
-    return [table[b] for b in range(256)]
-
-
-def tiny_tokenizer():
-    """A CLIP tokenizer whose vocabulary is every byte's character, alone and word-final, and no merges."""
-    characters = byte_characters()
-    tokens = [*characters, *(c + "</w>" for c in characters), "<|startoftext|>", "<|endoftext|>"]
-    vocab = {token: i for i, token in enumerate(tokens)}
-    return transformers.CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-
-
-def save_tiny_sd(folder, prediction_type: str = "epsilon"):
-    """An SD-1.x-shaped diffusers folder: UNet (2 levels, cross-attention), VAE (factor 2), CLIP text model
-    (2 layers), scheduler config of SD 1.5's betas, random weights, safetensors."""
-    torch.manual_seed(0)
-    tokenizer = tiny_tokenizer()
-    text = transformers.CLIPTextModel(
-        transformers.CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=77, eos_token_id=tokenizer.eos_token_id,
-        )
-    )  # fmt: skip
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
-        norm_num_groups=32,
-    )  # fmt: skip
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=32, sample_size=16,
-    )  # fmt: skip
-    scheduler = diffusers.DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type=prediction_type,
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-    )  # fmt: skip
-    pipeline = diffusers.StableDiffusionPipeline(
-        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
-    pipeline.save_pretrained(folder, safe_serialization=True)
-    return folder
+from tests.sd_fixtures import ROWS, parity, save_tiny_sd  # noqa: E402  (needs diffusers)
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +32,18 @@ def pipe(sd_folder):
     return unnoise.load(sd_folder, device="cpu")
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("row", ROWS, ids=lambda row: f"{row.sampler}-{row.schedule}-eta{row.eta:g}")
+def test_the_diffusers_convention_gives_diffusers_latents(row, prediction, sd_folder, sd_v_folder):
+    """The parity table (issue 32 point 3): with the diffusers convention, unnoise's sampler and diffusers'
+    scheduler of the same name, from the same seed (starting latents and every step's noise), give the same
+    x0 estimate at every step and the same final latents, for epsilon and v prediction."""
+    folder = sd_folder if prediction == "epsilon" else sd_v_folder
+    pipe = unnoise.load(folder, device="cpu", convention="diffusers")
+    final, x0 = parity(pipe, folder, row)
+    assert final < 2e-5 and x0 < 1e-4, (final, x0)  # relative: float32 round-off, 1e-6 to 3e-5
+
+
 def test_a_diffusers_folder_loads_and_generates_through_its_vae(pipe):
     assert (pipe.resolution, pipe.codec.factor, pipe.codec.channels) == (16, 2, 4)
     assert isinstance(pipe.codec, VAECodec) and pipe.codec.scaling == 0.18215
@@ -97,7 +57,8 @@ def test_a_diffusers_folder_loads_and_generates_through_its_vae(pipe):
 def test_the_denoiser_is_the_unet_read_as_its_scheduler_says(prediction, sd_folder, sd_v_folder):
     """D(x; sigma) from the UNet's raw output at the timestep of sigma, the input scaled by 1/sqrt(1+s^2):
     x - sigma eps for epsilon prediction; x / (1 + s^2) - s v / sqrt(1 + s^2) for v prediction."""
-    pipe = unnoise.load(sd_folder if prediction == "epsilon" else sd_v_folder, device="cpu")
+    folder = sd_folder if prediction == "epsilon" else sd_v_folder
+    pipe = unnoise.load(folder, device="cpu", convention="diffusers")  # its table in float32, as diffusers'
     cond = pipe.text.encode(["a red cat", "a blue dog"])
     unet = pipe.denoiser.network.unet
     scheduler = diffusers.DDIMScheduler.from_pretrained(
@@ -108,7 +69,7 @@ def test_the_denoiser_is_the_unet_read_as_its_scheduler_says(prediction, sd_fold
     sigma = ((1 - alpha_bar) / alpha_bar).sqrt().float()  # (2,) the sigmas of timesteps 999 and 500
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * sigma[:, None, None, None]
     with torch.no_grad():
-        ours = pipe.denoiser(x, sigma, cond)
+        ours = pipe.denoiser_for(ImageSettings("", sampler="ddim"))(x, sigma, cond)  # DDIMScheduler's way
         scale = (1 + sigma**2).rsqrt()[:, None, None, None]
         out = unet(x * scale, t, encoder_hidden_states=cond.tokens).sample
     s = sigma[:, None, None, None]
@@ -129,27 +90,6 @@ def test_clip_skip_takes_an_earlier_layer_with_the_final_norm(pipe):
     assert not torch.allclose(encoder.encode(["a cat"]).tokens, expected)
     with pytest.raises(UnnoiseError, match="clip skip"):
         CLIPTextEncoder(encoder.tokenizer, encoder.model, "x", clip_skip=3)
-
-
-def test_euler_matches_diffusers_euler_scheduler_from_the_same_latents(pipe, sd_folder):
-    """At integer timesteps ("leading" spacing, SD 1.5's DDIM convention) diffusers' EulerDiscreteScheduler
-    and unnoise's `euler` over its sigmas, from the same starting latents, give the same latents."""
-    from unnoise.diffusion.samplers import SAMPLERS
-
-    scheduler = diffusers.EulerDiscreteScheduler.from_pretrained(
-        sd_folder, subfolder="scheduler", timestep_spacing="leading"
-    )
-    scheduler.set_timesteps(6)
-    cond = pipe.text.encode(["a red cat"])
-    unet = pipe.denoiser.network.unet
-    start = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)) * scheduler.init_noise_sigma
-    x = start.clone()
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            eps = unet(scheduler.scale_model_input(x, t), t, encoder_hidden_states=cond.tokens).sample
-            x = scheduler.step(eps, t, x).prev_sample
-        ours = SAMPLERS["euler"](pipe.denoiser, start.clone(), scheduler.sigmas.double(), cond=cond)
-    torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)
 
 
 def test_pickled_weights_are_refused_with_the_conversion(sd_folder, tmp_path):

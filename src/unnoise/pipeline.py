@@ -18,12 +18,14 @@ import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
 from .codec import Codec, IdentityCodec, latent_size_mask, load_codec
+from .diffusion.conventions import SCHEDULE_LABELS, Convention, Plan
 from .diffusion.denoiser import Denoiser
 from .diffusion.editing import img2img, inpaint, masked_start, variation_noise
 from .diffusion.formulations import FORMULATIONS
@@ -99,8 +101,12 @@ class Pipeline:
         default_guidance: float = DEFAULT_GUIDANCE,
         default_bind_attributes: bool = False,
         codec: Codec | None = None,
+        convention: Convention | None = None,
     ):
         self.denoiser, self.text, self.resolution, self.name = denoiser, text, resolution, name
+        # how a discrete-time model (Stable Diffusion) turns steps into a schedule, as a tool does it
+        # (diffusion/conventions.py); None: Karras' schedule over the formulation's range (unnoise's models)
+        self.convention = convention
         self.codec = codec or IdentityCodec()  # pixels <-> what the denoiser works on
         self.model_hash = model_hash  # first 10 hex digits of the weights' SHA-256 (A1111's "Model hash")
         self.stride = stride  # image sides are multiples of this (the network's downsampling or patch)
@@ -147,22 +153,28 @@ class Pipeline:
         mix_prompt: str = "",
         prompt_mix: float = 0.0,
         bind_attributes: bool | None = None,
+        schedule: str = "Automatic",
+        latents: torch.Tensor | None = None,
+        output_type: Literal["pil", "latent"] = "pil",
         callback: Callback = None,
-    ) -> list[Image.Image]:
+    ) -> list[Image.Image] | torch.Tensor:
         """num_images images for the prompt. A variation seed moves each image's starting noise
         `variation_strength` of the way (on the sphere) to that seed's noise; `prompt_mix` moves the text
         condition that far towards `mix_prompt`'s. sampler_options: e.g. {"eta": 0.5} for ddim. width and
         height: see `size_for` (the images' size is what it gives, written in their PNG text).
         bind_attributes: each noun's cross-attention follows its attributes' (ImageSettings; None: the
-        model's default, `default_bind_attributes`)."""
+        model's default, `default_bind_attributes`). schedule: A1111's schedule type (Automatic: the model's
+        choice for the sampler). latents (num_images, c, h, w): the unit starting noise to use instead of the
+        seeds' (as diffusers' `latents=`; the seed still drives the noise a stochastic sampler draws).
+        output_type "latent" returns the final latents (num_images, c, h, w) undecoded."""
         width, height = self.size_for(width, height)
         settings = self.settings(prompt, negative_prompt, sampler, sampler_options, steps, guidance, seed)
         settings = settings.replace(
             width=width, height=height, variation_seed=variation_seed, variation_strength=variation_strength,
             mix_prompt=mix_prompt, prompt_mix=prompt_mix,
-            bind_attributes=self.binds(bind_attributes, mixing=bool(prompt_mix)),
+            bind_attributes=self.binds(bind_attributes, mixing=bool(prompt_mix)), schedule=schedule,
         ).check()  # fmt: skip
-        return self.render(settings, num_images, callback=callback)
+        return self.render(settings, num_images, callback=callback, latents=latents, output_type=output_type)
 
     def edit(
         self,
@@ -328,14 +340,23 @@ class Pipeline:
         init: torch.Tensor | None = None,
         inpainting: Inpainting | None = None,
         callback: Callback = None,
-    ) -> list[Image.Image]:
+        latents: torch.Tensor | None = None,
+        output_type: Literal["pil", "latent"] = "pil",
+    ) -> list[Image.Image] | torch.Tensor:
         """num_images images of `settings`, image i with seed + i. init (1, 3, R, R) is the image to edit;
-        with `inpainting` it is the one to inpaint."""
+        with `inpainting` it is the one to inpaint. latents, output_type: see `generate`."""
         if not 1 <= num_images <= MAX_IMAGES:
             raise UnnoiseError(f"num_images must be in 1..{MAX_IMAGES}, got {num_images}")
-        settings = settings.check()
+        settings = self.with_schedule(settings.check())
         each = [settings.replace(seed=settings.seed + i) for i in range(num_images)]
-        return self.render_each(each, init=init, inpainting=inpainting, callback=callback)
+        return self.render_each(
+            each,
+            init=init,
+            inpainting=inpainting,
+            callback=callback,
+            latents=latents,
+            output_type=output_type,
+        )
 
     def render_each(
         self,
@@ -344,15 +365,19 @@ class Pipeline:
         init: torch.Tensor | None = None,
         inpainting: Inpainting | None = None,
         callback: Callback = None,
-    ) -> list[Image.Image]:
+        latents: torch.Tensor | None = None,
+        output_type: Literal["pil", "latent"] = "pil",
+    ) -> list[Image.Image] | torch.Tensor:
         """One image per settings; they share sampler, options, steps, guidance and strength."""
         first = each[0]
         generators = [torch.Generator().manual_seed(s.seed) for s in each]
         noise = torch.stack([self.noise(s, g) for s, g in zip(each, generators, strict=True)])
+        if latents is not None:
+            noise = self.check_latents(latents, noise.shape)
         noise = noise.to(self.device)  # (N, c, R / f, R / f)
         cond = self.condition(each)
         uncond = self.encode([s.negative_prompt for s in each]).to(self.device)
-        denoiser = cfg(self.denoiser, first.guidance, uncond)
+        denoiser = cfg(self.denoiser_for(first), first.guidance, uncond)
         stopped = ""
         with torch.no_grad():
             if init is not None:  # pixels (1, 3, R, R) -> the denoiser's space (1, c, R / f, R / f)
@@ -363,6 +388,8 @@ class Pipeline:
                 x = self.draw(denoiser, noise, first, cond, generators, init, inpainting, callback)
             except StopSamplingError as stop:
                 x, stopped = stop.denoised, f", Interrupted: {stop.note}"
+            if output_type == "latent":
+                return x
             x = self.codec.decode(x)  # (N, 3, R, R)
         images = to_pil(x)
         for image, settings in zip(images, each, strict=True):
@@ -382,10 +409,13 @@ class Pipeline:
     ) -> torch.Tensor:
         """x (N, 3, H, W) in [-1, 1] from unit `noise` (N, 3, H, W): generation, img2img of `init`, or
         inpainting; `first` holds the sampler, its options, the steps and the strength they share."""
-        sigmas = default_sigmas(self.denoiser.formulation, first.steps)
+        plan = self.plan(first)
+        sigmas = self.sigmas(plan, first.steps)
         options = first.sampler_options  # the sampler's own keywords (eta, s_churn, ...), checked by name
         if init is not None and first.denoising_strength == 0:
             return init.expand_as(noise)  # nothing to regenerate: no step runs
+        if sigmas[-1] > 0 and init is not None:  # an edit ends at the clean image
+            sigmas = torch.cat([sigmas[:-1], sigmas.new_zeros(1)])
         if inpainting is not None:
             return inpaint(
                 denoiser, init.expand_as(noise), noise=noise, sigmas=sigmas,
@@ -398,10 +428,55 @@ class Pipeline:
                 denoiser, init.expand_as(noise), noise, sigmas, strength=first.denoising_strength,
                 sampler=first.sampler, cond=cond, generator=generators, callback=callback, **options,
             )  # fmt: skip
-        return sample(
+        start = None if plan is None else plan.start_scale(float(sigmas[0]))
+        x = sample(
             denoiser, noise, sigmas, sampler=first.sampler, cond=cond, generator=generators,
-            callback=callback, **options,
+            callback=callback, start_scale=start, to_zero=sigmas[-1] == 0, **options,
         )  # fmt: skip
+        if sigmas[-1] > 0:  # DDIM's final alpha: the result is the VP latent at that level, as diffusers'
+            x = x * self.denoiser.formulation.scale(sigmas[-1:]).item()
+        return x
+
+    def check_latents(self, latents: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        if not isinstance(latents, torch.Tensor) or latents.shape != shape:
+            got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise UnnoiseError(f"latents must be a tensor of shape {tuple(shape)} here, got {got}")
+        if not torch.isfinite(latents).all():
+            raise UnnoiseError("latents contain NaN or inf")
+        return latents.float().cpu()
+
+    def plan(self, settings: ImageSettings) -> Plan | None:
+        """How this model's convention samples `settings`' sampler and schedule (None: unnoise's own way)."""
+        if self.convention is None:
+            return None
+        return self.convention.plan(settings.sampler, settings.schedule)
+
+    def sigmas(self, plan: Plan | None, steps: int) -> torch.Tensor:
+        if plan is None:
+            return default_sigmas(self.denoiser.formulation, steps)
+        return plan.sigmas(self.denoiser.formulation, steps)
+
+    def with_schedule(self, settings: ImageSettings) -> ImageSettings:
+        """`settings` with its schedule type resolved to the one it runs on (A1111's label for its PNG), or
+        an UnnoiseError if this model cannot run that one."""
+        if self.convention is None:
+            if settings.schedule.lower() not in ("automatic", "karras"):
+                raise UnnoiseError(f"{self.name} samples on Karras' schedule only, not {settings.schedule!r}")
+            return settings.replace(schedule="Karras")
+        return settings.replace(schedule=SCHEDULE_LABELS[self.plan(settings).spacing])
+
+    def schedule_types(self) -> list[str]:
+        """The schedule types (A1111's labels) this model runs, besides Automatic."""
+        if self.convention is None or self.convention.name == "diffusers":
+            return ["Karras"]
+        return ["Karras", "Exponential", "Uniform"]
+
+    def denoiser_for(self, settings: ImageSettings) -> Denoiser:
+        """The denoiser, its formulation fed timesteps as the convention's plan says."""
+        plan = self.plan(settings)
+        if plan is None:
+            return self.denoiser
+        return Denoiser(self.denoiser.network, plan.formulation(self.denoiser.formulation))
 
     def preview(self, denoised: torch.Tensor) -> Image.Image:
         """A sampler step's x0 estimate (N, c, h, w) of the first image, as a picture (the codec's cheap
@@ -480,16 +555,28 @@ def resolve_device(name: str | torch.device) -> torch.device:
     return torch.device("cpu")
 
 
-def load(name_or_path: str | Path, *, device: str | torch.device = "auto") -> Pipeline:
-    """Load a released model (safetensors + config.json) with its text encoder; nothing is unpickled."""
+def load(
+    name_or_path: str | Path,
+    *,
+    device: str | torch.device = "auto",
+    convention: str = "a1111",
+    clip_skip: int = 1,
+) -> Pipeline:
+    """Load a released model (safetensors + config.json) with its text encoder; nothing is unpickled.
+
+    A Stable Diffusion model (a diffusers folder) samples as the tool `convention` names does (a1111,
+    comfyui or diffusers: diffusion/conventions.py), its text read `clip_skip` layers from the end."""
     device = resolve_device(device)
     folder = resolve_model(name_or_path)
     if is_diffusers_folder(folder):
-        sd = load_stable_diffusion(folder, device)
+        sd = load_stable_diffusion(folder, device, clip_skip=clip_skip, convention=convention)
         return Pipeline(
             sd.denoiser, CachedTextEncoder(sd.text, max_entries=PROMPT_CACHE), sd.resolution,
             model_name(folder), stride=sd.stride, default_guidance=sd.default_guidance, codec=sd.codec,
+            convention=sd.convention,
         )  # fmt: skip
+    if convention != "a1111" or clip_skip != 1:
+        raise UnnoiseError(f"{folder}: a convention and clip skip apply to Stable Diffusion models only")
     network, config = load_network(folder)
     if device.type == "cpu":  # the layout PyTorch's CPU convolutions are fastest in
         network = network.to(memory_format=torch.channels_last)

@@ -56,7 +56,10 @@ A1111_LABELS: dict[str, str] = {ours: label for label, ours in A1111_SAMPLERS.it
 # labels unnoise once wrote that are no AUTOMATIC1111 sampler: read (PNGs made then), never written
 OLD_LABELS: dict[str, str] = {"DPM++ 3M": "dpmpp_3m"}
 SCHEDULE_TYPE = "Karras"  # what A1111 calls the default schedule of every formulation here (rho = 7)
-SCHEDULE_TYPES = ("Automatic", "Karras")  # the A1111 schedule types that name it
+SCHEDULE_TYPES = ("Automatic", "Karras")  # the A1111 schedule types that name it for unnoise's own models
+# every schedule type a model may run on: "Automatic" is the model's own choice for the sampler (Karras
+# for unnoise's models; for a Stable Diffusion model its convention's, diffusion/conventions.py)
+SCHEDULE_LABELS = ("Automatic", "Karras", "Exponential", "Uniform", "Leading", "Trailing", "Linspace")
 # AUTOMATIC1111's second pass ("hires fix"): its "Denoising strength" belongs to that pass, not to an edit
 HIRES_KEYS = ("Hires upscale", "Hires resize", "Hires steps", "Hires upscaler")
 # what else an AUTOMATIC1111 PNG may describe that unnoise does not re-create
@@ -126,6 +129,7 @@ class ImageSettings:
     # each noun's cross-attention bound to its attributes' ("a red circle and a blue square": the pixels
     # that read "red" read "circle"), see nn.layers.bind_attention
     bind_attributes: bool = False
+    schedule: str = "Automatic"  # A1111's "Schedule type" (SCHEDULE_LABELS); the pipeline resolves Automatic
 
     def check(self) -> ImageSettings:
         """These settings, or an UnnoiseError that names the first one out of range."""
@@ -165,6 +169,12 @@ class ImageSettings:
             raise UnnoiseError(f"attribute binding must be true or false, got {self.bind_attributes!r}")
         if self.bind_attributes and self.prompt_mix:
             raise UnnoiseError("attribute binding needs one prompt; it cannot be used with a prompt mix")
+        if not isinstance(self.schedule, str) or self.schedule.lower() not in {
+            label.lower() for label in SCHEDULE_LABELS
+        }:
+            raise UnnoiseError(
+                f"unknown schedule type {self.schedule!r}; choose {', '.join(SCHEDULE_LABELS)}"
+            )
         if self.masked_content not in (None, *MASKED_CONTENTS):
             raise UnnoiseError(
                 f"the masked content must be one of {', '.join(MASKED_CONTENTS)}, got {self.masked_content!r}"
@@ -186,7 +196,7 @@ class ImageSettings:
         pairs = [
             f"Steps: {self.steps}",
             f"Sampler: {a1111_label(self.sampler)}",
-            f"Schedule type: {SCHEDULE_TYPE}",
+            f"Schedule type: {self.schedule}",  # the pipeline resolves Automatic to the one it ran on
             *(f"{_option_key(k)}: {_number(v)}" for k, v in sorted(self.sampler_options.items())),
             f"CFG scale: {self.guidance:g}",
             f"Seed: {self.seed}",
@@ -240,13 +250,16 @@ class ImageSettings:
         try:
             width, height = (int(v) for v in values["Size"].split("x")) if "Size" in values else (None, None)
             sampler = sampler_name(values.get("Sampler"))
-            schedule = values.get("Schedule type", SCHEDULE_TYPE)
-            known = {t.lower() for t in SCHEDULE_TYPES}
-            if schedule.lower() not in known and not values.get("Sampler", "").endswith(" Karras"):
+            schedule = values.get("Schedule type", "Automatic")
+            if values.get("Sampler", "").endswith(" Karras"):
+                schedule = "Karras"
+            known = {t.lower(): t for t in SCHEDULE_LABELS}
+            if schedule.lower() not in known:
                 raise UnnoiseError(
-                    f"the PNG was made with the {schedule!r} schedule; unnoise samples on Karras' schedule"
-                    " only, so it cannot make that image again"
+                    f"the PNG was made with the {schedule!r} schedule, which unnoise does not have, so it"
+                    " cannot make that image again"
                 )
+            schedule = known[schedule.lower()]
             options = {k: float(values[_option_key(k)]) for k in _all_options() if _option_key(k) in values}
             return cls(
                 prompt="\n".join(prompt_lines),
@@ -272,6 +285,7 @@ class ImageSettings:
                 repaint_resample=optional("RePaint resample", int),
                 masked_content=values.get("Masked content"),
                 bind_attributes=values.get("Attribute binding") == "on",
+                schedule=schedule,
             )
         except (KeyError, ValueError) as error:
             raise UnnoiseError(f"the PNG's parameters are incomplete or malformed ({error})") from None

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .diffusion.conventions import Convention, convention_named
 from .diffusion.formulations import VPDiscrete
 from .errors import UnnoiseError
 from .text.encoders import TextEmbedding, check_prompts, no_progress_bars
@@ -64,6 +65,10 @@ class SchedulerConfig:
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"
     prediction_type: str = "epsilon"
+    rescale_betas_zero_snr: bool = False
+    timestep_spacing: str | None = None  # None: each scheduler class's own default
+    steps_offset: int = 0
+    set_alpha_to_one: bool = True
 
     @classmethod
     def read(cls, path: Path) -> SchedulerConfig:
@@ -75,8 +80,8 @@ class SchedulerConfig:
             )
         if config.beta_schedule not in ("linear", "scaled_linear"):
             raise UnnoiseError(f"{path}: beta_schedule {config.beta_schedule!r} is not supported yet")
-        if values.get("rescale_betas_zero_snr"):
-            raise UnnoiseError(f"{path}: zero-terminal-SNR schedules are not supported yet")
+        if config.timestep_spacing not in (None, "leading", "trailing", "linspace"):
+            raise UnnoiseError(f"{path}: timestep_spacing {config.timestep_spacing!r} is not supported")
         return config
 
     def formulation(self) -> VPDiscrete:
@@ -86,7 +91,16 @@ class SchedulerConfig:
             num_timesteps=self.num_train_timesteps,
             beta_start=self.beta_start,
             beta_end=self.beta_end,
+            terminal_snr="zero" if self.rescale_betas_zero_snr else "as_trained",
         )
+
+    def convention(self, name: str) -> Convention:
+        """The preset `name` (a1111, comfyui, diffusers), diffusers' reading this config's spacing."""
+        return convention_named(
+            name,
+            {"timestep_spacing": self.timestep_spacing, "steps_offset": self.steps_offset,
+             "set_alpha_to_one": self.set_alpha_to_one},
+        )  # fmt: skip
 
 
 def read_json(path: Path) -> dict:
@@ -234,11 +248,12 @@ class StableDiffusionParts:
     codec: VAECodec
     resolution: int  # pixels
     stride: int  # pixels
+    convention: Convention
     default_guidance: float = SD_GUIDANCE
 
 
 def load_stable_diffusion(
-    folder: str | Path, device: torch.device, *, clip_skip: int = 1
+    folder: str | Path, device: torch.device, *, clip_skip: int = 1, convention: str = "a1111"
 ) -> StableDiffusionParts:
     """A diffusers Stable Diffusion folder's parts, checked, on `device`."""
     from .diffusion.denoiser import Denoiser
@@ -256,6 +271,7 @@ def load_stable_diffusion(
     if "text_encoder_2" in index:
         raise UnnoiseError(f"{folder}: SDXL (two text encoders) is not supported yet; SD 1.x and 2.x are")
     scheduler = SchedulerConfig.read(folder / "scheduler" / "scheduler_config.json")
+    sampling = scheduler.convention(convention)  # checked before any weight is read
     common: dict[str, Any] = {"use_safetensors": True, "local_files_only": True}
     unet = load_part(folder / "unet", diffusers.UNet2DConditionModel, **common)
     vae = load_part(folder / "vae", diffusers.AutoencoderKL, **common)
@@ -269,4 +285,5 @@ def load_stable_diffusion(
         codec=codec,
         resolution=network.config.resolution * codec.factor,
         stride=network.config.stride * codec.factor,
+        convention=sampling,
     )

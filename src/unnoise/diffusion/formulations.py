@@ -175,65 +175,120 @@ class VP(Formulation):
 
 
 def discrete_betas(
-    kind: str, num_timesteps: int, start: float | None = None, end: float | None = None
+    kind: str,
+    num_timesteps: int,
+    start: float | None = None,
+    end: float | None = None,
+    dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
     """beta_1..beta_N of DDPM (linear), Stable Diffusion (scaled_linear) or improved DDPM (cosine); `start`
-    and `end` replace the first and last beta of the linear kinds (a diffusers scheduler config's)."""
+    and `end` replace the first and last beta of the linear kinds (a diffusers scheduler config's). `dtype`
+    is the precision the betas are computed in (diffusers computes them in float32)."""
     n = num_timesteps
     if kind == "linear":  # Ho et al. 2020, Sec. 4
         low, high = start or 1e-4 * 1000 / n, end or 0.02 * 1000 / n
-        return torch.linspace(low, high, n, dtype=torch.float64)
+        return torch.linspace(low, high, n, dtype=dtype)
     if kind == "scaled_linear":  # Rombach et al. 2022
         low, high = start or 0.00085, end or 0.012
-        return torch.linspace(low**0.5, high**0.5, n, dtype=torch.float64) ** 2
+        return torch.linspace(low**0.5, high**0.5, n, dtype=dtype) ** 2
     if kind == "cosine":  # Nichol & Dhariwal 2021, eq. 17, betas clipped at 0.999
         steps = torch.arange(n + 1, dtype=torch.float64) / n
         alpha_bar = torch.cos((steps + 0.008) / 1.008 * math.pi / 2) ** 2
-        return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
+        return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999).to(dtype)
     raise ValueError(f"unknown beta schedule {kind!r}; choose linear, scaled_linear or cosine")
+
+
+def zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Betas rescaled so the last timestep is pure noise (Lin et al. 2024, Alg. 1): sqrt(alpha_bar) shifted
+    to end at 0 and scaled to keep its first value."""
+    root = torch.cumprod(1 - betas, 0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    alpha_bar = root**2
+    alphas = torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return 1 - alphas
+
+
+# At zero terminal SNR the last sigma is infinite; like diffusers, alpha_bar there is 2^-24 (sigma ~ 4096).
+TERMINAL_ALPHA_BAR = 2.0**-24
+
+# What the network is fed for a sigma between two training timesteps (see VPDiscrete):
+# fractional: log sigma interpolated (k-diffusion, so AUTOMATIC1111); nearest: the closest timestep in log
+# sigma (ComfyUI; diffusers' DPM-Solver rounds); sigma_linear: sigma interpolated linearly (diffusers' Euler)
+TimestepInput = Literal["fractional", "nearest", "sigma_linear"]
+# The precision of the sigma table: float64; float32 (betas, alpha_bar and sigmas in float32: diffusers);
+# float32_alpha_bar (alpha_bar computed in float64, kept in float32, sigmas from it in float32: CompVis'
+# code and k-diffusion, so AUTOMATIC1111); float32_sigmas (sigmas computed in float64, kept in float32:
+# ComfyUI). The last two also compute timesteps and Karras' schedule in float32, as k-diffusion does.
+SchedulePrecision = Literal["float64", "float32", "float32_alpha_bar", "float32_sigmas"]
+K_DIFFUSION_PRECISIONS = ("float32_alpha_bar", "float32_sigmas")
 
 
 @dataclass(frozen=True)
 class VPDiscrete(Formulation):
-    """DDPM with N discrete timesteps (Ho et al. 2020): t in {0..N-1}, fractional t interpolates log sigma."""
+    """DDPM with N discrete timesteps (Ho et al. 2020): t in {0..N-1}; between timesteps `timestep_input` says
+    how sigma and t interpolate, `schedule_precision` the float precision of the table."""
 
     parametrization: Parametrization = "eps"
     beta_schedule: Literal["linear", "scaled_linear", "cosine"] = "linear"
     num_timesteps: int = 1000
     beta_start: float | None = None  # None: the schedule's own first and last beta
     beta_end: float | None = None
+    timestep_input: TimestepInput = "fractional"
+    schedule_precision: SchedulePrecision = "float64"
+    terminal_snr: Literal["as_trained", "zero"] = "as_trained"  # zero: rescaled (Lin et al. 2024)
+
+    @property
+    def table(self) -> torch.Tensor:  # (N,) sigma of each timestep, increasing in t, float64
+        dtype = torch.float32 if self.schedule_precision == "float32" else torch.float64
+        betas = discrete_betas(self.beta_schedule, self.num_timesteps, self.beta_start, self.beta_end, dtype)
+        if self.terminal_snr == "zero":
+            betas = zero_terminal_snr(betas)
+        alpha_bar = torch.cumprod(1 - betas, 0)
+        if self.terminal_snr == "zero":
+            alpha_bar[-1] = TERMINAL_ALPHA_BAR
+        if self.schedule_precision == "float32_alpha_bar":
+            alpha_bar = alpha_bar.float()
+        sigmas = ((1 - alpha_bar) / alpha_bar).sqrt()
+        return sigmas.float().double() if self.schedule_precision != "float64" else sigmas
 
     @property
     def log_sigmas(self) -> torch.Tensor:  # (N,), increasing in t
-        betas = discrete_betas(self.beta_schedule, self.num_timesteps, self.beta_start, self.beta_end)
-        alpha_bar = torch.cumprod(1 - betas, 0)
-        return 0.5 * torch.log((1 - alpha_bar) / alpha_bar)
+        return self.table.log()
 
     @property
     def sigmas(self) -> torch.Tensor:
-        return self.log_sigmas.exp()
+        return self.table
 
     @property
     def sigma_min(self) -> float:
-        return float(self.log_sigmas[0].exp())
+        return float(self.table[0])
 
     @property
     def sigma_max(self) -> float:
-        return float(self.log_sigmas[-1].exp())
+        return float(self.table[-1])
 
     def sigma(self, t):
-        log_sigmas = self.log_sigmas.to(t.device, t.dtype)
-        t = t.clamp(0, self.num_timesteps - 1)
-        low = t.floor().long().clamp(max=self.num_timesteps - 2)
-        w = t - low
-        return ((1 - w) * log_sigmas[low] + w * log_sigmas[low + 1]).exp()
+        """sigma(t): the table at integer t; between, interpolated in log sigma (or in sigma)."""
+        values = self.table if self.timestep_input == "sigma_linear" else self.log_sigmas
+        t64 = t.double().clamp(0, self.num_timesteps - 1)
+        low = t64.floor().long().clamp(max=self.num_timesteps - 2)
+        w = t64 - low
+        values = values.to(t.device)
+        mixed = (1 - w) * values[low] + w * values[low + 1]
+        return (mixed if self.timestep_input == "sigma_linear" else mixed.exp()).to(t.dtype)
 
     def t(self, sigma):
-        log_sigmas = self.log_sigmas.to(sigma.device, sigma.dtype)
-        log_sigma = sigma.log().clamp(log_sigmas[0], log_sigmas[-1])
-        low = (torch.searchsorted(log_sigmas, log_sigma.contiguous()) - 1).clamp(0, self.num_timesteps - 2)
-        w = (log_sigma - log_sigmas[low]) / (log_sigmas[low + 1] - log_sigmas[low])
-        return low + w
+        """The inverse of `sigma(t)`, or for `nearest` the closest timestep in log sigma; in float64, or in
+        float32 for k-diffusion's precisions (its code computes it so)."""
+        linear = self.timestep_input == "sigma_linear"
+        dtype = torch.float32 if self.schedule_precision in K_DIFFUSION_PRECISIONS else torch.float64
+        values = (self.table if linear else self.log_sigmas).to(sigma.device, dtype)
+        target = (sigma.to(dtype) if linear else sigma.to(dtype).log()).clamp(values[0], values[-1])
+        low = (torch.searchsorted(values, target.contiguous()) - 1).clamp(0, self.num_timesteps - 2)
+        w = (target - values[low]) / (values[low + 1] - values[low])
+        t = (1 - w) * low + w * (low + 1)
+        return (t.round() if self.timestep_input == "nearest" else t).to(sigma.dtype)
 
     def scale(self, sigma):
         return 1 / (1 + sigma**2).sqrt()

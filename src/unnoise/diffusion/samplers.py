@@ -126,20 +126,19 @@ def sample(
     cond: Any = None,
     generator: Generators = None,
     callback: Callback = None,
+    start_scale: float | None = None,
+    to_zero: bool = True,
     **options,
 ) -> torch.Tensor:
-    """Draw samples: start from unit `noise` (B, ...) scaled to sigmas[0] and run `sampler` down to 0."""
+    """Draw samples: start from unit `noise` (B, ...) scaled by `start_scale` (None: sigmas[0]) and run
+    `sampler` down to sigmas[-1]: 0, or with `to_zero` False a last positive level (DDIM's final alpha)."""
     fn = get_sampler(sampler)
-    sigmas = check_sigmas(sigmas)
+    sigmas = check_sigmas(sigmas, to_zero=to_zero)
+    scale = float(sigmas[0]) if start_scale is None else start_scale
     return fn(
-        denoiser,
-        noise * float(sigmas[0]),
-        sigmas,
-        cond=cond,
-        generator=generator,
-        callback=callback,
+        denoiser, noise * scale, sigmas, cond=cond, generator=generator, callback=callback, to_zero=to_zero,
         **options,
-    )
+    )  # fmt: skip
 
 
 def _steps(sigmas: torch.Tensor):
@@ -204,7 +203,10 @@ def sample_euler_ancestral(
 
 
 @register("ddim")
-def sample_ddim(denoiser, x, sigmas, *, cond=None, generator=None, callback=None, eta=0.0):
+def sample_ddim(
+    denoiser, x, sigmas, *, cond=None, generator=None, callback=None, eta=0.0,
+    noise_sampler: NoiseSampler = None,
+):  # fmt: skip
     """DDIM (Song, Meng & Ermon 2021, eq. 12): x_next = x0_hat + sqrt(s_next^2 - s_up^2) eps_hat + s_up z.
 
     eta = 0 is deterministic (identical to Euler in this coordinate); eta = 1 is DDPM's ancestral step.
@@ -217,7 +219,7 @@ def sample_ddim(denoiser, x, sigmas, *, cond=None, generator=None, callback=None
         _, sigma_up = ancestral_step(sigma, sigma_next, eta)
         x = denoised + math.sqrt(sigma_next**2 - sigma_up**2) * eps
         if sigma_up > 0:
-            x = x + sigma_up * randn_like(x, generator)
+            x = x + sigma_up * _sde_noise(x, generator, noise_sampler, sigma, sigma_next)
     return x
 
 

@@ -26,18 +26,23 @@ def _check_steps(n: int) -> None:
         raise UnnoiseError(f"the number of steps must be a positive integer, got {n!r}")
 
 
-def karras(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
-    """Karras et al. 2022, eq. 5: sigma_i = (s_max^(1/rho) + i/(n-1) (s_min^(1/rho) - s_max^(1/rho)))^rho."""
+def karras(
+    n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, dtype=torch.float64
+) -> torch.Tensor:
+    """Karras et al. 2022, eq. 5: sigma_i = (s_max^(1/rho) + i/(n-1) (s_min^(1/rho) - s_max^(1/rho)))^rho,
+    computed in `dtype` (k-diffusion, so AUTOMATIC1111, computes it in float32) and returned in float64."""
     _check_steps(n)
-    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    ramp = torch.linspace(0, 1, n, dtype=dtype)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return _with_zero((hi + ramp * (lo - hi)) ** rho)
 
 
-def exponential(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0) -> torch.Tensor:
+def exponential(
+    n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, dtype=torch.float64
+) -> torch.Tensor:
     """Uniform in log sigma, i.e. uniform in log-SNR = -2 log sigma (Lu et al. 2022, DPM-Solver)."""
     _check_steps(n)
-    return _with_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp())
+    return _with_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=dtype).exp())
 
 
 def uniform_t(formulation: Formulation, n: int, t_min: float | None = None, t_max: float | None = None):

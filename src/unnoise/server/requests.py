@@ -25,8 +25,6 @@ from ..settings import (
     MAX_GUIDANCE,
     REPAINT_JUMP,
     REPAINT_RESAMPLE,
-    SCHEDULE_TYPE,
-    SCHEDULE_TYPES,
     ImageSettings,
     a1111_label,
     sampler_name,
@@ -246,11 +244,6 @@ def job_for(body: Txt2Img, pipe: Pipeline) -> Job:
         raise HTTPException(
             422, f"unnoise cannot honour {', '.join(unhonoured)}: leave them out or at A1111's defaults"
         )
-    if (body.scheduler or "automatic").lower() not in {t.lower() for t in SCHEDULE_TYPES}:
-        raise HTTPException(
-            422,
-            f"unknown scheduler {body.scheduler!r}: unnoise samples on Karras' schedule ({SCHEDULE_TYPE})",
-        )
     sampler = our_sampler(body.sampler_name or body.sampler_index)
     first = checked(  # the first image's: checked here, so a mistake is a 422 before the queue
         ImageSettings(
@@ -262,8 +255,10 @@ def job_for(body: Txt2Img, pipe: Pipeline) -> Job:
             guidance=body.cfg_scale,
             seed=random_seed(body.seed),
             bind_attributes=body.bind_attributes,
+            schedule=body.scheduler or "Automatic",
         )
     )
+    checked_by(pipe.with_schedule, first)  # the schedule types the model can run: a 422 otherwise
     init = getattr(body, "init_images", None)
     if not init:
         return generation_job(body, first, count, pipe)
@@ -274,8 +269,13 @@ def job_for(body: Txt2Img, pipe: Pipeline) -> Job:
 
 
 def checked(settings: ImageSettings) -> ImageSettings:
+    return checked_by(ImageSettings.check, settings)
+
+
+def checked_by(check, settings: ImageSettings) -> ImageSettings:
+    """check(settings), its UnnoiseError a 422 that says it."""
     try:
-        return settings.check()
+        return check(settings)
     except UnnoiseError as error:
         raise HTTPException(422, str(error)) from None
 

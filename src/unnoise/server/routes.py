@@ -23,7 +23,6 @@ from ..settings import (
     DEFAULT_STEPS,
     REPAINT_JUMP,
     REPAINT_RESAMPLE,
-    SCHEDULE_TYPE,
     ImageSettings,
     a1111_label,
 )
@@ -135,7 +134,9 @@ def a1111_routes(service: Service) -> APIRouter:
 
     @router.get("/sdapi/v1/schedulers")
     async def schedulers() -> list[dict[str, Any]]:
-        return [{"name": SCHEDULE_TYPE.lower(), "label": SCHEDULE_TYPE, "aliases": ["Automatic"]}]
+        return [
+            {"name": label.lower(), "label": label, "aliases": []} for label in service.pipe.schedule_types()
+        ]
 
     @router.get("/sdapi/v1/options")
     async def options() -> dict[str, Any]:
