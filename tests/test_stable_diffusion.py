@@ -145,3 +145,27 @@ def test_a_damaged_sd_folder_is_one_line(damage, sd_folder, tmp_path):
     done = run_cli("generate", "a cat", "--model", str(folder), "--steps", "1", "--out", str(tmp_path / "o"))
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_the_cli_samples_an_sd_folder_by_a_convention_and_from_png_makes_it_again(sd_folder, tmp_path):
+    """Euler's Automatic schedule is AUTOMATIC1111's uniform one; the PNG says so and re-creates the image."""
+    from PIL import Image
+
+    from tests.conftest import run_cli
+
+    out = tmp_path / "made"
+    made = run_cli(
+        "generate", "a red cat", "--model", str(sd_folder), "--sampler", "Euler", "--steps", "3", "--seed", "5",
+        "--clip-skip", "2", "--out", str(out),
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    png = next(out.glob("*.png"))
+    assert "Sampler: Euler, Schedule type: Uniform" in Image.open(png).info["parameters"]
+    again = run_cli("generate", "--from-png", str(png), "--model", str(sd_folder), "--clip-skip", "2",
+                    "--out", str(tmp_path / "again"))  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    redone = next((tmp_path / "again").glob("*.png"))
+    assert Image.open(redone).tobytes() == Image.open(png).tobytes()
+    wrong = run_cli("generate", "a cat", "--model", str(sd_folder), "--convention", "diffusers", "--sampler",
+                    "heun", "--steps", "2", "--out", str(tmp_path / "w"))  # fmt: skip
+    assert wrong.returncode == 2 and "diffusers convention covers" in wrong.stderr, wrong.stderr

@@ -73,6 +73,7 @@ def _settings(args: argparse.Namespace):
         negative_prompt=args.negative,
         sampler=sampler_name(args.sampler),  # ours or AUTOMATIC1111's label ("Euler a")
         sampler_options=_sampler_options(args.sampler_option),
+        schedule=getattr(args, "schedule", "Automatic"),
         steps=args.steps,
         guidance=DEFAULT_GUIDANCE if args.guidance is None else args.guidance,  # None: the model's, later
         seed=secrets.randbelow(2**31) if args.seed is None else args.seed,  # image i: seed + i
@@ -107,7 +108,10 @@ def _load(args: argparse.Namespace, model: str):
     from .pipeline import load
 
     _output_folder(args.out)
-    return load(model, device=args.device)
+    return load(
+        model, device=args.device, convention=getattr(args, "convention", "a1111"),
+        clip_skip=getattr(args, "clip_skip", 1),
+    )  # fmt: skip
 
 
 def _output_folder(out: str) -> Path:
@@ -223,6 +227,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             variation_strength=args.variation_strength,
             mix_prompt=args.mix_prompt,
             prompt_mix=args.prompt_mix,
+            schedule=s.schedule,
             bind_attributes=args.bind_attributes,
             callback=callback,
         ),
@@ -573,9 +578,27 @@ def add_sampling_arguments(p: argparse.ArgumentParser, *, count: bool = True) ->
         metavar="NAME=VALUE",
         help="a sampler's option, e.g. eta=0.5 for ddim (repeat for more; `unnoise samplers` lists them)",
     )
+    p.add_argument(
+        "--schedule",
+        default="Automatic",
+        help="AUTOMATIC1111's schedule type: Automatic (the model's choice for the sampler), Karras,"
+        " Exponential or Uniform (the last two for Stable Diffusion models)",
+    )
     add_guidance_argument(p)
     p.add_argument("--negative", default="", help="negative prompt")
-    p.add_argument("--model", default=None, help="a shipped model's name or a release folder")
+    p.add_argument(
+        "--model", default=None, help="a shipped model's name, a release folder or a diffusers SD folder"
+    )
+    p.add_argument(
+        "--convention",
+        default="a1111",
+        choices=("a1111", "comfyui", "diffusers"),
+        help="Stable Diffusion models: sample as AUTOMATIC1111, ComfyUI or diffusers do, so a seed gives"
+        " their image (docs/stable-diffusion.md; default a1111)",
+    )
+    p.add_argument(
+        "--clip-skip", type=int, default=1, help="Stable Diffusion models: A1111's clip skip (default 1)"
+    )
     add_device_argument(p)
     p.add_argument(
         "--out",
