@@ -165,3 +165,51 @@ def parity(pipe, folder, row: Row, *, prompt: str = "a red cat", steps: int = 6,
 def relative_difference(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     """max |ours - theirs| / max |theirs|: float32 round-off is about 1e-7 of the values' size."""
     return float((ours - theirs).abs().max() / theirs.abs().max())
+
+
+# --- LoRA files in the layouts users have ----------------------------------------------------------------
+
+
+def lora_layers(pipe, rank: int = 4, seed: int = 0):
+    """(part, module name, down, up) for every attention projection and proj_in/out of the UNet and every
+    attention projection of the text encoder: random, so the update is visible."""
+    generator = torch.Generator().manual_seed(seed)
+    parts = {"unet": pipe.denoiser.network.unet, "text": pipe.text.encoder.model}
+    wanted = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "q_proj", "k_proj", "v_proj")
+    layers = []
+    for part, root in parts.items():
+        for name, module in root.named_modules():
+            if name.endswith(wanted) and isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
+                out_features, in_features = module.weight.shape[:2]
+                tail = (1, 1) if isinstance(module, torch.nn.Conv2d) else ()
+                down = torch.randn((rank, in_features, *tail), generator=generator) * 0.3
+                up = torch.randn((out_features, rank, *tail), generator=generator) * 0.3
+                layers.append((part, name, down, up))
+    return layers
+
+
+def save_kohya_lora(path, layers, alpha: float = 2.0):
+    """kohya-ss' layout: lora_unet_/lora_te_ + the module path with underscores, lora_down/lora_up, alpha."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for part, name, down, up in layers:
+        prefix = "lora_unet_" if part == "unet" else "lora_te_text_model_"
+        stem = prefix + name.replace(".", "_")
+        tensors |= {f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up,
+                    f"{stem}.alpha": torch.tensor(alpha)}  # fmt: skip
+    save_file(tensors, str(path))
+    return path
+
+
+def save_peft_lora(path, layers, alpha: float = 8.0):
+    """diffusers' / PEFT's layout: unet.<path>.lora_A/lora_B, text_encoder.text_model.<path>, lora_alpha in
+    the metadata."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for part, name, down, up in layers:
+        stem = f"unet.{name}" if part == "unet" else f"text_encoder.text_model.{name}"
+        tensors |= {f"{stem}.lora_A.weight": down, f"{stem}.lora_B.weight": up}
+    save_file(tensors, str(path), metadata={"lora_alpha": json.dumps(alpha)})
+    return path

@@ -155,8 +155,8 @@ def test_the_cli_samples_an_sd_folder_by_a_convention_and_from_png_makes_it_agai
 
     out = tmp_path / "made"
     made = run_cli(
-        "generate", "a red cat", "--model", str(sd_folder), "--sampler", "Euler", "--steps", "3", "--seed", "5",
-        "--clip-skip", "2", "--out", str(out),
+        "generate", "a red cat", "--model", str(sd_folder), "--sampler", "Euler", "--steps", "3",
+        "--seed", "5", "--clip-skip", "2", "--out", str(out),
     )  # fmt: skip
     assert made.returncode == 0, made.stderr
     png = next(out.glob("*.png"))
@@ -169,3 +169,89 @@ def test_the_cli_samples_an_sd_folder_by_a_convention_and_from_png_makes_it_agai
     wrong = run_cli("generate", "a cat", "--model", str(sd_folder), "--convention", "diffusers", "--sampler",
                     "heun", "--steps", "2", "--out", str(tmp_path / "w"))  # fmt: skip
     assert wrong.returncode == 2 and "diffusers convention covers" in wrong.stderr, wrong.stderr
+
+
+@pytest.mark.parametrize("layout", ["kohya", "peft"])
+def test_a_lora_changes_the_image_and_at_scale_0_gives_the_base_bit_for_bit(layout, sd_folder, tmp_path):
+    from tests.sd_fixtures import lora_layers, save_kohya_lora, save_peft_lora
+
+    pipe = unnoise.load(sd_folder, device="cpu")
+    base = pipe.generate("a red cat", seed=3, steps=3)[0].tobytes()
+    save = save_kohya_lora if layout == "kohya" else save_peft_lora
+    path = save(tmp_path / f"{layout}.safetensors", lora_layers(pipe))
+    pipe.add_lora(path, 1.0)
+    changed = pipe.generate("a red cat", seed=3, steps=3)[0].tobytes()
+    pipe.remove_loras()
+    assert changed != base and pipe.generate("a red cat", seed=3, steps=3)[0].tobytes() == base
+    pipe.add_lora(path, 0.0)
+    assert pipe.generate("a red cat", seed=3, steps=3)[0].tobytes() == base
+
+
+def test_a_merged_lora_matches_the_hooked_one_and_its_text_part_counts(sd_folder, tmp_path):
+    """alpha / rank scales the update (kohya alpha 2, rank 4: half); merged in float32 = hooked."""
+    from tests.sd_fixtures import lora_layers, save_kohya_lora
+
+    hooked = unnoise.load(sd_folder, device="cpu")
+    layers = lora_layers(hooked)
+    path = save_kohya_lora(tmp_path / "k.safetensors", layers)
+    hooked.add_lora(path, 0.7)
+    merged = unnoise.load(sd_folder, device="cpu")
+    merged.add_lora(path, 0.7, merge=True)
+    a = hooked.generate("a red cat", seed=3, steps=3, output_type="latent")
+    b = merged.generate("a red cat", seed=3, steps=3, output_type="latent")
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    text_only = unnoise.load(sd_folder, device="cpu")
+    base = text_only.encode(["a red cat"]).tokens
+    text_only.add_lora(save_kohya_lora(tmp_path / "t.safetensors", [x for x in layers if x[0] == "text"]))
+    assert not torch.allclose(text_only.encode(["a red cat"]).tokens, base)  # the prompt cache was cleared
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("loha", "LoHa is not supported"),
+        ("other model", "match nothing in this model"),
+        ("pickle", "read as .safetensors only"),
+        ("stray key", "keys that are no LoRA layer"),
+    ],
+)
+def test_a_lora_it_cannot_apply_is_an_error_that_names_it(damage, message, pipe, tmp_path):
+    from safetensors.torch import save_file
+
+    from tests.sd_fixtures import lora_layers, save_kohya_lora
+
+    path = tmp_path / "x.safetensors"
+    if damage == "loha":
+        save_file(
+            dict.fromkeys(["lora_unet_x.hada_w1_a", "lora_unet_x.hada_w1_b"], torch.zeros(2, 2)), path
+        )
+    elif damage == "other model":
+        save_file({"lora_unet_mid_block_nothing.lora_down.weight": torch.zeros(2, 4),
+                   "lora_unet_mid_block_nothing.lora_up.weight": torch.zeros(4, 2)}, path)  # fmt: skip
+    elif damage == "pickle":
+        path = tmp_path / "x.pt"
+        path.write_bytes(b"not read")
+    else:
+        save_kohya_lora(path, lora_layers(pipe)[:1])
+        from safetensors.torch import load_file
+
+        save_file({**load_file(path), "something_else": torch.zeros(1)}, path)
+    with pytest.raises(UnnoiseError, match=message):
+        pipe.add_lora(path)
+    assert pipe.lora_hooks == []
+
+
+def test_the_cli_takes_lora_path_and_scale(pipe, sd_folder, tmp_path):
+    from PIL import Image
+
+    from tests.conftest import run_cli
+    from tests.sd_fixtures import lora_layers, save_kohya_lora
+
+    path = save_kohya_lora(tmp_path / "style.safetensors", lora_layers(pipe))
+    made = {}
+    for name, extra in (("base", []), ("zero", ["--lora", f"{path}:0"]), ("one", ["--lora", str(path)])):
+        done = run_cli("generate", "a red cat", "--model", str(sd_folder), "--steps", "2", "--seed", "1",
+                       "--out", str(tmp_path / name), *extra)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        made[name] = Image.open(next((tmp_path / name).glob("*.png"))).tobytes()
+    assert made["zero"] == made["base"] != made["one"]

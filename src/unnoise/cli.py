@@ -105,13 +105,17 @@ def _check_counts(args: argparse.Namespace) -> None:
 
 def _load(args: argparse.Namespace, model: str):
     """The model, once the output folder is known to be usable (a mistake there costs no loading)."""
+    from .lora import parse_lora_argument
     from .pipeline import load
 
     _output_folder(args.out)
-    return load(
+    pipe = load(
         model, device=args.device, convention=getattr(args, "convention", "a1111"),
         clip_skip=getattr(args, "clip_skip", 1),
     )  # fmt: skip
+    for text in getattr(args, "lora", []):
+        pipe.add_lora(*parse_lora_argument(text))
+    return pipe
 
 
 def _output_folder(out: str) -> Path:
@@ -598,6 +602,14 @@ def add_sampling_arguments(p: argparse.ArgumentParser, *, count: bool = True) ->
     )
     p.add_argument(
         "--clip-skip", type=int, default=1, help="Stable Diffusion models: A1111's clip skip (default 1)"
+    )
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="Stable Diffusion models: a LoRA .safetensors file (kohya-ss or diffusers layout) at SCALE"
+        " (default 1); repeat for more",
     )
     add_device_argument(p)
     p.add_argument(

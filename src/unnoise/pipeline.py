@@ -14,6 +14,7 @@ text chunk, in AUTOMATIC1111's format.
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -107,6 +108,8 @@ class Pipeline:
         # how a discrete-time model (Stable Diffusion) turns steps into a schedule, as a tool does it
         # (diffusion/conventions.py); None: Karras' schedule over the formulation's range (unnoise's models)
         self.convention = convention
+        self.lora_hooks: list = []  # forward hooks of the LoRAs applied (lora.py)
+        self.loras: list[tuple[str, float]] = []  # (file name, scale), in the order applied
         self.codec = codec or IdentityCodec()  # pixels <-> what the denoiser works on
         self.model_hash = model_hash  # first 10 hex digits of the weights' SHA-256 (A1111's "Model hash")
         self.stride = stride  # image sides are multiples of this (the network's downsampling or patch)
@@ -464,6 +467,33 @@ class Pipeline:
                 raise UnnoiseError(f"{self.name} samples on Karras' schedule only, not {settings.schedule!r}")
             return settings.replace(schedule="Karras")
         return settings.replace(schedule=SCHEDULE_LABELS[self.plan(settings).spacing])
+
+    def add_lora(self, path: str | Path, scale: float = 1.0, *, merge: bool = False) -> None:
+        """Apply a LoRA file (kohya-ss or diffusers/PEFT layout) at `scale` to the UNet and text encoder: as
+        hooks (`remove_loras` takes them off; scale 0 is the base model bit for bit) or merged into the
+        weights (faster per image where the layers are large; permanent)."""
+        from .lora import attach, read_lora
+
+        network = getattr(self.denoiser.network, "unet", None)
+        text_model = getattr(getattr(self.text, "encoder", None), "model", None)
+        if network is None or text_model is None:
+            raise UnnoiseError(
+                f"{self.name}: LoRA files apply to Stable Diffusion models (diffusers folders)"
+            )
+        if not math.isfinite(scale):
+            raise UnnoiseError(f"a LoRA's scale must be a finite number, got {scale}")
+        layers = read_lora(path)
+        parts = {"unet": network, "text": text_model}
+        self.lora_hooks += attach(parts, layers, scale, source=str(path), merge=merge)
+        self.text.entries.clear()  # cached prompts were encoded without it
+        self.loras.append((Path(path).stem, scale))
+
+    def remove_loras(self) -> None:
+        """Take off the hooked LoRAs (merged ones stay)."""
+        for hook in self.lora_hooks:
+            hook.remove()
+        self.lora_hooks, self.loras = [], []
+        self.text.entries.clear()
 
     def schedule_types(self) -> list[str]:
         """The schedule types (A1111's labels) this model runs, besides Automatic."""
