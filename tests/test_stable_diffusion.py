@@ -102,30 +102,67 @@ def test_pickled_weights_are_refused_with_the_conversion(sd_folder, tmp_path):
         unnoise.load(folder, device="cpu")
 
 
-def test_the_server_serves_an_sd_folder_to_webuiapi_and_openai_with_their_defaults(pipe):
-    """Issue 32 point 5 (a first check): the same client calls as for our own models."""
+def test_the_server_serves_an_sd_folder_to_webuiapi_and_openai_with_their_defaults(sd_folder, tmp_path):
+    """Issue 32 point 5: the same client calls as for our own models (txt2img, img2img, inpainting with a
+    mask, png_info, images.generate), A1111's model hash, and <lora:NAME:WEIGHT> over the server's LoRA
+    folder (listed at /sdapi/v1/loras; a name that leaves the folder is refused)."""
     import base64
     import io
+    import shutil
 
     import openai
+    import requests
     import webuiapi
     from PIL import Image
 
+    from tests.sd_fixtures import lora_layers, save_kohya_lora
     from tests.test_server import Server, free_port
+    from unnoise.release import sha256
     from unnoise.server.app import create_app
 
+    pipe = unnoise.load(sd_folder, device="cpu")
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    save_kohya_lora(loras / "style.safetensors", lora_layers(pipe))
+    shutil.copy(loras / "style.safetensors", tmp_path / "outside.safetensors")
     port = free_port()
-    running = Server(create_app(pipe, port=port, models={}), port)
+    running = Server(create_app(pipe, port=port, models={"tiny-sd": sd_folder}, lora_folder=loras), port)
     try:
         api = webuiapi.WebUIApi(host="127.0.0.1", port=port)
-        result = api.txt2img(prompt="a red cat", steps=3)
-        assert result.image.size[0] >= 16 and "Model: tiny-sd" in result.info["infotexts"][0]
+        made = api.txt2img(prompt="a red cat", steps=3, seed=4)
+        digest = sha256(next((sd_folder / "unet").glob("*.safetensors")))
+        assert f"Model hash: {digest[:10]}, Model: tiny-sd" in made.info["infotexts"][0]
+        listed = {m["model_name"]: m for m in api.get_sd_models()}
+        assert listed["tiny-sd"]["hash"] == digest[:10] and listed["tiny-sd"]["sha256"] == digest
+        edited = api.img2img(images=[made.image], prompt="a blue cat", steps=3, denoising_strength=0.5)
+        assert edited.image.size == made.image.size
+        mask = Image.new("L", made.image.size, 0)
+        mask.paste(255, (0, 0, 8, 8))
+        painted = api.img2img(
+            images=[made.image], mask_image=mask, prompt="a dog", steps=3, inpainting_fill=1
+        )
+        kept = [
+            (x, y) for x in range(10, 16) for y in range(10, 16)
+            if painted.image.getpixel((x, y)) != made.image.getpixel((x, y))
+        ]  # fmt: skip
+        assert kept == []  # the pixels outside the (blurred) mask are the input's exactly
+        assert "Seed: 4" in api.png_info(made.image).info
+        assert [lora["name"] for lora in api.get_loras()] == ["style"]
+        styled = api.txt2img(prompt="a red cat <lora:style:1>", steps=3, seed=4)
+        assert styled.image.tobytes() != made.image.tobytes()
+        assert "<lora:style:1>" in styled.info["infotexts"][0]
+        zero = api.txt2img(prompt="a red cat <lora:style:0>", steps=3, seed=4)
+        assert zero.image.tobytes() == made.image.tobytes()
+        for name in ("../outside", "/etc/passwd", "missing"):
+            body = {"prompt": f"x <lora:{name}:1>", "steps": 2}
+            refused = requests.post(f"{running.url}/sdapi/v1/txt2img", json=body, timeout=30)
+            assert refused.status_code == 422, (name, refused.text)
         client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="not-needed-on-loopback", max_retries=0)
-        made = client.images.generate(prompt="a blue dog", response_format="b64_json")
-        image = Image.open(io.BytesIO(base64.b64decode(made.data[0].b64_json)))
-        assert image.size[0] >= 16
+        image = client.images.generate(prompt="a blue dog", response_format="b64_json")
+        assert Image.open(io.BytesIO(base64.b64decode(image.data[0].b64_json))).size[0] >= 16
     finally:
         running.stop()
+    assert pipe.lora_hooks == []  # every prompt's LoRA was taken off after its job
 
 
 @pytest.mark.parametrize("damage", ["no tokenizer", "cut weights", "no unet config"])
@@ -223,7 +260,7 @@ def test_a_lora_it_cannot_apply_is_an_error_that_names_it(damage, message, pipe,
     path = tmp_path / "x.safetensors"
     if damage == "loha":
         save_file(
-            dict.fromkeys(["lora_unet_x.hada_w1_a", "lora_unet_x.hada_w1_b"], torch.zeros(2, 2)), path
+            {"lora_unet_x.hada_w1_a": torch.zeros(2, 2), "lora_unet_x.hada_w1_b": torch.ones(2, 2)}, path
         )
     elif damage == "other model":
         save_file({"lora_unet_mid_block_nothing.lora_down.weight": torch.zeros(2, 4),

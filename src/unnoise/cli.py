@@ -514,6 +514,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         models_dirs=tuple(args.models_dir),
         auto_threads=args.threads == "auto",
         log_level=args.log_level,
+        lora_dir=args.lora_dir,
     )
     return 0
 
@@ -892,6 +893,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="a folder of released models (or of training runs) clients may switch to, besides the shipped"
         " ones (repeatable)",
+    )
+    p.add_argument(
+        "--lora-dir",
+        default=None,
+        help="a folder of LoRA .safetensors files that prompts name as <lora:NAME:WEIGHT> (AUTOMATIC1111's"
+        " syntax; Stable Diffusion models; only files directly inside it)",
     )
     p.set_defaults(run=_cmd_serve)
 

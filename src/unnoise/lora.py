@@ -228,3 +228,47 @@ def parse_lora_argument(text: str) -> tuple[str, float]:
     if sep and path and re.fullmatch(r"[-+]?\d*\.?\d+(e[-+]?\d+)?", scale.strip()):
         return path, float(scale)
     return text, 1.0
+
+
+# --- AUTOMATIC1111's prompt syntax: <lora:NAME:WEIGHT> over a folder of LoRA files ---------------------
+
+PROMPT_TAG = re.compile(r"<lora:([^:>]*)(?::([^:>]*))?(?::[^>]*)?>")
+SAFE_NAME = re.compile(r"[\w][\w .()+,'-]*")  # a file's stem: no separators, no "..", no drive
+
+
+def prompt_loras(prompt: str) -> list[tuple[str, float]]:
+    """The (name, weight) of each `<lora:NAME:WEIGHT>` in a prompt (weight 1 when left out)."""
+    tags = []
+    for name, weight in PROMPT_TAG.findall(prompt):
+        try:
+            value = 1.0 if not weight.strip() else float(weight)
+        except ValueError:
+            raise UnnoiseError(f"<lora:{name}:{weight}>: the weight must be a number") from None
+        tags.append((name.strip(), value))
+    return tags
+
+
+def without_lora_tags(prompt: str) -> str:
+    """The prompt the text encoder reads: the tags taken out, as AUTOMATIC1111 does."""
+    return PROMPT_TAG.sub("", prompt)
+
+
+def lora_in_folder(folder: Path | None, name: str) -> Path:
+    """The file `<lora:NAME>` means: NAME.safetensors directly inside `folder`, nowhere else."""
+    if folder is None:
+        raise UnnoiseError(
+            f"the prompt names a LoRA (<lora:{name}:...>) but no LoRA folder was given (--lora-dir)"
+        )
+    if not SAFE_NAME.fullmatch(name) or ".." in name:
+        raise UnnoiseError(
+            f"<lora:{name}>: a LoRA is named by its file name in the LoRA folder, nothing else"
+        )
+    path = Path(folder) / f"{name}.safetensors"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in Path(folder).glob("*.safetensors"))) or "none"
+        raise UnnoiseError(f"no LoRA {name!r} in the LoRA folder (it has: {known})")
+    return path
+
+
+def loras_in_folder(folder: Path | None) -> list[Path]:
+    return sorted(Path(folder).glob("*.safetensors")) if folder is not None and Path(folder).is_dir() else []

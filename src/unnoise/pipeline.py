@@ -14,6 +14,7 @@ text chunk, in AUTOMATIC1111's format.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import secrets
 from collections.abc import Callable, Mapping
@@ -38,6 +39,7 @@ from .images import fit, from_pil, masked_area, open_image, open_mask, to_pil, w
 from .nn.layers import TransformerBlock
 from .release import (
     CODEC_FOLDER,
+    cached_sha256,
     load_network,
     model_hash,
     model_name,
@@ -57,7 +59,7 @@ from .settings import (
     MaskedContent,
     sampler_name,
 )
-from .stable_diffusion import is_diffusers_folder, load_stable_diffusion
+from .stable_diffusion import is_diffusers_folder, load_stable_diffusion, weights_file
 from .text.encoders import CachedTextEncoder, TextEmbedding, load_text_encoder
 from .text.phrases import attribute_phrases
 
@@ -110,6 +112,7 @@ class Pipeline:
         self.convention = convention
         self.lora_hooks: list = []  # forward hooks of the LoRAs applied (lora.py)
         self.loras: list[tuple[str, float]] = []  # (file name, scale), in the order applied
+        self.lora_folder: Path | None = None  # where a prompt's <lora:NAME:WEIGHT> finds NAME.safetensors
         self.codec = codec or IdentityCodec()  # pixels <-> what the denoiser works on
         self.model_hash = model_hash  # first 10 hex digits of the weights' SHA-256 (A1111's "Model hash")
         self.stride = stride  # image sides are multiples of this (the network's downsampling or patch)
@@ -352,14 +355,11 @@ class Pipeline:
             raise UnnoiseError(f"num_images must be in 1..{MAX_IMAGES}, got {num_images}")
         settings = self.with_schedule(settings.check())
         each = [settings.replace(seed=settings.seed + i) for i in range(num_images)]
-        return self.render_each(
-            each,
-            init=init,
-            inpainting=inpainting,
-            callback=callback,
-            latents=latents,
-            output_type=output_type,
-        )
+        with self.prompt_loras(settings.prompt):
+            return self.render_each(
+                each, init=init, inpainting=inpainting, callback=callback, latents=latents,
+                output_type=output_type,
+            )  # fmt: skip
 
     def render_each(
         self,
@@ -488,6 +488,27 @@ class Pipeline:
         self.text.entries.clear()  # cached prompts were encoded without it
         self.loras.append((Path(path).stem, scale))
 
+    @contextlib.contextmanager
+    def prompt_loras(self, prompt: str):
+        """The prompt's <lora:NAME:WEIGHT> files (from `lora_folder`) applied while inside, then taken off."""
+        from .lora import lora_in_folder, prompt_loras
+
+        tags = prompt_loras(prompt)
+        if not tags:
+            yield
+            return
+        paths = [(lora_in_folder(self.lora_folder, name), weight) for name, weight in tags]
+        applied, named = len(self.lora_hooks), len(self.loras)
+        try:
+            for path, weight in paths:
+                self.add_lora(path, weight)
+            yield
+        finally:
+            for hook in self.lora_hooks[applied:]:
+                hook.remove()
+            del self.lora_hooks[applied:], self.loras[named:]
+            self.text.entries.clear()
+
     def remove_loras(self) -> None:
         """Take off the hooked LoRAs (merged ones stay)."""
         for hook in self.lora_hooks:
@@ -528,7 +549,9 @@ class Pipeline:
     def encode(self, prompts: list[str]) -> TextEmbedding:
         """The prompts' embedding (B, T, D) at the encoder's full length T, whatever the prompts: an image's
         text then has the same shape in every batch, so no kernel sees a batch-dependent length."""
-        return self.text.encode(prompts).padded_to(self.text.max_tokens)
+        from .lora import without_lora_tags
+
+        return self.text.encode([without_lora_tags(p) for p in prompts]).padded_to(self.text.max_tokens)
 
     def condition(self, each: list[ImageSettings]) -> TextEmbedding:
         """The prompts' text condition, each moved prompt_mix of the way to its mix prompt's, with their
@@ -591,22 +614,28 @@ def load(
     device: str | torch.device = "auto",
     convention: str = "a1111",
     clip_skip: int = 1,
+    precision: str = "float32",
 ) -> Pipeline:
     """Load a released model (safetensors + config.json) with its text encoder; nothing is unpickled.
 
     A Stable Diffusion model (a diffusers folder) samples as the tool `convention` names does (a1111,
-    comfyui or diffusers: diffusion/conventions.py), its text read `clip_skip` layers from the end."""
+    comfyui or diffusers: diffusion/conventions.py), its text read `clip_skip` layers from the end, its UNet
+    and text encoder in `precision` (float32, bfloat16 or float16; the VAE stays in float32)."""
     device = resolve_device(device)
     folder = resolve_model(name_or_path)
     if is_diffusers_folder(folder):
-        sd = load_stable_diffusion(folder, device, clip_skip=clip_skip, convention=convention)
+        sd = load_stable_diffusion(
+            folder, device, clip_skip=clip_skip, convention=convention, precision=precision
+        )
         return Pipeline(
             sd.denoiser, CachedTextEncoder(sd.text, max_entries=PROMPT_CACHE), sd.resolution,
-            model_name(folder), stride=sd.stride, default_guidance=sd.default_guidance, codec=sd.codec,
-            convention=sd.convention,
+            model_name(folder), cached_sha256(weights_file(folder))[:10], stride=sd.stride,
+            default_guidance=sd.default_guidance, codec=sd.codec, convention=sd.convention,
         )  # fmt: skip
-    if convention != "a1111" or clip_skip != 1:
-        raise UnnoiseError(f"{folder}: a convention and clip skip apply to Stable Diffusion models only")
+    if convention != "a1111" or clip_skip != 1 or precision != "float32":
+        raise UnnoiseError(
+            f"{folder}: a convention, clip skip and precision apply to Stable Diffusion models only"
+        )
     network, config = load_network(folder)
     if device.type == "cpu":  # the layout PyTorch's CPU convolutions are fastest in
         network = network.to(memory_format=torch.channels_last)

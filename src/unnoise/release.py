@@ -54,6 +54,31 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def cached_sha256(path: Path) -> str:
+    """sha256(path), remembered by path, size and modification time in the user's cache (as AUTOMATIC1111
+    keeps its cache.json): a Stable Diffusion model's gigabytes are hashed once, not at every load."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+    store = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "unnoise" / "hashes.json"
+    try:
+        known = json.loads(store.read_text())
+        known = known if isinstance(known, dict) else {}
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known.get(key), str) and len(known[key]) == 64:
+        return known[key]
+    digest = known[key] = sha256(path)
+    try:  # a cache that cannot be written only costs the next load the hashing
+        store.parent.mkdir(parents=True, exist_ok=True)
+        temporary = store.with_name(f".hashes-{os.getpid()}.json")
+        temporary.write_text(json.dumps(known))
+        temporary.replace(store)
+    except OSError:
+        pass
+    return digest
+
+
 def fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())

@@ -43,6 +43,12 @@ def is_diffusers_folder(path: str | Path) -> bool:
     return (Path(path) / "model_index.json").is_file()
 
 
+def weights_file(folder: str | Path) -> Path | None:
+    """The file a Stable Diffusion model's hash is taken from (the UNet's weights: AUTOMATIC1111 hashes the
+    checkpoint, which for a diffusers folder is split by part), or None if it has none."""
+    return next(iter(sorted((Path(folder) / "unet").glob("*.safetensors"))), None)
+
+
 def require_diffusers():
     try:
         import diffusers
@@ -252,8 +258,16 @@ class StableDiffusionParts:
     default_guidance: float = SD_GUIDANCE
 
 
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def load_stable_diffusion(
-    folder: str | Path, device: torch.device, *, clip_skip: int = 1, convention: str = "a1111"
+    folder: str | Path,
+    device: torch.device,
+    *,
+    clip_skip: int = 1,
+    convention: str = "a1111",
+    precision: str = "float32",
 ) -> StableDiffusionParts:
     """A diffusers Stable Diffusion folder's parts, checked, on `device`."""
     from .diffusion.denoiser import Denoiser
@@ -272,10 +286,13 @@ def load_stable_diffusion(
         raise UnnoiseError(f"{folder}: SDXL (two text encoders) is not supported yet; SD 1.x and 2.x are")
     scheduler = SchedulerConfig.read(folder / "scheduler" / "scheduler_config.json")
     sampling = scheduler.convention(convention)  # checked before any weight is read
+    if precision not in PRECISIONS:
+        raise UnnoiseError(f"unknown precision {precision!r}; choose {', '.join(PRECISIONS)}")
     common: dict[str, Any] = {"use_safetensors": True, "local_files_only": True}
-    unet = load_part(folder / "unet", diffusers.UNet2DConditionModel, **common)
-    vae = load_part(folder / "vae", diffusers.AutoencoderKL, **common)
-    text_model = load_part(folder / "text_encoder", transformers.CLIPTextModel, **common)
+    weights = {**common, "torch_dtype": PRECISIONS[precision]}  # the UNet's and text encoder's
+    unet = load_part(folder / "unet", diffusers.UNet2DConditionModel, **weights)
+    vae = load_part(folder / "vae", diffusers.AutoencoderKL, **common, torch_dtype=torch.float32)
+    text_model = load_part(folder / "text_encoder", transformers.CLIPTextModel, **weights)
     tokenizer = load_part(folder / "tokenizer", transformers.CLIPTokenizer, local_files_only=True)
     network = DiffusersUNet(unet.eval().requires_grad_(False))
     codec = VAECodec(vae).to(device)

@@ -54,6 +54,7 @@ def create_app(
     models: dict[str, Path] | None = None,
     load_model: Callable[[Path], Pipeline] | None = None,
     cpu_share: CpuShare | None = None,
+    lora_folder: Path | None = None,
 ) -> FastAPI:
     """The application for a loaded Pipeline, or for a function that loads one (`serve` passes one, so the
     model is loaded on the worker's thread, see jobs.Worker). Clients may switch to any of `models` (by
@@ -104,6 +105,9 @@ def create_app(
         return JSONResponse({"error": INTERNAL_ERROR}, status_code=500)
 
     service = Service(worker, model_catalogue() if models is None else models, load_model or load)
+    service.lora_folder = lora_folder
+    if lora_folder is not None:  # `serve` sets it on each model it loads; a model handed in gets it here
+        worker.pipe.lora_folder = lora_folder
     for routes in (a1111_routes, openai_routes, job_routes):
         app.include_router(routes(service))
 
@@ -163,6 +167,7 @@ def serve(
     models_dirs: tuple[str, ...] = (),
     auto_threads: bool = False,
     log_level: str = "info",
+    lora_dir: str | None = None,
 ) -> None:
     """`unnoise serve`: load the model and run uvicorn until interrupted. Clients may switch to the shipped
     models and the releases in `models_dirs`. `log_level` is the least a logged line is: each request's
@@ -177,12 +182,21 @@ def serve(
         raise UnnoiseError(f"--deadline must be a positive number of seconds, got {deadline}")
     if log_level.lower() not in LOG_LEVELS:
         raise UnnoiseError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
+    if lora_dir is not None and not Path(lora_dir).is_dir():
+        raise UnnoiseError(f"--lora-dir {lora_dir}: not a folder")
+    lora_folder = Path(lora_dir) if lora_dir is not None else None
+
+    def loaded(name: str | Path) -> Pipeline:  # every model served finds prompts' LoRAs in lora_folder
+        pipe = load(name, device=device)
+        pipe.lora_folder = lora_folder
+        return pipe
+
     models = model_catalogue(Path(d) for d in models_dirs)
     served = resolve_model(model)  # an unknown model is an error before anything loads
     models.setdefault(model_name(served), served)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     app = create_app(
-        lambda: load(model, device=device),
+        lambda: loaded(model),
         host=host,
         port=port,
         api_key=api_key,
@@ -190,8 +204,9 @@ def serve(
         allowed_hosts=allowed_hosts,
         deadline=deadline,
         models=models,
-        load_model=lambda path: load(path, device=device),
+        load_model=loaded,
         cpu_share=CpuShare() if auto_threads else None,
+        lora_folder=lora_folder,
     )
     print(f"unnoise: serving {app.state.worker.pipe.name} on http://{host}:{port}/ (API docs at /docs)")
     # one line a request comes from our access log (security.Guard), with the duration; not uvicorn's

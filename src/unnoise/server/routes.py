@@ -128,6 +128,19 @@ def a1111_routes(service: Service) -> APIRouter:
             for name, short, digest in await run_in_threadpool(service.catalogue)
         ]  # fmt: skip
 
+    @router.get("/sdapi/v1/loras")
+    async def loras() -> list[dict[str, Any]]:
+        """The LoRA files of --lora-dir, as AUTOMATIC1111's Lora extension lists them (no path is given out:
+        a prompt names a file by its name alone)."""
+        from ..lora import loras_in_folder
+
+        return [{"name": p.stem, "alias": p.stem, "path": p.name, "metadata": {}} for p in
+                loras_in_folder(service.lora_folder)]  # fmt: skip
+
+    @router.post("/sdapi/v1/refresh-loras")
+    async def refresh_loras() -> None:
+        """The folder is read at each request: nothing to refresh."""
+
     @router.post("/sdapi/v1/refresh-checkpoints")
     async def refresh_checkpoints() -> None:
         """AUTOMATIC1111 rescans its model folder; the catalogue here is read when the server starts."""

@@ -13,7 +13,8 @@ from fastapi import HTTPException, Request
 
 from ..errors import UnnoiseError
 from ..pipeline import Pipeline
-from ..release import read_release_config, sha256
+from ..release import cached_sha256, read_release_config, sha256
+from ..stable_diffusion import is_diffusers_folder, weights_file
 from .jobs import STOPPING, Job, QueueFullError, ServerStoppingError, Worker, log
 from .requests import b64, parameters_of
 from .security import note_job
@@ -28,6 +29,7 @@ class Service:
         """`models`: the released models clients may switch to, by name; `load` loads one of them."""
         self.worker, self.models, self.load = worker, models, load
         self.digests: dict[Path, str] = {}  # weights file -> SHA-256, for releases whose config has none
+        self.lora_folder: Path | None = None  # where prompts' <lora:NAME:WEIGHT> are found (--lora-dir)
 
     @property
     def pipe(self) -> Pipeline:
@@ -45,6 +47,9 @@ class Service:
         catalogued release must begin with."""
         folder = self.models.get(name)
         try:
+            if folder and is_diffusers_folder(folder):
+                weights = weights_file(folder)
+                return cached_sha256(weights) if weights else ""
             digest = read_release_config(folder).get("weights_sha256") if folder else ""
             digest = digest if isinstance(digest, str) else ""
             if folder and not digest:
