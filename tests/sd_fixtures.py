@@ -213,3 +213,107 @@ def save_peft_lora(path, layers, alpha: float = 8.0):
         tensors |= {f"{stem}.lora_A.weight": down, f"{stem}.lora_B.weight": up}
     save_file(tensors, str(path), metadata={"lora_alpha": json.dumps(alpha)})
     return path
+
+
+# --- a single-file checkpoint in CompVis' key layout, as AUTOMATIC1111 and ComfyUI load ---------------------
+
+RESNET = {
+    "norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+    "conv2": "out_layers.3", "conv_shortcut": "skip_connection",
+}  # fmt: skip
+VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def ldm_unet_key(key: str, layers: int, attended_up: set[int]) -> str:
+    """diffusers' UNet2DConditionModel key -> CompVis' (the inverse of diffusers' converter's renaming)."""
+    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}  # fmt: skip
+    for old, new in fixed.items():
+        if key.startswith(old + "."):
+            return new + key[len(old) :]
+    parts = key.split(".")
+
+    def resnet(rest: list[str]) -> str:
+        return ".".join([RESNET.get(rest[0], rest[0]), *rest[1:]])
+
+    if parts[0] == "down_blocks":
+        i, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+        if kind == "downsamplers":
+            return f"input_blocks.{(i + 1) * (layers + 1)}.0.op." + ".".join(rest[1:])
+        block = 1 + i * (layers + 1) + j
+        return (
+            f"input_blocks.{block}.0." + resnet(rest)
+            if kind == "resnets"
+            else f"input_blocks.{block}.1." + ".".join(rest)
+        )
+    if parts[0] == "mid_block":
+        kind, j, rest = parts[1], int(parts[2]), parts[3:]
+        if kind == "attentions":
+            return "middle_block.1." + ".".join(rest)
+        return f"middle_block.{2 * j}." + resnet(rest)
+    if parts[0] == "up_blocks":
+        i, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+        if kind == "upsamplers":
+            return (
+                f"output_blocks.{i * (layers + 1) + layers}.{2 if i in attended_up else 1}.conv."
+                + ".".join(rest[1:])
+            )
+        block = i * (layers + 1) + j
+        return (
+            f"output_blocks.{block}.0." + resnet(rest)
+            if kind == "resnets"
+            else f"output_blocks.{block}.1." + ".".join(rest)
+        )
+    raise KeyError(key)
+
+
+def ldm_vae_key(key: str, blocks: int) -> str:
+    """diffusers' AutoencoderKL key -> CompVis'."""
+    parts = key.split(".")
+    if parts[0] in ("quant_conv", "post_quant_conv"):
+        return key
+    side, rest = parts[0], parts[1:]
+    names = {"conv_norm_out": "norm_out"}
+    if rest[0] in ("conv_in", "conv_out", "conv_norm_out"):
+        return ".".join([side, names.get(rest[0], rest[0]), *rest[1:]])
+    shortcut = {"conv_shortcut": "nin_shortcut"}
+    if rest[0] == "mid_block":
+        if rest[1] == "attentions":
+            tail = ".".join(rest[3:])
+            for old, new in VAE_ATTENTION.items():
+                if tail.startswith(old + "."):
+                    return f"{side}.mid.attn_1.{new}" + tail[len(old) :]
+        return f"{side}.mid.block_{int(rest[2]) + 1}." + ".".join([shortcut.get(rest[3], rest[3]), *rest[4:]])
+    i = int(rest[1]) if side == "encoder" else blocks - 1 - int(rest[1])
+    level = "down" if side == "encoder" else "up"
+    if rest[2] in ("downsamplers", "upsamplers"):
+        return f"{side}.{level}.{i}.{'downsample' if side == 'encoder' else 'upsample'}.conv." + ".".join(
+            rest[5:]
+        )
+    return f"{side}.{level}.{i}.block.{rest[3]}." + ".".join([shortcut.get(rest[4], rest[4]), *rest[5:]])
+
+
+def save_single_file(folder, path):
+    """The diffusers folder's three parts as one CompVis-layout safetensors checkpoint."""
+    from safetensors.torch import save_file
+
+    unet = diffusers.UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    vae = diffusers.AutoencoderKL.from_pretrained(folder, subfolder="vae")
+    text = transformers.CLIPTextModel.from_pretrained(Path(folder) / "text_encoder")
+    layers = unet.config.layers_per_block
+    attended_up = {i for i, kind in enumerate(unet.config.up_block_types) if "CrossAttn" in kind}
+    tensors = {
+        "model.diffusion_model." + ldm_unet_key(k, layers, attended_up): v
+        for k, v in unet.state_dict().items()
+    }
+    blocks = len(vae.config.block_out_channels)
+    for key, value in vae.state_dict().items():
+        name = ldm_vae_key(key, blocks)
+        if ".attn_1." in name and name.endswith(("q.weight", "k.weight", "v.weight", "proj_out.weight")):
+            value = value[:, :, None, None]  # CompVis' VAE attention is 1x1 convolutions
+        tensors["first_stage_model." + name] = value
+    for key, value in text.state_dict().items():
+        key = key if key.startswith("text_model.") else "text_model." + key
+        tensors["cond_stage_model.transformer." + key] = value
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return path

@@ -292,3 +292,88 @@ def test_the_cli_takes_lora_path_and_scale(pipe, sd_folder, tmp_path):
         assert done.returncode == 0, done.stderr
         made[name] = Image.open(next((tmp_path / name).glob("*.png"))).tobytes()
     assert made["zero"] == made["base"] != made["one"]
+
+
+# --- single-file checkpoints ---------------------------------------------------------------------------
+
+
+def test_a_single_file_checkpoint_gives_its_diffusers_folders_image(pipe, sd_folder, tmp_path):
+    """The folder's parts in CompVis' layout, one .safetensors file, its config from the folder: the same
+    image bit for bit, named by the file, with A1111's hash (the file's SHA-256)."""
+    from tests.sd_fixtures import save_single_file
+    from unnoise.release import sha256
+
+    path = save_single_file(sd_folder, tmp_path / "tiny-single.safetensors")
+    single = unnoise.load(path, device="cpu", config_from=sd_folder)
+    assert (single.name, single.model_hash) == ("tiny-single", sha256(path)[:10])
+    ours = single.generate("a red cat", seed=3, steps=3)[0]
+    assert ours.tobytes() == pipe.generate("a red cat", seed=3, steps=3)[0].tobytes()
+    assert "Model hash: " + sha256(path)[:10] in ours.info["parameters"]
+
+
+def test_the_shipped_family_configs_are_sd_1_5s_and_the_tokenizer_is_clips():
+    """Parameter counts of SD 1.5's published parts (UNet 859.5M, VAE 83.7M, CLIP text 123.1M) from the
+    configs unnoise ships, and CLIP's token ids from its shipped BPE vocabulary."""
+    from unnoise.single_file import FAMILIES, VAE_CONFIG, clip_tokenizer
+
+    with torch.device("meta"):
+        unet = diffusers.UNet2DConditionModel.from_config(FAMILIES["sd1"].unet)
+        vae = diffusers.AutoencoderKL.from_config(VAE_CONFIG)
+        text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**FAMILIES["sd1"].text))
+    counts = [sum(p.numel() for p in m.parameters()) for m in (unet, vae, text)]
+    assert counts == [859_520_964, 83_653_863, 123_060_480]
+    ids = clip_tokenizer("<|endoftext|>")("a photo of a cat").input_ids
+    assert ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert clip_tokenizer("!").pad_token_id == 0  # SD 2's OpenCLIP tokenizer pads with "!"
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("sd2 without a hint", "give --prediction-type epsilon or v"),
+        ("sdxl", "SDXL is not supported yet"),
+        ("a lora", "not a Stable Diffusion checkpoint"),
+        ("pickle", "a pickled checkpoint, which unnoise never loads"),
+        ("cut", "not a readable safetensors file"),
+    ],
+)
+def test_a_single_file_unnoise_cannot_load_is_one_line(kind, message, sd_folder, tmp_path):
+    from safetensors.torch import save_file
+
+    from tests.conftest import run_cli
+
+    path = tmp_path / "model.safetensors"
+    one = torch.zeros(1)
+    if kind == "sd2 without a hint":
+        save_file(
+            {
+                "model.diffusion_model.x": one,
+                "first_stage_model.x": one + 1,
+                "cond_stage_model.model.x": one + 2,
+            },
+            path,
+        )
+    elif kind == "sdxl":
+        save_file({"model.diffusion_model.x": one, "conditioner.embedders.0.x": one + 1}, path)
+    elif kind == "a lora":
+        save_file({"lora_unet_x.lora_down.weight": one, "lora_unet_x.lora_up.weight": one + 1}, path)
+    elif kind == "pickle":
+        path = tmp_path / "model.ckpt"
+        path.write_bytes(b"PK not read")
+    else:
+        save_file({"model.diffusion_model.x": torch.zeros(1000)}, path)
+        path.write_bytes(path.read_bytes()[:200])
+    done = run_cli("generate", "a cat", "--model", str(path), "--steps", "1", "--out", str(tmp_path / "o"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_an_sd2_files_prediction_type_comes_from_the_flag_or_a_yaml_beside_it(tmp_path):
+    from unnoise.single_file import prediction_hint
+
+    path = tmp_path / "sd2.safetensors"
+    assert prediction_hint(path, None) is None and prediction_hint(path, "v") == "v_prediction"
+    path.with_suffix(".yaml").write_text('model:\n  params:\n    parameterization: "v"\n')
+    assert prediction_hint(path, None) == "v_prediction"
+    path.with_suffix(".yaml").write_text("model:\n  params:\n    linear_start: 0.00085\n")
+    assert prediction_hint(path, None) == "epsilon"

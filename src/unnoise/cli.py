@@ -111,7 +111,8 @@ def _load(args: argparse.Namespace, model: str):
     _output_folder(args.out)
     pipe = load(
         model, device=args.device, convention=getattr(args, "convention", "a1111"),
-        clip_skip=getattr(args, "clip_skip", 1),
+        clip_skip=getattr(args, "clip_skip", 1), prediction_type=getattr(args, "prediction_type", None),
+        config_from=getattr(args, "config_from", None),
     )  # fmt: skip
     for text in getattr(args, "lora", []):
         pipe.add_lora(*parse_lora_argument(text))
@@ -603,6 +604,18 @@ def add_sampling_arguments(p: argparse.ArgumentParser, *, count: bool = True) ->
     )
     p.add_argument(
         "--clip-skip", type=int, default=1, help="Stable Diffusion models: A1111's clip skip (default 1)"
+    )
+    p.add_argument(
+        "--prediction-type",
+        choices=("epsilon", "v"),
+        default=None,
+        help="a single-file SD 2.x checkpoint: what it predicts (SD 2 base: epsilon; SD 2 768-v: v)",
+    )
+    p.add_argument(
+        "--config-from",
+        default=None,
+        help="a single-file checkpoint: a local diffusers folder of the same family to take its config and"
+        " tokenizer from (default: unnoise's own for SD 1.x and 2.x)",
     )
     p.add_argument(
         "--lora",

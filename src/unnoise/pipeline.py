@@ -59,6 +59,7 @@ from .settings import (
     MaskedContent,
     sampler_name,
 )
+from .single_file import is_single_file, load_single_file
 from .stable_diffusion import is_diffusers_folder, load_stable_diffusion, weights_file
 from .text.encoders import CachedTextEncoder, TextEmbedding, load_text_encoder
 from .text.phrases import attribute_phrases
@@ -615,14 +616,30 @@ def load(
     convention: str = "a1111",
     clip_skip: int = 1,
     precision: str = "float32",
+    prediction_type: str | None = None,
+    config_from: str | Path | None = None,
 ) -> Pipeline:
     """Load a released model (safetensors + config.json) with its text encoder; nothing is unpickled.
 
     A Stable Diffusion model (a diffusers folder) samples as the tool `convention` names does (a1111,
     comfyui or diffusers: diffusion/conventions.py), its text read `clip_skip` layers from the end, its UNet
-    and text encoder in `precision` (float32, bfloat16 or float16; the VAE stays in float32)."""
+    and text encoder in `precision` (float32, bfloat16 or float16; the VAE stays in float32). A single-file
+    checkpoint (`.safetensors`) takes its config from `config_from` (a diffusers folder) or unnoise's own for
+    its family; `prediction_type` (epsilon or v) says what an SD 2.x file predicts."""
     device = resolve_device(device)
     folder = resolve_model(name_or_path)
+    if is_single_file(folder):
+        sd = load_single_file(
+            folder, device, clip_skip=clip_skip, convention=convention, precision=precision,
+            prediction_type=prediction_type, config_from=config_from,
+        )  # fmt: skip
+        return Pipeline(
+            sd.denoiser, CachedTextEncoder(sd.text, max_entries=PROMPT_CACHE), sd.resolution, folder.stem,
+            cached_sha256(folder)[:10], stride=sd.stride, default_guidance=sd.default_guidance,
+            codec=sd.codec, convention=sd.convention,
+        )  # fmt: skip
+    if prediction_type is not None or config_from is not None:
+        raise UnnoiseError(f"{folder}: prediction_type and config_from apply to single-file checkpoints only")
     if is_diffusers_folder(folder):
         sd = load_stable_diffusion(
             folder, device, clip_skip=clip_skip, convention=convention, precision=precision

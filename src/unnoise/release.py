@@ -373,13 +373,21 @@ def resolve_model(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if is_model_folder(path):
         return path
+    if path.is_file() and path.suffix == ".safetensors":  # a single-file Stable Diffusion checkpoint
+        return path
+    if path.is_file() and path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        raise UnnoiseError(
+            f"{path}: a pickled checkpoint, which unnoise never loads (a pickle can run code). Convert it"
+            " once where you trust the file, to .safetensors (for example with diffusers:"
+            " StableDiffusionPipeline.from_single_file(...).save_pretrained(folder, safe_serialization=True))"
+        )
     shipped = MODELS_DIR / str(name_or_path)
     if (shipped / "config.json").is_file():
         return shipped
     available = [p.name for p in shipped_models()]
     raise UnnoiseError(
         f"no model {str(name_or_path)!r}: not a folder with config.json (unnoise's) or model_index.json"
-        " (a diffusers Stable Diffusion folder), nor a shipped model"
+        " (a diffusers Stable Diffusion folder), nor a .safetensors checkpoint, nor a shipped model"
         f" (shipped: {', '.join(available) or 'none yet'})"
     )
 
