@@ -377,3 +377,17 @@ def test_an_sd2_files_prediction_type_comes_from_the_flag_or_a_yaml_beside_it(tm
     assert prediction_hint(path, None) == "v_prediction"
     path.with_suffix(".yaml").write_text("model:\n  params:\n    linear_start: 0.00085\n")
     assert prediction_hint(path, None) == "epsilon"
+
+
+def test_a_hugging_face_id_offline_is_one_line_that_says_so(tmp_path):
+    """Never downloads in tests: the Hub is switched off, as on a machine without a network."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    command = [sys.executable, "-m", "unnoise", "generate", "a cat", "--model", "someone/no-such-model"]
+    done = subprocess.run([*command, "--out", str(tmp_path / "o")], env=env, capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "cannot get it from the Hugging Face Hub" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr

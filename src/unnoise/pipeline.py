@@ -60,7 +60,13 @@ from .settings import (
     sampler_name,
 )
 from .single_file import is_single_file, load_single_file
-from .stable_diffusion import is_diffusers_folder, load_stable_diffusion, weights_file
+from .stable_diffusion import (
+    hub_folder,
+    is_diffusers_folder,
+    load_stable_diffusion,
+    looks_like_hub_id,
+    weights_file,
+)
 from .text.encoders import CachedTextEncoder, TextEmbedding, load_text_encoder
 from .text.phrases import attribute_phrases
 
@@ -627,7 +633,12 @@ def load(
     checkpoint (`.safetensors`) takes its config from `config_from` (a diffusers folder) or unnoise's own for
     its family; `prediction_type` (epsilon or v) says what an SD 2.x file predicts."""
     device = resolve_device(device)
-    folder = resolve_model(name_or_path)
+    try:
+        folder = resolve_model(name_or_path)
+    except UnnoiseError:
+        if not looks_like_hub_id(str(name_or_path)):
+            raise
+        folder = hub_folder(str(name_or_path))  # "owner/name": diffusers downloads it (online only)
     if is_single_file(folder):
         sd = load_single_file(
             folder, device, clip_skip=clip_skip, convention=convention, precision=precision,

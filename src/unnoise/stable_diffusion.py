@@ -22,6 +22,7 @@ Weights are read from safetensors only (diffusers' `use_safetensors=True`); a fo
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,34 @@ SD_GUIDANCE = 7.0  # AUTOMATIC1111's default CFG scale for these models
 
 def is_diffusers_folder(path: str | Path) -> bool:
     return (Path(path) / "model_index.json").is_file()
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """`owner/name` that is no path on this machine: a Hugging Face model id."""
+    return bool(HUB_ID.fullmatch(str(name))) and not Path(name).exists()
+
+
+def hub_folder(repo_id: str) -> Path:
+    """A Hugging Face model id's diffusers folder, downloaded (safetensors only) by diffusers' own mechanism
+    into its cache, or found there; offline or unknown, one line that says so."""
+    diffusers = require_diffusers()
+    verbosity = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_error()  # its "couldn't connect" warning: the error says it
+    try:
+        with no_progress_bars():
+            return Path(diffusers.DiffusionPipeline.download(repo_id, use_safetensors=True))
+    except Exception as error:  # huggingface_hub raises many kinds; each is the same answer here
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UnnoiseError(
+            f"no local model {repo_id!r}, and cannot get it from the Hugging Face Hub (offline, or no such"
+            " diffusers model?):"
+            f" {first[:160]}"
+        ) from None
+    finally:
+        diffusers.utils.logging.set_verbosity(verbosity)
 
 
 def weights_file(folder: str | Path) -> Path | None:
