@@ -109,11 +109,7 @@ def _load(args: argparse.Namespace, model: str):
     from .pipeline import load
 
     _output_folder(args.out)
-    pipe = load(
-        model, device=args.device, convention=getattr(args, "convention", "a1111"),
-        clip_skip=getattr(args, "clip_skip", 1), prediction_type=getattr(args, "prediction_type", None),
-        config_from=getattr(args, "config_from", None),
-    )  # fmt: skip
+    pipe = load(model, device=args.device, **model_loading_options(args))
     for text in getattr(args, "lora", []):
         pipe.add_lora(*parse_lora_argument(text))
     return pipe
@@ -516,6 +512,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         auto_threads=args.threads == "auto",
         log_level=args.log_level,
         lora_dir=args.lora_dir,
+        load_options=model_loading_options(args),
     )
     return 0
 
@@ -595,6 +592,26 @@ def add_sampling_arguments(p: argparse.ArgumentParser, *, count: bool = True) ->
     p.add_argument(
         "--model", default=None, help="a shipped model's name, a release folder or a diffusers SD folder"
     )
+    add_model_loading_arguments(p)
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="Stable Diffusion models: a LoRA .safetensors file (kohya-ss or diffusers layout) at SCALE"
+        " (default 1); repeat for more",
+    )
+    add_device_argument(p)
+    p.add_argument(
+        "--out",
+        default="out",
+        help="folder for the PNGs (default ./out); earlier images are never overwritten",
+    )
+    p.set_defaults(n=1)
+
+
+def add_model_loading_arguments(p: argparse.ArgumentParser) -> None:
+    """How a Stable Diffusion model is loaded: its convention, clip skip and, for single files, config."""
     p.add_argument(
         "--convention",
         default="a1111",
@@ -618,20 +635,21 @@ def add_sampling_arguments(p: argparse.ArgumentParser, *, count: bool = True) ->
         " tokenizer from (default: unnoise's own for SD 1.x and 2.x)",
     )
     p.add_argument(
-        "--lora",
-        action="append",
-        default=[],
-        metavar="PATH[:SCALE]",
-        help="Stable Diffusion models: a LoRA .safetensors file (kohya-ss or diffusers layout) at SCALE"
-        " (default 1); repeat for more",
+        "--precision",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="Stable Diffusion models: the UNet's and text encoder's precision (the VAE stays float32)",
     )
-    add_device_argument(p)
-    p.add_argument(
-        "--out",
-        default="out",
-        help="folder for the PNGs (default ./out); earlier images are never overwritten",
-    )
-    p.set_defaults(n=1)
+
+
+def model_loading_options(args: argparse.Namespace) -> dict:
+    """`unnoise.load`'s keywords from the flags of `add_model_loading_arguments`."""
+    return {
+        "convention": getattr(args, "convention", "a1111"), "clip_skip": getattr(args, "clip_skip", 1),
+        "precision": getattr(args, "precision", "float32"),
+        "prediction_type": getattr(args, "prediction_type", None),
+        "config_from": getattr(args, "config_from", None),
+    }  # fmt: skip
 
 
 def add_binding_argument(p: argparse.ArgumentParser) -> None:
@@ -866,8 +884,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "serve", help="serve a model over HTTP: a web page, AUTOMATIC1111 and OpenAI APIs, jobs"
     )
-    p.add_argument("--model", default="shapes-32", help="a shipped model's name or a release folder")
+    p.add_argument(
+        "--model",
+        default="shapes-32",
+        help="a shipped model's name, a release folder, a diffusers SD folder or a .safetensors checkpoint",
+    )
     add_device_argument(p)
+    add_model_loading_arguments(p)
     p.set_defaults(threads="auto")  # a server runs for long, beside whatever else the machine does
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"

@@ -31,6 +31,7 @@ from ..settings import (
     DEFAULT_STEPS,
     a1111_label,
 )
+from ..stable_diffusion import looks_like_hub_id
 from ..threads import CpuShare
 from .jobs import DEFAULT_DEADLINE, INTERNAL_ERROR, Worker, log
 from .requests import MAX_BODY, REQUEST_MAX_IMAGES, REQUEST_MAX_STEPS
@@ -168,6 +169,7 @@ def serve(
     auto_threads: bool = False,
     log_level: str = "info",
     lora_dir: str | None = None,
+    load_options: dict | None = None,
 ) -> None:
     """`unnoise serve`: load the model and run uvicorn until interrupted. Clients may switch to the shipped
     models and the releases in `models_dirs`. `log_level` is the least a logged line is: each request's
@@ -187,7 +189,9 @@ def serve(
     lora_folder = Path(lora_dir) if lora_dir is not None else None
 
     def loaded(name: str | Path) -> Pipeline:  # every model served finds prompts' LoRAs in lora_folder
-        pipe = load(name, device=device)
+        own = (resolve_model(name) / "config.json").is_file() if not looks_like_hub_id(str(name)) else False
+        options = {} if own else (load_options or {})  # a convention, clip skip, ...: SD models only
+        pipe = load(name, device=device, **options)
         pipe.lora_folder = lora_folder
         return pipe
 
