@@ -1,5 +1,7 @@
 """Shared fixtures: the exact 2-D mixture, and float64 math so error slopes are not swamped by round-off."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -28,3 +30,10 @@ def run_cli(*args: str):
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(list(args))
     return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def weights_of(release) -> Path:
+    """The weights file a release's config.json names (model-<checksum>.safetensors since issue 31)."""
+    from unnoise.release import read_release_config, weights_path
+
+    return weights_path(Path(release), read_release_config(Path(release)))

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import unnoise
-from tests.conftest import run_cli
+from tests.conftest import run_cli, weights_of
 from unnoise.codec import IdentityCodec, LatentStatistics, latent_size_mask, load_codec
 from unnoise.data.split import concept_of, held_out_mask
 from unnoise.errors import UnnoiseError
@@ -278,7 +278,7 @@ def test_a_latent_release_with_a_hostile_autoencoder_is_one_line(damage, latent_
     import pickle
 
     release = Path(shutil.copytree(latent_model, tmp_path / "release"))
-    weights = release / "autoencoder" / "model.safetensors"
+    weights = weights_of(release / "autoencoder")
     if damage == "truncated":
         weights.write_bytes(weights.read_bytes()[:200])
     elif damage == "pickle":

@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 import unnoise
+from tests.conftest import weights_of
 from unnoise.errors import UnnoiseError
 from unnoise.eval.shapes_eval import run_shapes_eval
 from unnoise.images import read_png_parameters
@@ -47,11 +48,11 @@ def test_a_release_without_defaults_uses_unnoise_s(release):
 
 
 def test_defaults_sets_the_guidance_every_call_without_one_uses(release, tmp_path):
-    weights = sha256(release / "model.safetensors")
+    weights = sha256(weights_of(release))
     set_ = run_cli("defaults", str(release), "--guidance", "1.5")
     assert set_.returncode == 0 and "guidance 1.5 (the release's own)" in set_.stdout, set_.stderr
     assert config_of(release)["defaults"] == {"guidance": 1.5}
-    assert sha256(release / "model.safetensors") == weights == config_of(release)["weights_sha256"]
+    assert sha256(weights_of(release)) == weights == config_of(release)["weights_sha256"]
     assert not list(release.glob(".tmp-*"))
 
     pipe = unnoise.load(release)

@@ -17,6 +17,7 @@ import uvicorn
 from PIL import Image
 
 import unnoise
+from tests.conftest import weights_of
 from unnoise.errors import UnnoiseError
 from unnoise.server.app import create_app, serve
 
@@ -922,7 +923,7 @@ def test_models_carry_the_weights_sha256_and_the_openai_client_retrieves_one(ser
         listed = {m["model_name"]: m for m in httpx.get(f"{running.url}/sdapi/v1/sd-models").json()}
     finally:
         running.stop()
-    assert listed["older"]["sha256"] == sha256(older / "model.safetensors") == digest
+    assert listed["older"]["sha256"] == sha256(weights_of(older)) == digest
     assert listed["older"]["title"] == f"older [{digest[:10]}]"
 
 

@@ -21,8 +21,9 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from tests.conftest import weights_of
 from unnoise.errors import UnnoiseError
-from unnoise.release import load_release
+from unnoise.release import load_release, weights_path
 from unnoise.train.checkpoint import latest_good_state, list_states, load_training_state
 from unnoise.train.config import TrainConfig
 from unnoise.train.distributed import init_distributed
@@ -122,16 +123,54 @@ def test_a_state_json_that_parses_but_is_wrong_falls_back_too(tmp_path, edit, re
     assert reason in messages[0]
 
 
+def test_a_kill_at_any_rename_of_a_release_write_leaves_a_release_that_loads(tmp_path, monkeypatch):
+    """Issue 31 item 7: the weights go to a file named by their checksum and one rename of config.json
+    switches the release, so a kill before it leaves the old release whole, after it the new one; weights
+    no config names are removed, but for the previous release's."""
+    import os
+
+    from unnoise.release import save_release
+
+    network = torch.nn.Linear(3, 2)
+    save_release(tmp_path, network, {"training": {"steps": 1}}, dtype=torch.float32)
+    first = weights_path(tmp_path, load_release(tmp_path)[1]).name
+    real_replace = os.replace
+    for kill_at in range(2):  # the weights' rename, then the config's
+        renames = []
+
+        def killed(source, target, renames=renames, kill_at=kill_at):
+            if len(renames) == kill_at:
+                raise KeyboardInterrupt  # as a kill between two renames: nothing after it runs
+            renames.append(target)
+            real_replace(source, target)
+
+        monkeypatch.setattr(os, "replace", killed)
+        with torch.no_grad():
+            network.weight.add_(1.0)
+        with pytest.raises(KeyboardInterrupt):
+            save_release(tmp_path, network, {"training": {"steps": 2}}, dtype=torch.float32)
+        monkeypatch.setattr(os, "replace", real_replace)
+        _, config = load_release(tmp_path)  # checksum verified: the old release, whole
+        assert config["training"]["steps"] == 1 and weights_path(tmp_path, config).name == first
+    for steps in (3, 4):
+        save_release(tmp_path, network, {"training": {"steps": steps}}, dtype=torch.float32)
+        with torch.no_grad():
+            network.weight.add_(1.0)
+    names = sorted(p.name for p in tmp_path.glob("model*.safetensors"))
+    assert load_release(tmp_path)[1]["training"]["steps"] == 4 and len(names) == 2, names
+
+
 def test_resume_repairs_a_stale_release_and_removes_temporaries(tmp_path, caplog):
     """Issue 12: a kill during the final release write left model/ a checkpoint behind for good."""
     config = dict(preset="tiny", batch_size=4, checkpoint_every=2, sample_every=0, out=str(tmp_path))
     train(TrainConfig(steps=2, **config))
     stale = (tmp_path / "model" / "config.json").read_text()
-    stale_weights = (tmp_path / "model" / "model.safetensors").read_bytes()
+    stale_name = weights_path(tmp_path / "model", json.loads(stale)).name
+    stale_weights = (tmp_path / "model" / stale_name).read_bytes()
     train(TrainConfig(steps=4, **config), resume=True)
     # as if killed after state-00000004 was renamed into place but before model/ was rewritten
     (tmp_path / "model" / "config.json").write_text(stale)
-    (tmp_path / "model" / "model.safetensors").write_bytes(stale_weights)
+    (tmp_path / "model" / stale_name).write_bytes(stale_weights)
     (tmp_path / ".tmp-state-00000006-123").mkdir()
     (tmp_path / "model" / ".tmp-model-123.safetensors").write_bytes(b"half")
     caplog.set_level(logging.INFO, logger="unnoise.train")
@@ -215,9 +254,9 @@ def test_the_release_loads_without_training_code_and_detects_tampering(tmp_path)
     assert (tmp_path / "samples" / "step-00000002.png").exists()
     assert (tmp_path / "config.json").exists() and (tmp_path / "log.csv").read_text().count("\n") == 2
     assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("*.pkl"))
-    blob = bytearray((tmp_path / "model" / "model.safetensors").read_bytes())
+    blob = bytearray(weights_of(tmp_path / "model").read_bytes())
     blob[-10] ^= 0xFF
-    (tmp_path / "model" / "model.safetensors").write_bytes(bytes(blob))
+    weights_of(tmp_path / "model").write_bytes(bytes(blob))
     with pytest.raises(UnnoiseError, match="checksum"):
         load_release(tmp_path / "model")
 
@@ -321,7 +360,7 @@ def test_training_on_a_folder_of_captioned_images(tmp_path, caplog):
     assert "resolution 30: every image" in caplog.messages[0]  # 40x30: the short side, by default
     scan = next(m for m in caplog.messages if "usable" in m)
     assert "3 usable" in scan and "not an image" in scan
-    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+    assert weights_of(tmp_path / "run" / "model").exists()
 
 
 def test_two_ddp_processes_compute_the_single_process_gradients(tmp_path):
@@ -388,7 +427,7 @@ def test_compiled_training_runs(tmp_path):
             out=str(tmp_path),
         )
     )
-    assert (tmp_path / "model" / "model.safetensors").exists()
+    assert weights_of(tmp_path / "model").exists()
 
 
 def test_optimizer_state_is_restored_in_its_parameters_layout():

@@ -1,7 +1,9 @@
-"""Released weights: a folder with `model.safetensors` and `config.json`, loadable without training code.
+"""Released weights: a folder with `model-<checksum>.safetensors` and `config.json`, loadable without
+training code (releases before issue 31 have `model.safetensors`; both are read).
 
-The config holds the network shape, the formulation, the text encoder and the SHA-256 of the weights, so a
-half-written or modified pair is detected. Nothing here ever unpickles a file.
+The config names its weights file and holds the network shape, the formulation, the text encoder and the
+SHA-256 of the weights, so a half-written or modified pair is detected, and one rename of config.json
+switches a release to new weights. Nothing here ever unpickles a file.
 """
 
 from __future__ import annotations
@@ -171,11 +173,29 @@ def released_steps(folder: Path) -> int | None:
     return steps if isinstance(steps, int) else None
 
 
-def save_release(folder: Path, network: torch.nn.Module, config: dict, *, dtype=torch.float16) -> Path:
-    """model.safetensors (in `dtype`) + config.json, the weights' checksum inside the config.
+# model-<checksum>.safetensors; releases written before issue 31 have model.safetensors
+WEIGHTS_NAME = re.compile(r"model(-[0-9a-f]{12})?\.safetensors")
 
-    Both are written to temporaries first and renamed into place only when both are whole, so a failed
-    write (WriteFailedError) leaves the previous release as it was."""
+
+def weights_path(folder: Path, config: dict) -> Path:
+    """The weights file a release's config names (`weights_file`; model.safetensors before issue 31)."""
+    name = config.get("weights_file", "model.safetensors")
+    if not isinstance(name, str) or not WEIGHTS_NAME.fullmatch(name):
+        raise CorruptCheckpointError(
+            f"{folder}: config.json: weights_file must be model.safetensors or model-<12 hex>.safetensors,"
+            f" got {reprlib.repr(name)}"
+        )
+    return Path(folder) / name
+
+
+def save_release(folder: Path, network: torch.nn.Module, config: dict, *, dtype=torch.float16) -> Path:
+    """model-<checksum>.safetensors (in `dtype`) + config.json, which names that file and its checksum.
+
+    The weights go to a file named by their checksum, so they never replace the file the current config
+    names; the config is written to a temporary and renamed over config.json, the one rename that switches
+    the release: a failed write (WriteFailedError) or a kill at any point leaves a release that loads, the
+    old one or the new one. Afterwards weights no config names are removed, but for the previous release's
+    (a reader may be loading it)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(folder)
@@ -184,23 +204,39 @@ def save_release(folder: Path, network: torch.nn.Module, config: dict, *, dtype=
     try:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in network.state_dict().items()}
         save_tensors(state, tmp_weights)
+        digest = sha256(tmp_weights)
+        weights = f"model-{digest[:12]}.safetensors"
         config = {
             **config,
-            "weights_sha256": sha256(tmp_weights),
+            "weights_file": weights,
+            "weights_sha256": digest,
             "weights_dtype": str(dtype).removeprefix("torch."),
         }
         tmp_config.write_text(json.dumps(config, indent=2))
         fsync_file(tmp_config)
+        previous = previous_weights(folder)
+        os.replace(tmp_weights, folder / weights)
+        fsync_dir(folder)
+        os.replace(tmp_config, folder / "config.json")  # the switch
+        fsync_dir(folder)
     except OSError as error:
         tmp_weights.unlink(missing_ok=True)
         tmp_config.unlink(missing_ok=True)
         raise WriteFailedError(
             f"could not write the release in {folder} ({write_failure(error)}); the previous one is kept"
         ) from error
-    os.replace(tmp_weights, folder / "model.safetensors")
-    os.replace(tmp_config, folder / "config.json")
-    fsync_dir(folder)
+    for stale in folder.iterdir():
+        if WEIGHTS_NAME.fullmatch(stale.name) and stale.name not in (weights, previous):
+            stale.unlink(missing_ok=True)
     return folder
+
+
+def previous_weights(folder: Path) -> str | None:
+    """The weights file name the release in `folder` names now (None if it has none that is readable)."""
+    try:
+        return weights_path(folder, read_release_config(folder)).name
+    except (UnnoiseError, OSError):
+        return None
 
 
 def read_release_config(folder: Path) -> dict:
@@ -350,7 +386,7 @@ def load_release(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def release_weights(folder: Path, config: dict) -> dict[str, torch.Tensor]:
     """The release's weights as float32, checked against the checksum in its config."""
-    tensors = load_tensors(Path(folder) / "model.safetensors", config.get("weights_sha256"))
+    tensors = load_tensors(weights_path(folder, config), config.get("weights_sha256"))
     return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
 
 
@@ -463,7 +499,7 @@ def materialise(folder: Path, network_config, config: dict) -> torch.nn.Module:
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
         raise UnnoiseError(f"{folder}: config.json does not describe a network ({error})") from None
     expected = {name: tuple(t.shape) for name, t in network.state_dict().items()}
-    found = tensor_shapes(folder / "model.safetensors")
+    found = tensor_shapes(weights_path(folder, config))
     if expected != found:
         name = next(n for n in sorted({*expected, *found}) if expected.get(n) != found.get(n))
         raise UnnoiseError(

@@ -13,7 +13,7 @@ from fastapi import HTTPException, Request
 
 from ..errors import UnnoiseError
 from ..pipeline import Pipeline
-from ..release import cached_sha256, read_release_config, sha256
+from ..release import cached_sha256, read_release_config, sha256, weights_path
 from ..stable_diffusion import is_diffusers_folder, weights_file
 from .jobs import STOPPING, Job, QueueFullError, ServerStoppingError, Worker, log
 from .requests import b64, parameters_of
@@ -50,10 +50,11 @@ class Service:
             if folder and is_diffusers_folder(folder):
                 weights = weights_file(folder)
                 return cached_sha256(weights) if weights else ""
-            digest = read_release_config(folder).get("weights_sha256") if folder else ""
+            config = read_release_config(folder) if folder else {}
+            digest = config.get("weights_sha256", "")
             digest = digest if isinstance(digest, str) else ""
             if folder and not digest:
-                digest = self.computed_digest(folder / "model.safetensors")
+                digest = self.computed_digest(weights_path(folder, config))
         except (UnnoiseError, OSError):
             digest = ""
         if name == self.pipe.name and not digest.startswith(self.pipe.model_hash):

@@ -373,7 +373,7 @@ def copy_codec(source: Path, folder: Path) -> None:
     """The autoencoder release beside the model's (its config and weights), unless an identical one is."""
     import shutil
 
-    from ..release import read_release_config
+    from ..release import read_release_config, weights_path
 
     wanted = read_release_config(source).get("weights_sha256")
     if (folder / "config.json").is_file() and read_release_config(folder).get("weights_sha256") == wanted:
@@ -381,7 +381,7 @@ def copy_codec(source: Path, folder: Path) -> None:
     tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name in ("model.safetensors", "config.json"):
+    for name in (weights_path(source, read_release_config(source)).name, "config.json"):
         shutil.copyfile(source / name, tmp / name)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
