@@ -55,6 +55,50 @@ def png_claiming(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
 
 
+def png_text_bomb(chunks: int = 62) -> bytes:
+    """An 8x8 PNG of about 84 KB whose `chunks` zTXt chunks each inflate to 1 MB (issue 31 item 1)."""
+    header = struct.pack(">IIBBBBB", 8, 8, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" + b"\x00" * 24 * 8)
+    text = _chunk(b"zTXt", b"parameters\x00\x00" + zlib.compress(b"A" * 999900, 9))
+    body = _chunk(b"IHDR", header) + text * chunks + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
+def resident_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def memory_under_text_bombs(url: str, pid: int, clients: int = 40) -> dict:
+    """The server's resident memory idle, at its peak while `clients` post the text bomb to png-info at
+    once (sampled every 10 ms), and after."""
+    import threading
+    import time
+
+    body = {"image": b64(png_text_bomb())}
+    idle = resident_mb(pid)
+    peak, sampling = [idle], threading.Event()
+
+    def sample():
+        while not sampling.is_set():
+            peak.append(resident_mb(pid))
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    with ThreadPoolExecutor(clients) as pool:
+        statuses = list(pool.map(lambda _: httpx.post(f"{url}/sdapi/v1/png-info", json=body, timeout=60)
+                                 .status_code, range(clients)))  # fmt: skip
+    sampling.set()
+    sampler.join()
+    time.sleep(1.0)
+    return {"clients": clients, "statuses": sorted(set(statuses)), "idle MB": round(idle),
+            "peak MB": round(max(peak)), "after MB": round(resident_mb(pid)),
+            "peak over idle MB": round(max(peak) - idle)}  # fmt: skip
+
+
 def cases() -> list[tuple[str, str, str, dict]]:
     """(name, method, path, httpx keyword arguments)."""
     ok = b64(image_bytes())
@@ -215,6 +259,8 @@ def main() -> int:
     try:
         wait_healthy(url)
         before = plain(url)
+        plain(url)  # warm: the idle memory is that of a server that has generated
+        bombs = memory_under_text_bombs(url, server.pid)
         all_cases = cases()
         answers = [send(url, case) for case in all_cases]  # one at a time, for the table
         with ThreadPoolExecutor(8) as pool:  # then all of them again, at once
@@ -239,12 +285,15 @@ def main() -> int:
     first = dict(answers[: len(all_cases)])
     lines = ["| case | status |", "|---|---:|", *(f"| {name} | {status} |" for name, status in first.items())]
     lines += ["", "| count | |", "|---|---:|", *(f"| {k} | {v} |" for k, v in count.items())]
+    said = "40 clients post an 84 KB PNG of 62 zTXt chunks of 1 MB each to /sdapi/v1/png-info at once:"
+    lines += ["", said, "", "| memory | |", "|---|---:|", *(f"| {k} | {v} |" for k, v in bombs.items())]
     print("\n".join(lines))
-    Path(args.json).write_text(json.dumps({"cases": first, "counts": count}, indent=1))
+    Path(args.json).write_text(json.dumps({"cases": first, "counts": count, "text_bombs": bombs}, indent=1))
     Path(args.json).with_suffix(".md").write_text(
         "# Hostile inputs\n\n`.venv/bin/python benchmarks/hostile_inputs.py`\n\n" + "\n".join(lines) + "\n"
     )
     healthy = count["5xx"] == 0 and count["lost"] == 0 and count["healthy after"] and after == 200
+    healthy = healthy and bombs["peak over idle MB"] <= 100 and bombs["statuses"] != [500]
     return 0 if healthy else 1
 
 

@@ -751,3 +751,30 @@ def test_it_says_up_front_how_long_the_run_takes_and_checkpoints_by_time_too(tmp
     without = replace(config, checkpoint_minutes=0.0, out=str(tmp_path / "steps-only"))
     train(without)
     assert [p.name for p in (tmp_path / "steps-only").glob("state-*")] == ["state-00000004"]
+
+
+def test_a_second_os_process_on_the_same_run_folder_is_refused_until_the_first_is_killed(tmp_path):
+    """Issue 31 item 2, across two processes: while one process holds the run folder, `unnoise train` there
+    is one line naming it (exit 2); after a kill -9 of the holder the kernel has dropped its lock."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import run_cli
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom unnoise.train.checkpoint import RunLock\n"
+         f"with RunLock({str(tmp_path)!r}):\n    print('held', flush=True)\n    time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        args = ("train", "--preset", "tiny", "--steps", "1", "--batch-size", "2", "--sample-every", "0")
+        refused = run_cli(*args, "--out", str(tmp_path))
+        assert refused.returncode == 2 and f"PID {holder.pid}" in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "model").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    done = run_cli(*args, "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
