@@ -4,6 +4,8 @@ characters, no download), saved as a diffusers folder, and loaded with `unnoise.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -165,7 +167,7 @@ def test_the_server_serves_an_sd_folder_to_webuiapi_and_openai_with_their_defaul
     assert pipe.lora_hooks == []  # every prompt's LoRA was taken off after its job
 
 
-@pytest.mark.parametrize("damage", ["no tokenizer", "cut weights", "no unet config"])
+@pytest.mark.parametrize("damage", ["no tokenizer", "cut weights", "no unet config", "oversized unet config"])
 def test_a_damaged_sd_folder_is_one_line(damage, sd_folder, tmp_path):
     import shutil
 
@@ -177,8 +179,12 @@ def test_a_damaged_sd_folder_is_one_line(damage, sd_folder, tmp_path):
     elif damage == "cut weights":
         weights = next((folder / "unet").glob("*.safetensors"))
         weights.write_bytes(weights.read_bytes()[:100])
-    else:
+    elif damage == "no unet config":
         (folder / "unet" / "config.json").unlink()
+    else:  # asks for a 100,000-channel level: refused from the headers, before anything is allocated
+        config = json.loads((folder / "unet" / "config.json").read_text())
+        config["block_out_channels"] = [32, 100_000]
+        (folder / "unet" / "config.json").write_text(json.dumps(config))
     done = run_cli("generate", "a cat", "--model", str(folder), "--steps", "1", "--out", str(tmp_path / "o"))
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
@@ -391,3 +397,21 @@ def test_a_hugging_face_id_offline_is_one_line_that_says_so(tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert "cannot get it from the Hugging Face Hub" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_a_single_file_that_does_not_fit_its_config_and_a_cut_lora_are_one_line(pipe, sd_folder, tmp_path):
+    import shutil
+
+    from tests.sd_fixtures import lora_layers, save_kohya_lora, save_single_file
+
+    path = save_single_file(sd_folder, tmp_path / "tiny.safetensors")
+    other = shutil.copytree(sd_folder, tmp_path / "other")
+    config = json.loads((other / "unet" / "config.json").read_text())
+    config["cross_attention_dim"] = 64  # another model's shape
+    (other / "unet" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnnoiseError, match="its UNet does not fit the config"):
+        unnoise.load(path, device="cpu", config_from=other)
+    lora = save_kohya_lora(tmp_path / "cut.safetensors", lora_layers(pipe))
+    lora.write_bytes(lora.read_bytes()[:300])
+    with pytest.raises(UnnoiseError, match="not a readable safetensors file"):
+        pipe.add_lora(lora)

@@ -778,3 +778,28 @@ def test_a_second_os_process_on_the_same_run_folder_is_refused_until_the_first_i
         holder.wait(timeout=30)
     done = run_cli(*args, "--out", str(tmp_path))
     assert done.returncode == 0, done.stderr
+
+
+def test_the_first_trainer_finishes_bit_identical_to_a_solo_run_while_a_second_is_refused(tmp_path):
+    """Issue 31's floor: a second `unnoise train` on a folder in use is refused, and the run in that folder
+    ends with exactly the weights the same run makes alone."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import run_cli
+    from unnoise.release import sha256
+
+    args = ["train", "--preset", "tiny", "--steps", "60", "--batch-size", "4", "--sample-every", "0"]
+    first = subprocess.Popen([sys.executable, "-m", "unnoise", *args, "--out", str(tmp_path / "a")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    lock = tmp_path / "a" / ".lock"
+    deadline = time.monotonic() + 120
+    while not (lock.is_file() and lock.read_text().startswith("PID")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    refused = run_cli(*args, "--out", str(tmp_path / "a"), "--resume")
+    assert first.wait(timeout=600) == 0, first.stderr.read()
+    assert refused.returncode == 2 and f"PID {first.pid}" in refused.stderr, refused.stderr
+    alone = run_cli(*args, "--out", str(tmp_path / "b"))
+    assert alone.returncode == 0, alone.stderr
+    assert sha256(weights_of(tmp_path / "a" / "model")) == sha256(weights_of(tmp_path / "b" / "model"))

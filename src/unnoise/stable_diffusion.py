@@ -264,6 +264,36 @@ def check_safetensors(folder: Path, part: str) -> None:
     raise UnnoiseError(f"{where} has no weights (no .safetensors file)")
 
 
+def check_part_fits(where: Path, build) -> None:
+    """The part its config.json describes, built on PyTorch's meta device (nothing allocated), against the
+    shapes in its safetensors headers: a config that asks for more (or other) than the weights hold is one
+    line before anything is allocated (diffusers would build it at full size first)."""
+    from .release import tensor_shapes
+
+    config = read_json(where / "config.json")
+    try:
+        with torch.device("meta"):
+            model = build(config)
+    except Exception as error:  # a config diffusers or transformers cannot build: say so, in one line
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UnnoiseError(f"{where}/config.json does not describe a model ({first[:160]})") from None
+    found: dict[str, tuple[int, ...]] = {}
+    for weights in sorted(where.glob("*.safetensors")):
+        try:
+            found |= tensor_shapes(weights)
+        except Exception:  # a cut or damaged header: diffusers' loader names it (load_part)
+            return
+    found = {k.removeprefix("text_model."): v for k, v in found.items()}
+    for name, tensor in model.state_dict().items():
+        name = name.removeprefix("text_model.")
+        if name in found and tuple(tensor.shape) != found[name]:
+            raise UnnoiseError(
+                f"{where}: config.json makes {name} {tuple(tensor.shape)} but the weights hold {found[name]}"
+            )
+        if name not in found and not name.endswith("position_ids"):
+            raise UnnoiseError(f"{where}: config.json makes {name}, which the weights do not hold")
+
+
 def load_part(where: Path, kind, **options):
     """`kind.from_pretrained(where)`, its failure (a missing or damaged file) one line that names the part."""
     try:
@@ -319,6 +349,11 @@ def load_stable_diffusion(
         raise UnnoiseError(f"unknown precision {precision!r}; choose {', '.join(PRECISIONS)}")
     common: dict[str, Any] = {"use_safetensors": True, "local_files_only": True}
     weights = {**common, "torch_dtype": PRECISIONS[precision]}  # the UNet's and text encoder's
+    check_part_fits(folder / "unet", diffusers.UNet2DConditionModel.from_config)
+    check_part_fits(folder / "vae", diffusers.AutoencoderKL.from_config)
+    check_part_fits(
+        folder / "text_encoder", lambda c: transformers.CLIPTextModel(transformers.CLIPTextConfig(**c))
+    )
     unet = load_part(folder / "unet", diffusers.UNet2DConditionModel, **weights)
     vae = load_part(folder / "vae", diffusers.AutoencoderKL, **common, torch_dtype=torch.float32)
     text_model = load_part(folder / "text_encoder", transformers.CLIPTextModel, **weights)
