@@ -790,7 +790,7 @@ def test_the_first_trainer_finishes_bit_identical_to_a_solo_run_while_a_second_i
     from tests.conftest import run_cli
     from unnoise.release import sha256
 
-    args = ["train", "--preset", "tiny", "--steps", "60", "--batch-size", "4", "--sample-every", "0"]
+    args = ["train", "--preset", "tiny", "--steps", "30", "--batch-size", "4", "--sample-every", "0"]
     first = subprocess.Popen([sys.executable, "-m", "unnoise", *args, "--out", str(tmp_path / "a")],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     lock = tmp_path / "a" / ".lock"
@@ -803,3 +803,22 @@ def test_the_first_trainer_finishes_bit_identical_to_a_solo_run_while_a_second_i
     alone = run_cli(*args, "--out", str(tmp_path / "b"))
     assert alone.returncode == 0, alone.stderr
     assert sha256(weights_of(tmp_path / "a" / "model")) == sha256(weights_of(tmp_path / "b" / "model"))
+
+
+def test_init_from_fine_tunes_a_release_keeping_its_network_and_naming_its_parent(tmp_path):
+    """Issue 30 item 1: the run starts from the release's weights, with its network, formulation and text
+    encoder whatever the flags say, and its release names the parent."""
+    from unnoise.release import load_release
+
+    base = dict(preset="tiny", batch_size=4, sample_every=0, checkpoint_every=10)
+    parent = train(TrainConfig(steps=2, formulation="vp", out=str(tmp_path / "parent"), **base))
+    others = {k: v for k, v in base.items() if k != "preset"}
+    child = train(TrainConfig(steps=1, lr=1e-9, warmup_steps=0, preset="small", init_from=str(parent),
+                              out=str(tmp_path / "child"), **others))  # fmt: skip
+    theirs, their_config = load_release(parent)
+    ours, our_config = load_release(child)
+    assert our_config["network"] == their_config["network"] and our_config["formulation"] == "vp"
+    assert our_config["parent"] == {"name": "parent", "weights_sha256": their_config["weights_sha256"]}
+    assert max(float((ours[k] - theirs[k]).abs().max()) for k in theirs) < 1e-3  # lr 1e-9: barely moved
+    with pytest.raises(UnnoiseError, match="no model 'nowhere'"):
+        train(TrainConfig(steps=1, init_from="nowhere", out=str(tmp_path / "x"), **base))

@@ -146,6 +146,12 @@ class TrainConfig(RunConfig):
         " e.g. 'single=0.6,relation=0.2,count=0.1,binding=0.1,position=0.9' (unnamed ones keep the"
         " default: single=0.3,relation=0.25,count=0.25,binding=0.2,position=0.7,size=0.5)",
     )
+    init_from: str = option(
+        "",
+        "fine-tune: start from this model's weights (a shipped name or a release folder), keeping its"
+        " network, formulation, text encoder, autoencoder and size (--preset, --formulation, --text-encoder,"
+        " --autoencoder and --resolution then come from it); the release names it as its parent",
+    )
     flip: bool = option(False, "random horizontal flips (off for shapes: captions name left and right)")
     cond_dropout: float = option(0.1, "fraction of captions replaced by '' so classifier-free guidance works")
 

@@ -59,6 +59,9 @@ class Run:
     `log` receives what resuming has to say (by default the `unnoise.train` logger)."""
 
     def __init__(self, config: TrainConfig, setup: Distributed, log: Callable[[str], None] = logger.info):
+        self.parent = Parent.of(config.init_from) if config.init_from else None  # the model fine-tuned
+        if self.parent is not None:
+            config = self.parent.inherited(config)
         self.config, self.setup, self.log = config, setup, log
         if config.preset not in PRESETS:
             raise UnnoiseError(f"unknown preset {config.preset!r}; choose from {', '.join(PRESETS)}")
@@ -77,10 +80,14 @@ class Run:
         self.dir = Path(config.out)
         self.codec = load_codec(config.autoencoder) if config.autoencoder else None
         self.resolution = pixel_resolution(config, self.codec, log)  # the images' side in pixels
-        self.network_config = network_shape(config, self.codec, self.resolution)
+        self.network_config = (
+            network_shape(config, self.codec, self.resolution) if self.parent is None else self.parent.network
+        )
         self.formulation = training_formulation(config)
         torch.manual_seed(config.seed)
         self.network = self.network_config.build().to(setup.device)
+        if self.parent is not None:  # fine-tuning: its weights (the EMA starts from them too)
+            self.network.load_state_dict(self.parent.weights())
         for flag, asked in (
             ("--grounding-weight", config.grounding_weight),
             ("--bind-attributes", config.bind_attributes),
@@ -196,6 +203,8 @@ class Run:
             codec=None if self.codec is None else {"kind": "autoencoder", "folder": CODEC_FOLDER},
             resolution=self.resolution,
         )
+        if self.parent is not None:
+            release["parent"] = {"name": self.parent.name, "weights_sha256": self.parent.digest}
         try:
             save_release(folder, self.ema.module, release)
         except WriteFailedError as error:
@@ -331,6 +340,67 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     after = max(0.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))  # 0 -> 1
     decay = 1 - after if config.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * after))
     return config.lr * min(warmup, decay)
+
+
+@dataclass(frozen=True)
+class Parent:
+    """The release a run fine-tunes (--init-from): its folder, config and network."""
+
+    folder: Path
+    config: dict
+    network: object  # its NetworkConfig
+
+    @classmethod
+    def of(cls, name: str) -> Parent:
+        from ..nn.presets import network_config_from_dict
+        from ..release import check_release_config, read_release_config, resolve_model
+
+        folder = resolve_model(name)
+        if not (folder / "config.json").is_file():
+            raise UnnoiseError(
+                f"--init-from {name}: fine-tuning starts from unnoise's own releases (a Stable Diffusion"
+                " model is not one yet)"
+            )
+        config = read_release_config(folder)
+        check_release_config(folder, config)
+        try:
+            network = network_config_from_dict(config.get("network") or config["unet"])
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise UnnoiseError(f"--init-from {folder}: config.json describes no network ({error})") from None
+        return cls(folder, config, network)
+
+    @property
+    def name(self) -> str:
+        from ..release import model_name
+
+        return model_name(self.folder)
+
+    @property
+    def digest(self) -> str:
+        return str(self.config.get("weights_sha256", ""))
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        from ..release import materialise
+
+        return materialise(self.folder, self.network, self.config).state_dict()
+
+    def inherited(self, config: TrainConfig) -> TrainConfig:
+        """The run's config with what the parent fixes: formulation, text encoder, autoencoder and size."""
+        from ..release import CODEC_FOLDER, locate_text_encoder
+
+        encoder = self.config["text_encoder"]
+        codec = self.folder / CODEC_FOLDER if self.config.get("codec") else None
+        resolution = self.config.get("resolution") or self.network.resolution
+        if config.autoencoder and (codec is None or Path(config.autoencoder).resolve() != codec.resolve()):
+            raise UnnoiseError("--init-from keeps the model's own autoencoder: leave --autoencoder out")
+        if config.resolution not in (None, resolution):
+            raise UnnoiseError(f"--init-from keeps the model's size ({resolution}): leave --resolution out")
+        return replace(
+            config, formulation=self.config["formulation"],
+            text_encoder=locate_text_encoder(self.folder, encoder["name"]),
+            max_tokens=encoder["max_tokens"], text_token_layers=encoder.get("token_layers", "last"),
+            autoencoder=str(codec) if codec is not None else "", resolution=resolution,
+        )  # fmt: skip
 
 
 def pixel_resolution(config: TrainConfig, codec, log: Callable[[str], None]) -> int:
