@@ -476,21 +476,20 @@ class Pipeline:
         return settings.replace(schedule=SCHEDULE_LABELS[self.plan(settings).spacing])
 
     def add_lora(self, path: str | Path, scale: float = 1.0, *, merge: bool = False) -> None:
-        """Apply a LoRA file (kohya-ss or diffusers/PEFT layout) at `scale` to the UNet and text encoder: as
-        hooks (`remove_loras` takes them off; scale 0 is the base model bit for bit) or merged into the
-        weights (faster per image where the layers are large; permanent)."""
+        """Apply a LoRA file (kohya-ss or diffusers/PEFT layout) at `scale` to the network (and a Stable
+        Diffusion model's text encoder): as hooks (`remove_loras` takes them off; scale 0 is the base model
+        bit for bit) or merged into the weights (permanent). unnoise's own models take the LoRAs that
+        `train --init-from MODEL --lora-rank R` writes."""
         from .lora import attach, read_lora
 
-        network = getattr(self.denoiser.network, "unet", None)
+        network = getattr(self.denoiser.network, "unet", self.denoiser.network)  # SD's UNet, or ours
         text_model = getattr(getattr(self.text, "encoder", None), "model", None)
-        if network is None or text_model is None:
-            raise UnnoiseError(
-                f"{self.name}: LoRA files apply to Stable Diffusion models (diffusers folders)"
-            )
         if not math.isfinite(scale):
             raise UnnoiseError(f"a LoRA's scale must be a finite number, got {scale}")
         layers = read_lora(path)
-        parts = {"unet": network, "text": text_model}
+        parts: dict[str, torch.nn.Module] = {"unet": network}
+        if isinstance(text_model, torch.nn.Module) and hasattr(text_model, "config"):  # SD's CLIP
+            parts["text"] = text_model
         self.lora_hooks += attach(parts, layers, scale, source=str(path), merge=merge)
         self.text.entries.clear()  # cached prompts were encoded without it
         self.loras.append((Path(path).stem, scale))

@@ -152,6 +152,12 @@ class TrainConfig(RunConfig):
         " network, formulation, text encoder, autoencoder and size (--preset, --formulation, --text-encoder,"
         " --autoencoder and --resolution then come from it); the release names it as its parent",
     )
+    lora_rank: int = option(
+        0,
+        "with --init-from: train only low-rank adapters of this rank on the attention layers, the model"
+        " frozen; the release is model/lora.safetensors, for `generate --lora` (0: train every weight)",
+    )
+    lora_alpha: float | None = option(None, "the adapters' alpha: their update is scaled by alpha / rank")
     flip: bool = option(False, "random horizontal flips (off for shapes: captions name left and right)")
     cond_dropout: float = option(0.1, "fraction of captions replaced by '' so classifier-free guidance works")
 
@@ -219,6 +225,14 @@ class TrainConfig(RunConfig):
     # what to write
     out: str = option("runs/shapes", "the run's folder: model/, state-*/, log.csv, samples/, config.json")
     log_every: int = option(50, "steps between rows of log.csv")
+    tensorboard: bool = option(
+        False,
+        "also log to OUT/tensorboard (losses, learning rate, grad norm, images/s, sample grids, validation"
+        ' loss) for `tensorboard --logdir OUT`; needs pip install "unnoise[tensorboard]"',
+    )
+    sample_prompts: str = option(
+        "", "a text file of prompts, one per line (up to 16), for the sample grids (seed i for prompt i)"
+    )
     sample_every: int = option(1000, "steps between sample grids in samples/ (0: none)")
     checkpoint_every: int = option(500, "steps between resumable checkpoints and releases")
     checkpoint_minutes: float = option(
@@ -258,6 +272,12 @@ class TrainConfig(RunConfig):
             raise UnnoiseError(f"--resolution must be in 16..1024 pixels, got {self.resolution}")
         if self.autoencoder and self.data == "shapes":
             raise UnnoiseError("--autoencoder trains on a folder's images: give --data FOLDER")
+        if self.sample_prompts:
+            self.prompts()  # a missing or empty file is named before anything loads
+        if self.lora_rank < 0 or (self.lora_rank and not self.init_from):
+            raise UnnoiseError("--lora-rank adapts a model: give --init-from MODEL (and a rank of 1 or more)")
+        if self.lora_alpha is not None and not 0 < self.lora_alpha < float("inf"):
+            raise UnnoiseError(f"--lora-alpha must be a positive number, got {self.lora_alpha}")
         if not 0 <= self.held_out < 1:
             raise UnnoiseError(f"--held-out must be in [0, 1), got {self.held_out}")
         if self.held_out and self.data == "shapes":
@@ -294,6 +314,17 @@ class TrainConfig(RunConfig):
         if self.sigma_p_std is not None and not 0 < self.sigma_p_std < float("inf"):
             raise UnnoiseError(f"--sigma-p-std must be positive, got {self.sigma_p_std}")
         return self
+
+    def prompts(self) -> list[str]:
+        """The --sample-prompts file's prompts (at most 16)."""
+        try:
+            lines = Path(self.sample_prompts).read_text(errors="replace").splitlines()
+        except OSError as error:
+            raise UnnoiseError(f"--sample-prompts {self.sample_prompts}: cannot read it ({error})") from None
+        prompts = [line.strip() for line in lines if line.strip()][:16]
+        if not prompts:
+            raise UnnoiseError(f"--sample-prompts {self.sample_prompts}: no prompt in it")
+        return prompts
 
     def grounded_words(self) -> GroundedWords | None:
         """The words the grounding loss places (None: no grounding loss)."""

@@ -115,6 +115,11 @@ class FolderSource:
             self._permutations = {epoch: torch.randperm(len(self.indices), generator=generator)}
         return self._permutations[epoch]
 
+    def held_out_indices(self) -> list[int]:
+        """The data set indices of the held-out images (the validation loss's), in folder order."""
+        training = set(self.indices)
+        return [i for i in range(len(self.dataset)) if i not in training]
+
     def index(self, position: int) -> int:
         """The data set index of the example at a global sample position."""
         n = len(self.indices)
@@ -138,6 +143,7 @@ class LatentSource:
         self.latents, self.mirrors = encoded_folder(folder, codec, cache, flip=flip, log=log)
         c, h, w = self.latents.shape[1:]
         self.description = f"{folder.description}; as {c}x{h}x{w} latents of {codec.name}"
+        self.dataset, self.held_out_indices = folder.dataset, folder.held_out_indices  # the validation's
 
     def examples(self, positions: list[int]) -> tuple[torch.Tensor, list[str]]:
         indices = [self.folder.index(p) for p in positions]

@@ -36,6 +36,8 @@ from .data import Batch, LatentSource, make_batch, open_source
 from .distributed import Distributed, barrier, init_distributed, mean_across, shutdown
 from .ema import EMA, ema_decay
 from .grounding import cross_attention_blocks, grounding_loss, recorded_cross_attention, token_masks
+from .lora import add_adapters, save_lora
+from .watch import Board, validation_loss
 
 logger = logging.getLogger("unnoise.train")  # what the loop says: on stdout unless logging is configured
 
@@ -88,6 +90,11 @@ class Run:
         self.network = self.network_config.build().to(setup.device)
         if self.parent is not None:  # fine-tuning: its weights (the EMA starts from them too)
             self.network.load_state_dict(self.parent.weights())
+        self.lora_layers = (  # LoRA: the network frozen, adapters on its attention projections
+            add_adapters(self.network, config.lora_rank, config.lora_alpha or config.lora_rank)
+            if config.lora_rank
+            else []
+        )
         for flag, asked in (
             ("--grounding-weight", config.grounding_weight),
             ("--bind-attributes", config.bind_attributes),
@@ -98,7 +105,7 @@ class Run:
             self.network = self.network.to(memory_format=torch.channels_last)
         self.ema = EMA(self.network)
         self.optimizer = torch.optim.AdamW(
-            self.network.parameters(),
+            [p for p in self.network.parameters() if p.requires_grad],  # with LoRA, the adapters alone
             lr=config.lr,
             betas=(0.9, 0.99),
             weight_decay=config.weight_decay,
@@ -187,6 +194,10 @@ class Run:
 
     def write_release(self, step: int) -> None:
         c, folder = self.config, self.dir / "model"
+        if self.lora_layers:  # the adapters alone, for `--lora` on the base model
+            base = {"name": self.parent.name, "weights_sha256": self.parent.digest, "steps": step}
+            save_lora(folder, self.ema.module, self.lora_layers, c.lora_alpha or c.lora_rank, base)
+            return
         if self.codec is not None:  # first the codec, so no config ever names a missing one
             copy_codec(Path(c.autoencoder), folder / CODEC_FOLDER)
         release = release_config(
@@ -541,6 +552,8 @@ def _train_locked(config: TrainConfig, setup: Distributed, resume: bool, run_dir
         return run_dir / "model"
 
     metrics = MetricsLog(run_dir / "log.csv", enabled=setup.is_main)
+    board = Board(run_dir / "tensorboard", enabled=setup.is_main and config.tensorboard)
+    validation_log = ValidationLog(run_dir / "validation.csv", enabled=setup.is_main)
     grounding_log = MetricsLog(  # the grounding loss apart: log.csv's loss stays the diffusion loss
         run_dir / "grounding.csv",
         enabled=setup.is_main and config.grounding_weight > 0,
@@ -574,6 +587,7 @@ def _train_locked(config: TrainConfig, setup: Distributed, resume: bool, run_dir
                 metrics.write(
                     step=done, loss=mean_loss, lr=taken.lr, grad_norm=taken.grad_norm, images_per_s=rate
                 )
+                board.scalars(done, loss=mean_loss, lr=taken.lr, grad_norm=taken.grad_norm, images_per_s=rate)
                 grounding_log.write(step=done, grounding_loss=grounding)
                 run.grounding_seen = 0.0
                 progress.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.1f}")
@@ -587,13 +601,19 @@ def _train_locked(config: TrainConfig, setup: Distributed, resume: bool, run_dir
             if done % config.checkpoint_every == 0 or done == config.steps or overdue:
                 run.save(done)
                 last_checkpoint = time.perf_counter()
+                validation = validation_loss(run) if setup.is_main else None
+                if validation is not None:  # held-out images at fixed noise levels, with each checkpoint
+                    validation_log.write(done, validation)
+                    board.scalars(done, "validation", **validation)
             if (
                 setup.is_main
                 and config.sample_every
                 and (done % config.sample_every == 0 or done == config.steps)
             ):
-                save_sample_grid(run, run_dir / "samples" / f"step-{done:08d}.png")
+                grid = save_sample_grid(run, run_dir / "samples" / f"step-{done:08d}.png")
+                board.image("samples", grid, done)
             progress.update(1)
+    board.close()
     logger.info(f"done: {config.steps} steps; model in {run_dir / 'model'}")
     return run_dir / "model"
 
@@ -625,6 +645,22 @@ def checkpoint_overdue(config: TrainConfig, seconds_since: float, setup) -> bool
     return bool(mean_across(due, setup) > 0)
 
 
+class ValidationLog:
+    """validation.csv: step, then the validation loss at each fixed noise level and their mean."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def write(self, step: int, losses: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as f:
+            if new:
+                csv.writer(f).writerow(["step", *losses])
+            csv.writer(f).writerow([step, *(f"{v:.6f}" for v in losses.values())])
+
+
 LOG_FIELDS = ("step", "loss", "lr", "grad_norm", "images_per_s", "time")  # loss: the diffusion loss
 GROUNDING_FIELDS = ("step", "grounding_loss", "time")
 
@@ -651,12 +687,16 @@ def progress_bar(start: int, total: int, enabled: bool):
 
 
 @torch.no_grad()
-def save_sample_grid(run: Run, path: Path, steps: int = DEFAULT_STEPS) -> None:
+def save_sample_grid(run: Run, path: Path, steps: int = DEFAULT_STEPS):
     """The EMA model's images for fixed prompts and seeds (prompt i, seed i), to watch training progress."""
     from ..images import contact_sheet
     from ..pipeline import Pipeline
 
-    prompts = SAMPLE_PROMPTS.get(run.config.data) or list(dict.fromkeys(run.source.captions))[:8]
+    prompts = (
+        run.config.prompts()
+        if run.config.sample_prompts
+        else SAMPLE_PROMPTS.get(run.config.data) or list(dict.fromkeys(run.source.captions))[:8]
+    )
     resolution = run.resolution
     denoiser = Denoiser(run.ema.module, run.formulation)
     pipe = Pipeline(denoiser, run.text, resolution, name=run.dir.name, codec=run.codec)
@@ -669,4 +709,6 @@ def save_sample_grid(run: Run, path: Path, steps: int = DEFAULT_STEPS) -> None:
         ]
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    contact_sheet(images, prompts, scale=max(1, 96 // resolution), columns=4).save(path)
+    sheet = contact_sheet(images, prompts, scale=max(1, 96 // resolution), columns=4)
+    sheet.save(path)
+    return sheet
