@@ -380,7 +380,7 @@ def _cmd_eval_shapes(args: argparse.Namespace) -> int:
     if args.save_images:
         _output_folder(args.save_images)  # a folder that cannot be made is named before any image is drawn
     images = 4 * args.prompts_per_category * args.samples
-    print(
+    print(  # under torchrun each process says it once: the report is gathered on rank 0
         f"ShapesEval: {images} images of {args.steps} steps (minutes on a CPU); the report goes to"
         f" {Path(args.report).resolve()}"
     )
@@ -397,6 +397,8 @@ def _cmd_eval_shapes(args: argparse.Namespace) -> int:
         bind_attributes=args.bind_attributes,
         progress=True,
     )
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 writes the one gathered report
+        return 0
     print(report.table())
     return _write_report(report.to_dict(), args.report)
 

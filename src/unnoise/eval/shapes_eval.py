@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from PIL import Image
 from scipy import ndimage
 
@@ -450,24 +451,50 @@ def evaluate(
     seed: int = 0,
     observe: Callable[[int, PromptSpec, list, list[bool]], None] | None = None,
     progress: bool = False,
+    shard: tuple[int, int] = (0, 1),
 ) -> Report:
     """Judge `generate(prompt, seed, n) -> n images` (image i from seed + i) on every prompt, same seeds.
-    `observe(k, spec, images, correct)` sees each prompt's images and marks (to save them, say)."""
+    `observe(k, spec, images, correct)` sees each prompt's images and marks (to save them, say).
+
+    shard (rank, world size): this process judges prompts k with k % world == rank, and the processes of a
+    torchrun launch gather one report, the single process's (each prompt's images depend on it alone)."""
     from tqdm import tqdm
 
     if samples_per_prompt < 1:
         raise UnnoiseError(f"--samples (images per prompt) must be at least 1, got {samples_per_prompt}")
-    results = []
+    rank, world = shard
+    mine = []
     specs = prompt_set() if prompts is None else prompts
-    for k, spec in enumerate(tqdm(specs, unit="prompt", disable=not progress, leave=False)):
+    ours = [(k, spec) for k, spec in enumerate(specs) if k % world == rank]
+    for k, spec in tqdm(ours, unit="prompt", disable=not progress or rank != 0, leave=False):
         images = list(generate(spec.prompt, seed, samples_per_prompt))
         if len(images) != samples_per_prompt:
             raise UnnoiseError(f"asked for {samples_per_prompt} images of {spec.prompt!r}, got {len(images)}")
         marks = [check(image, spec) for image in images]
-        results.append(PromptResult(spec, [m[0] for m in marks], [m[1] for m in marks]))
+        mine.append((k, PromptResult(spec, [m[0] for m in marks], [m[1] for m in marks])))
         if observe is not None:
             observe(k, spec, images, [m[0] for m in marks])
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, mine)
+        mine = [item for part in gathered for item in part]
+    results = [result for _, result in sorted(mine, key=lambda item: item[0])]
     return Report(results, samples_per_prompt, settings={"seed": seed})
+
+
+def torchrun_shard() -> tuple[int, int]:
+    """(rank, world size) of a torchrun launch (a gloo group, made once), or (0, 1) alone."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size()
 
 
 def run_shapes_eval(
@@ -490,6 +517,9 @@ def run_shapes_eval(
     from ..pipeline import load
 
     chosen = first_prompts(prompts_per_category)  # named before the model loads
+    shard = torchrun_shard()
+    if shard[1] > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
+        device = f"cuda:{shard[0] % torch.cuda.device_count()}"  # one GPU per process of the launch
     pipe = load(model_path, device=device)
     guidance = pipe.default_guidance if guidance is None else guidance
     bind_attributes = pipe.default_bind_attributes if bind_attributes is None else bind_attributes
@@ -511,7 +541,9 @@ def run_shapes_eval(
             for i, (image, ok) in enumerate(zip(images, correct, strict=True)):
                 save_png(image, folder / f"{number:02d}-{seed + i}-{'pass' if ok else 'fail'}.png")
 
-    report = evaluate(generate, chosen, samples_per_prompt, seed=seed, observe=observe, progress=progress)
+    report = evaluate(
+        generate, chosen, samples_per_prompt, seed=seed, observe=observe, progress=progress, shard=shard
+    )
     report.settings.update(
         model=str(model_path),
         sampler=sampler,

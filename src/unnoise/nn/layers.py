@@ -189,7 +189,7 @@ def attention_probabilities(q: torch.Tensor, k: torch.Tensor, key_mask=None) -> 
 
 
 # gamma below: 1 shares the nouns' attention in proportion; 2, 8 and 32 measured alike on shapes-32
-# (benchmarks/results/attention_steering.md)
+# (benchmarks/diagnoses/results/attention_steering.md)
 BINDING_SHARPNESS = 1.0
 
 
@@ -204,7 +204,7 @@ def bind_attention(probabilities: torch.Tensor, phrases: torch.Tensor) -> torch.
 
     for t a piece of phrase g's noun; every other token keeps its attention, so each row still sums to 1.
     A pixel that reads "red" more than "blue" reads "circle" rather than "square" in "a red circle and a
-    blue square". Training never does this; it is an edit at inference (see benchmarks/attention_steering.py).
+    blue square". Training never does this; it is an edit at inference (see benchmarks/diagnoses/attention_steering.py).
     """
     count = int(phrases.max()) if phrases.numel() else 0
     if count < 2:

@@ -158,6 +158,13 @@ class TrainConfig(RunConfig):
         " frozen; the release is model/lora.safetensors, for `generate --lora` (0: train every weight)",
     )
     lora_alpha: float | None = option(None, "the adapters' alpha: their update is scaled by alpha / rank")
+    regularization: str = option(
+        "",
+        "'shapes' or a folder of captioned images mixed into every batch (kohya's regularization images,"
+        " DreamBooth's prior preservation), so that fine-tuning keeps what the model knew: give the data it"
+        " learned from",
+    )
+    regularization_fraction: float = option(0.5, "the share of each batch drawn from --regularization")
     flip: bool = option(False, "random horizontal flips (off for shapes: captions name left and right)")
     cond_dropout: float = option(0.1, "fraction of captions replaced by '' so classifier-free guidance works")
 
@@ -272,6 +279,12 @@ class TrainConfig(RunConfig):
             raise UnnoiseError(f"--resolution must be in 16..1024 pixels, got {self.resolution}")
         if self.autoencoder and self.data == "shapes":
             raise UnnoiseError("--autoencoder trains on a folder's images: give --data FOLDER")
+        if self.regularization and not 0 < self.regularization_fraction < 1:
+            raise UnnoiseError(
+                f"--regularization-fraction must be in (0, 1), got {self.regularization_fraction}"
+            )
+        if self.regularization and self.autoencoder:
+            raise UnnoiseError("--regularization mixes pixel images: not yet for a latent model")
         if self.sample_prompts:
             self.prompts()  # a missing or empty file is named before anything loads
         if self.lora_rank < 0 or (self.lora_rank and not self.init_from):

@@ -211,6 +211,42 @@ def open_source(
     return FolderSource(data, resolution, seed, background, caption_column, held_out=held_out)
 
 
+class MixedSource:
+    """Two sources in one stream: each sample position draws from `extra` with probability `fraction`
+    (decided by the position alone, so a batch does not depend on the workers that make it), else from
+    `main`: a fine-tune's folder with the data its model learned from mixed in (kohya's regularization
+    images, DreamBooth's prior preservation), so that it keeps what it knew."""
+
+    def __init__(self, main, extra, fraction: float, seed: int):
+        self.main, self.extra, self.fraction, self.seed = main, extra, fraction, seed
+        self.captions = main.captions  # the extra's are encoded as they come
+        self.description = f"{main.description}; {fraction:.0%} of each batch from {extra.description}"
+        self.dataset = getattr(main, "dataset", None)
+        self.held_out_indices = getattr(main, "held_out_indices", list)
+
+    def from_extra(self, position: int) -> bool:
+        generator = torch.Generator().manual_seed((self.seed + 7) * 998_244_353 + position)
+        return torch.rand(1, generator=generator).item() < self.fraction
+
+    def examples(self, positions: list[int]) -> tuple[torch.Tensor, list[str]]:
+        chosen = [self.from_extra(p) for p in positions]
+        parts = {}
+        for flag, source in ((False, self.main), (True, self.extra)):
+            mine = [p for p, c in zip(positions, chosen, strict=True) if c == flag]
+            if mine:
+                some_images, some_captions = source.examples(mine)
+                parts[flag] = (iter(some_images), iter(some_captions))
+        images, captions = [], []
+        for flag in chosen:
+            images.append(next(parts[flag][0]))
+            captions.append(next(parts[flag][1]))
+        return torch.stack(images), captions
+
+    def mirrored(self, example: torch.Tensor, position: int) -> torch.Tensor:
+        source = self.extra if self.from_extra(position) else self.main
+        return source.mirrored(example, position)
+
+
 def position_generator(seed: int, position: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed + 1) * 1_000_000_007 + position)
 

@@ -32,7 +32,7 @@ from .checkpoint import (
     save_training_state,
 )
 from .config import TrainConfig
-from .data import Batch, LatentSource, make_batch, open_source
+from .data import Batch, LatentSource, MixedSource, make_batch, open_source
 from .distributed import Distributed, barrier, init_distributed, mean_across, shutdown
 from .ema import EMA, ema_decay
 from .grounding import cross_attention_blocks, grounding_loss, recorded_cross_attention, token_masks
@@ -125,6 +125,10 @@ class Run:
             config.shapes_mix,
             config.held_out,
         )
+        if config.regularization:  # the data the model learned from, mixed in so it keeps it
+            extra = open_source(config.regularization, self.resolution, config.seed + 1, config.background,
+                                config.caption_column, config.shapes_mix)  # fmt: skip
+            self.source = MixedSource(self.source, extra, config.regularization_fraction, config.seed)
         if self.codec is not None:
             self.codec.to(setup.device)
             self.source = LatentSource(
@@ -141,9 +145,14 @@ class Run:
         self.grounding_seen = 0.0  # the grounding loss summed over steps since it was last logged
 
     def describe(self) -> str:
+        network = self.config.preset if self.parent is None else f"{self.parent.name}'s"
+        trains = ""
+        if self.lora_layers:
+            adapters = sum(p.numel() for p in self.network.parameters() if p.requires_grad)
+            trains = f" ({adapters / 1e3:.1f}k in LoRA adapters on {len(self.lora_layers)} layers train)"
         return (
-            f"{self.config.preset} {self.network_config.kind},"
-            f" {count_parameters(self.network) / 1e6:.2f}M parameters, "
+            f"{network} {self.network_config.kind},"
+            f" {count_parameters(self.network) / 1e6:.2f}M parameters{trains}, "
             f"{self.config.formulation} formulation, {self.setup.world_size} process(es) on "
             f"{self.setup.device}, micro-batch {self.micro_batch}; data: {self.source.description}"
         )

@@ -10,8 +10,8 @@
    cross-attention layer, the share of their attention on the two colour words that goes to the object's own
    colour, and the same for the two shape words. 50% is no binding: the pixels read both words alike.
 
-Run: .venv/bin/python benchmarks/binding_diagnosis.py [MODEL] [--renders 2] [--out PATH]
-Writes benchmarks/results/binding_diagnosis.md and .json (or --out).
+Run: .venv/bin/python benchmarks/diagnoses/binding_diagnosis.py [MODEL] [--renders 2] [--out PATH]
+Writes benchmarks/diagnoses/results/binding_diagnosis.md and .json (or --out).
 """
 
 from __future__ import annotations
@@ -176,7 +176,9 @@ def main() -> None:
     names, shares, scenes = attention_shares(pipe, args.renders)
     seconds = time.perf_counter() - started
 
-    command = f"`.venv/bin/python benchmarks/binding_diagnosis.py {args.model} --renders {args.renders}"
+    command = (
+        f"`.venv/bin/python benchmarks/diagnoses/binding_diagnosis.py {args.model} --renders {args.renders}"
+    )
     command += "`" if args.out == parser.get_default("out") else f" --out {args.out}`"
     lines = [
         "# Binding diagnosis: does the text carry which colour goes with which shape, and does attention"

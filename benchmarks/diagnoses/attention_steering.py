@@ -1,6 +1,7 @@
 """Does a noun's cross-attention steer the shape a model draws? Attribute binding, judged by ShapesEval.
 
-`benchmarks/binding_diagnosis.py` found the pixels of each object attending to their own colour word but to
+`benchmarks/diagnoses/binding_diagnosis.py` found the pixels of each object attending to their own colour
+word but to
 both shape words alike. This asks whether that is why shapes are paired with colours by chance: with
 `bind_attributes=True` (`unnoise.nn.layers.bind_attention`), at every cross-attention layer and in the
 conditional half of classifier-free guidance only, each pixel's attention to the nouns is redistributed in
@@ -16,8 +17,9 @@ objects drawn in that colour are all of its shape, "wrong" when any is another s
 object has that colour. `--sharpness` lists the gammas of the attribute shares to measure
 (`nn.layers.BINDING_SHARPNESS` is the one shipped).
 
-Run: .venv/bin/python benchmarks/attention_steering.py [MODEL] [--prompts 12] [--samples 4] [--sharpness 8]
-Writes benchmarks/results/attention_steering.md and .json (or --out).
+Run: .venv/bin/python benchmarks/diagnoses/attention_steering.py [MODEL] [--prompts 12] [--samples 4]
+    [--sharpness 8]
+Writes benchmarks/diagnoses/results/attention_steering.md and .json (or --out).
 """
 
 from __future__ import annotations
@@ -108,7 +110,9 @@ def main() -> None:
         results[f"attributes bound, gamma {gamma:g}"] = judge(pipe, specs, args.samples, True)
         print(results, flush=True)
     wall = time.perf_counter() - start
-    command = f"`.venv/bin/python benchmarks/attention_steering.py {args.model} --prompts {args.prompts}"
+    command = (
+        f"`.venv/bin/python benchmarks/diagnoses/attention_steering.py {args.model} --prompts {args.prompts}"
+    )
     command += f" --samples {args.samples} --sharpness {','.join(f'{g:g}' for g in args.sharpness)}`"
     markdown = "\n".join(
         [

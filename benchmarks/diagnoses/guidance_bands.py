@@ -7,17 +7,21 @@ ShapesEval's two-object and counting prompts (24 each x SAMPLES images). The fir
 every sigma, is the model's plain sampling; the script checks that it draws exactly what
 `Pipeline.generate` draws, so every row differs from it only in the scale.
 
-Run: .venv/bin/python benchmarks/guidance_bands.py [MODEL] [--samples 4]
+Run: .venv/bin/python benchmarks/diagnoses/guidance_bands.py [MODEL] [--samples 4]
 (prints one table; about 70 s a row on a 2-core Xeon at 4 samples; writes nothing)
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/, for demo_check
 from demo_check import DEMO
 
 from unnoise.diffusion.guidance import stack_conditions

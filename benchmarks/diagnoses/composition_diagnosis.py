@@ -16,8 +16,8 @@ found is exactly the prompt's (a colour that leaks from one object onto another 
 The images are ShapesEval's first `--prompts` prompts of each category, seeds 0.. `--samples`-1; every
 variant draws from the same seeds.
 
-Run: .venv/bin/python benchmarks/composition_diagnosis.py MODEL [--prompts 12] [--samples 2]
-Writes benchmarks/results/composition_diagnosis.md and .json (or --out).
+Run: .venv/bin/python benchmarks/diagnoses/composition_diagnosis.py MODEL [--prompts 12] [--samples 2]
+Writes benchmarks/diagnoses/results/composition_diagnosis.md and .json (or --out).
 """
 
 from __future__ import annotations
@@ -130,7 +130,8 @@ def main() -> None:
     for variant in VARIANTS:
         results[variant.name] = judge(pipe, variant, args.prompts, args.samples)
         print(variant.name, json.dumps(results[variant.name]), flush=True)
-    command = f"`.venv/bin/python benchmarks/composition_diagnosis.py {args.model} --prompts {args.prompts}"
+    script = "benchmarks/diagnoses/composition_diagnosis.py"
+    command = f"`.venv/bin/python {script} {args.model} --prompts {args.prompts}"
     command += f" --samples {args.samples}`"
     lines = [
         "# Composition diagnosis",

@@ -9,8 +9,8 @@ the tables read sigma 4, where the layout is decided: the first checkpoint at wh
 and the whole curve. Needs no sampling, so a recipe costs its training time and seconds per point.
 `--judge-only` judges the checkpoints already in --workdir/RECIPE (runs made by hand with the same flags).
 
-Run: .venv/bin/python benchmarks/layout_proxy.py [--recipes small-p2,small-p2q] [--steps 1500]
-Writes benchmarks/results/layout_proxy.md and .json.
+Run: .venv/bin/python benchmarks/diagnoses/layout_proxy.py [--recipes small-p2,small-p2q] [--steps 1500]
+Writes benchmarks/diagnoses/results/layout_proxy.md and .json.
 """
 
 from __future__ import annotations

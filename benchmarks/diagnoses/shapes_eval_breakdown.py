@@ -1,7 +1,7 @@
 """What a ShapesEval report gets wrong, from its per-image details: single objects by what the prompt
 names, counting by the number asked for, and why scenes of two objects fail.
 
-Run: .venv/bin/python benchmarks/shapes_eval_breakdown.py REPORT.json [REPORT.json ...]
+Run: .venv/bin/python benchmarks/diagnoses/shapes_eval_breakdown.py REPORT.json [REPORT.json ...]
 (REPORT: `unnoise eval shapes --report`, e.g. src/unnoise/models/shapes-32/shapes_eval.json). Prints one
 Markdown table with a column per report; no model is run.
 """

@@ -18,8 +18,8 @@
    (the share of a word's attention, averaged over heads, layers and 8 noise draws at sigma 4, that falls
    in each third of the image).
 
-Run: .venv/bin/python benchmarks/position_diagnosis.py   (about two minutes on 2 cores)
-Writes benchmarks/results/position_diagnosis.md.
+Run: .venv/bin/python benchmarks/diagnoses/position_diagnosis.py   (about two minutes on 2 cores)
+Writes benchmarks/diagnoses/results/position_diagnosis.md.
 """
 
 from __future__ import annotations

@@ -11,8 +11,9 @@ Beside each start, the share of training noise levels at or above it, for the lo
 (`--p-mean`, `--p-std`: EDM's defaults -1.2 and 1.2, or the run's `--sigma-p-mean`): the training signal
 a recipe spends where the composition is decided.
 
-Run: .venv/bin/python benchmarks/decision_sigma.py MODEL [--prompts 12] [--samples 2] [--p-mean -0.6]
-Writes benchmarks/results/decision_sigma.md and .json (or --out).
+Run: .venv/bin/python benchmarks/diagnoses/decision_sigma.py MODEL [--prompts 12] [--samples 2]
+    [--p-mean -0.6]
+Writes benchmarks/diagnoses/results/decision_sigma.md and .json (or --out).
 """
 
 from __future__ import annotations
@@ -100,7 +101,9 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    command = f"`.venv/bin/python benchmarks/decision_sigma.py {args.model} --prompts {args.prompts}"
+    command = (
+        f"`.venv/bin/python benchmarks/diagnoses/decision_sigma.py {args.model} --prompts {args.prompts}"
+    )
     command += f" --samples {args.samples} --p-mean {args.p_mean} --p-std {args.p_std}"
     if args.strengths != STRENGTHS:
         command += " --strengths " + ",".join(str(v) for v in args.strengths)
