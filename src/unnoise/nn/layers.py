@@ -204,7 +204,8 @@ def bind_attention(probabilities: torch.Tensor, phrases: torch.Tensor) -> torch.
 
     for t a piece of phrase g's noun; every other token keeps its attention, so each row still sums to 1.
     A pixel that reads "red" more than "blue" reads "circle" rather than "square" in "a red circle and a
-    blue square". Training never does this; it is an edit at inference (see benchmarks/diagnoses/attention_steering.py).
+    blue square". Training never does this; it is an edit at inference (see
+    benchmarks/diagnoses/attention_steering.py).
     """
     count = int(phrases.max()) if phrases.numel() else 0
     if count < 2:
