@@ -3,8 +3,9 @@
 After TokenCompose (Wang et al., CVPR 2024). A model that reads "a red circle and a blue square" as a bag of
 words draws red, blue, circle and square and pairs them by chance;
 `benchmarks/diagnoses/binding_diagnosis.py` shows the shipped shapes-32's pixels attending to their own
-colour word but to both shape words alike. Where the data set knows where each word is (the built-in shapes: every colour and shape word covers the objects it
-names, `data.shapes.word_masks`), each cross-attention map of a grounded token is pushed inside its pixels:
+colour word but to both shape words alike. Where the data set knows where each word is (the built-in
+shapes: every colour and shape word covers the objects it names, `data.shapes.word_masks`), each
+cross-attention map of a grounded token is pushed inside its pixels:
 
     inside(t) = sum_u A(u, t) M_t(u) / sum_u A(u, t)        A: attention (B, N, T), heads averaged
     L_ground  = mean over grounded tokens and attention layers of (1 - inside(t))^2
