@@ -7,7 +7,8 @@ shapes-32 --data FOLDER`, 300 steps of 16 images, warm-up 20:
 - full fine-tune at lr 5e-5, and at lr 1e-5;
 - full fine-tune at lr 5e-5 with `--regularization shapes` (half of every batch from the built-in shapes,
   the data shapes-32 learned from);
-- LoRA of rank 8 at lr 1e-3 (the model frozen).
+- LoRA of rank 8 at lr 1e-3 (the model frozen), its file size against the model's, and scale 0 checked
+  to give the base model's images bit for bit.
 
 Judged by ShapesEval (all 96 prompts, 4 images each: does it still draw what it knew?) and by how near
 its samples for the folder's captions (2 seeds each) come to the folder: root-mean-square pixel distance at
@@ -21,18 +22,50 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
+import re
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from lora_training import distances, make_folder, samples
 from PIL import Image
 
 import unnoise
 
 RESULTS = Path(__file__).parent / "results"
+DATASET = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets" / "emoji-noto-64"
+SHAPE_WORDS = re.compile(
+    r"\b(circle|square|triangle|red|blue|green|yellow|orange|purple|white|black|left|right|top|bottom"
+    r"|large|small|two|three|four)\b"
+)
+
+
+def make_folder(folder: Path, count: int = 20) -> list[dict]:
+    rows = [json.loads(line) for line in (DATASET / "metadata.jsonl").read_text().splitlines()]
+    random.Random(0).shuffle(rows)
+    picked = [r for r in rows if not SHAPE_WORDS.search(r["text"])][:count]
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder / "images").mkdir(parents=True)
+    for row in picked:
+        shutil.copy(DATASET / row["file_name"], folder / row["file_name"])
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in picked))
+    return picked
+
+
+def distances(images: list[Image.Image], own: list[np.ndarray], folder: np.ndarray) -> tuple[float, float]:
+    made = np.stack([np.asarray(im, dtype=np.float32) / 255 for im in images])  # (N, 32, 32, 3)
+    to_own = np.sqrt(((made - np.stack(own)) ** 2).mean(axis=(1, 2, 3))).mean()
+    to_all = np.sqrt(((made[:, None] - folder[None]) ** 2).mean(axis=(2, 3, 4))).min(axis=1).mean()
+    return float(to_own), float(to_all)
+
+
+def samples(pipe, captions: list[str]) -> list[Image.Image]:
+    return [im for caption in captions for im in pipe.generate(caption, seed=7, num_images=2)]
+
+
 RUNS = {
     "full, lr 5e-5": ["--lr", "5e-5"],
     "full, lr 1e-5": ["--lr", "1e-5"],
@@ -42,8 +75,10 @@ RUNS = {
 
 
 def run(out: Path, folder: Path, extra: list[str], reuse: bool) -> float:
-    if reuse and (out / "model" / "config.json").exists():
-        return float("nan")
+    if reuse and (out / "model" / "config.json").exists():  # its minutes from its log.csv
+        rows = (out / "log.csv").read_text().splitlines()[1:]
+        steps, times = [int(r.split(",")[0]) for r in rows], [float(r.split(",")[-1]) for r in rows]
+        return (times[-1] - times[0]) / (steps[-1] - steps[0]) * steps[-1] / 60
     started = time.perf_counter()
     command = [sys.executable, "-m", "unnoise", "train", "--init-from", "shapes-32", "--data", str(folder),
                "--steps", "300", "--batch-size", "16", "--warmup-steps", "20", "--sample-every", "0",
@@ -88,12 +123,28 @@ def main() -> None:
         "shapes": shapes_eval(base, out / "base-shapes.json", args.reuse),
         "distances": distances(samples(base, captions), own, everyone), "minutes": 0.0,
     }}  # fmt: skip
+    lora_note = ""
     for i, (name, extra) in enumerate(RUNS.items()):
         run_dir = out / f"run-{i}"
         minutes = run(run_dir, folder, extra, args.reuse)
         if "--lora-rank" in extra:
             pipe = unnoise.load("shapes-32", device="cpu")
-            pipe.add_lora(run_dir / "model" / "lora.safetensors")
+            lora = run_dir / "model" / "lora.safetensors"
+            pipe.add_lora(lora, 0.0)
+            same = [im.tobytes() for im in samples(pipe, captions[:3])] == [
+                im.tobytes() for im in samples(base, captions[:3])
+            ]
+            pipe.remove_loras()
+            pipe.add_lora(lora)
+            weights = next(
+                Path(unnoise.__file__).parent.joinpath("models", "shapes-32").glob("model*.safetensors")
+            )
+            share = lora.stat().st_size / weights.stat().st_size
+            lora_note = (
+                f"LoRA file: {lora.stat().st_size:,} bytes, {share:.1%} of shapes-32's weights file"
+                f" ({weights.stat().st_size:,} bytes, 16-bit); at scale 0 the base model's images bit for"
+                f" bit: {same}"
+            )
         else:
             pipe = unnoise.load(run_dir / "model", device="cpu")
         table[name] = {
@@ -112,6 +163,7 @@ def main() -> None:
         scores = " | ".join(f"{r['shapes'][c]['accuracy']:.3f}" for c in categories)
         near = " | ".join(f"{d:.4f}" for d in r["distances"])
         lines.append(f"| {name} | {scores} | {near} | {r['minutes']:.1f} |")
+    lines += ["", lora_note]
     text = "\n".join(lines) + "\n"
     print(text)
     RESULTS.mkdir(exist_ok=True)

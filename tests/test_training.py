@@ -932,3 +932,30 @@ def test_a_watched_run_logs_tensorboard_validation_and_its_own_sample_prompts(tm
         TrainConfig(sample_prompts=str(tmp_path / "empty.txt")).validate()
     core = tomllib.loads(Path("pyproject.toml").read_text())["project"]["dependencies"]
     assert not any(d.startswith(("tensorboard", "diffusers")) for d in core)  # optional extras only
+
+
+def test_regularization_mixes_the_models_own_data_into_every_batch_by_position(tmp_path):
+    """--regularization shapes: about the asked share of each batch comes from the built-in shapes, decided
+    by the sample's position alone (the same batch whatever makes it), the rest from the folder."""
+    from PIL import Image
+
+    from unnoise.train.data import MixedSource, open_source
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for i in range(4):
+        Image.new("RGB", (16, 16), (255, 0, 255)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text("a magenta patch")
+    mixed = MixedSource(
+        open_source(str(folder), 16, 0, "#ffffff"), open_source("shapes", 16, 1, "#ffffff"), 0.3, 0
+    )
+    images, captions = mixed.examples(list(range(400)))
+    share = sum(c != "a magenta patch" for c in captions) / len(captions)
+    assert images.shape == (400, 3, 16, 16) and 0.22 < share < 0.38, share
+    again = mixed.examples([7, 3, 250])
+    assert again[1] == [captions[7], captions[3], captions[250]] and torch.equal(again[0][2], images[250])
+    run = train(TrainConfig(data=str(folder), regularization="shapes", preset="tiny", steps=2, batch_size=4,
+                            sample_every=0, out=str(tmp_path / "run")))  # fmt: skip
+    assert run.is_dir()
+    with pytest.raises(UnnoiseError, match="regularization-fraction"):
+        TrainConfig(regularization="shapes", regularization_fraction=1.0).validate()
