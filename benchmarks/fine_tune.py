@@ -10,9 +10,12 @@ shapes-32 --data FOLDER`, 300 steps of 16 images, warm-up 20:
 - LoRA of rank 8 at lr 1e-3 (the model frozen), its file size against the model's, and scale 0 checked
   to give the base model's images bit for bit.
 
-Judged by ShapesEval (all 96 prompts, 4 images each: does it still draw what it knew?) and by how near
-its samples for the folder's captions (2 seeds each) come to the folder: root-mean-square pixel distance at
-32x32 to each caption's own image, and to the nearest folder image (does it learn the folder?).
+Judged by ShapesEval (all 96 prompts, 4 images each: does it still draw what it knew?), by its denoising
+loss on the folder's images with their captions at 6 fixed noise levels and fixed noise (the validation
+loss's levels: has it learned the folder?), and by how near its samples for the folder's captions (2 seeds
+each) come to the folder: root-mean-square pixel distance at 32x32 to each caption's own image and to the
+nearest folder image (a crude measure: a white page with a small shape is nearer an emoji in pixels than
+an emoji-like drawing that differs in detail).
 
 Run: .venv/bin/python benchmarks/fine_tune.py [--out /work/runs/fine-tune] [--reuse]
 (--reuse keeps finished runs and reports in --out). Writes benchmarks/results/fine_tune.md and .json.
@@ -87,6 +90,24 @@ def run(out: Path, folder: Path, extra: list[str], reuse: bool) -> float:
     return (time.perf_counter() - started) / 60
 
 
+def folder_loss(pipe, captions: list[str], pixels: list[np.ndarray]) -> float:
+    """The model's denoising loss on the folder's own images and captions, at the 6 fixed noise levels of
+    the validation loss (train/watch.py) with fixed noise: how well it has learned the folder."""
+    import torch
+
+    from unnoise.train.watch import validation_levels
+
+    x0 = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2) * 2 - 1  # (N, 3, 32, 32) in [-1, 1]
+    cond = pipe.encode(captions)
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    with torch.no_grad():
+        for sigma in validation_levels(pipe.denoiser.formulation):
+            noise = torch.randn(x0.shape, generator=generator)
+            losses.append(float(pipe.denoiser.loss(x0, torch.full((len(x0),), sigma), noise, cond).mean()))
+    return sum(losses) / len(losses)
+
+
 def shapes_eval(pipe, report: Path, reuse: bool) -> dict:
     """ShapesEval's categories for a loaded pipeline (a LoRA applied or not), as `unnoise eval shapes`."""
     from unnoise.eval.shapes_eval import evaluate
@@ -122,6 +143,7 @@ def main() -> None:
     table = {"shapes-32 (base)": {
         "shapes": shapes_eval(base, out / "base-shapes.json", args.reuse),
         "distances": distances(samples(base, captions), own, everyone), "minutes": 0.0,
+        "folder_loss": folder_loss(base, captions, own[::2]),
     }}  # fmt: skip
     lora_note = ""
     for i, (name, extra) in enumerate(RUNS.items()):
@@ -150,19 +172,20 @@ def main() -> None:
         table[name] = {
             "shapes": shapes_eval(pipe, out / f"run-{i}-shapes.json", args.reuse),
             "distances": distances(samples(pipe, captions), own, everyone), "minutes": minutes,
+            "folder_loss": folder_loss(pipe, captions, own[::2]),
         }  # fmt: skip
     lines = [
         "# Fine-tuning shapes-32 on 20 emoji (captions unrelated to shapes), 300 steps of 16",
         "",
-        "| run | ShapesEval single | two objects | counting | binding | to own image |"
-        " to nearest folder image | minutes |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| run | ShapesEval single | two objects | counting | binding | loss on the folder |"
+        " samples: RMS to own image | to nearest folder image | minutes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     categories = ("single", "two_objects", "counting", "binding")
     for name, r in table.items():
         scores = " | ".join(f"{r['shapes'][c]['accuracy']:.3f}" for c in categories)
         near = " | ".join(f"{d:.4f}" for d in r["distances"])
-        lines.append(f"| {name} | {scores} | {near} | {r['minutes']:.1f} |")
+        lines.append(f"| {name} | {scores} | {r['folder_loss']:.4f} | {near} | {r['minutes']:.1f} |")
     lines += ["", lora_note]
     text = "\n".join(lines) + "\n"
     print(text)

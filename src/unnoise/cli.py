@@ -414,6 +414,8 @@ def _cmd_eval_folder(args: argparse.Namespace) -> int:
         steps=args.steps, guidance=args.guidance, seed=args.seed, device=args.device,
         judge_steps=args.judge_steps, judge_cache=cache,
     )  # fmt: skip
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: every process holds the report; one writes
+        return 0
     for side in ("train", "held_out"):
         r = report[side]
         align = r["text_alignment"]

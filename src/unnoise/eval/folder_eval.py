@@ -379,25 +379,34 @@ def run_folder_eval(
     def encode_text(texts: list[str]) -> torch.Tensor:
         return torch.cat([minilm.encode(list(chunk)).pooled.float().cpu() for chunk in chunked(texts, 256)])
 
+    from .shapes_eval import torchrun_shard
+
+    rank, world = torchrun_shard()
+
     def generate(texts: list[str], first_seed: int) -> torch.Tensor:
+        """Image i of `texts` from seed first_seed + i; under torchrun each process makes every world-th
+        one and all gather them (an image does not depend on the batch it is made in)."""
         from ..images import from_pil
 
-        images = []
-        for start in range(0, len(texts), 16):
+        mine = list(range(rank, len(texts), world))
+        made = []
+        for start in range(0, len(mine), 16):
+            chunk = mine[start : start + 16]
             each = [
                 pipe.settings(
-                    t,
-                    "",
-                    sampler or DEFAULT_SAMPLER,
-                    None,
-                    steps or DEFAULT_STEPS,
-                    guidance,
-                    first_seed + start + i,
+                    texts[i], "", sampler or DEFAULT_SAMPLER, None, steps or DEFAULT_STEPS, guidance,
+                    first_seed + i,
                 )
-                for i, t in enumerate(texts[start : start + 16])
-            ]
-            images += pipe.render_each(each)
-        return from_pil(images)
+                for i in chunk
+            ]  # fmt: skip
+            made += list(zip(chunk, from_pil(pipe.render_each(each)), strict=True))
+        if world > 1:
+            import torch.distributed as dist
+
+            gathered: list = [None] * world
+            dist.all_gather_object(gathered, made)
+            made = [item for part in gathered for item in part]
+        return torch.stack([image for _, image in sorted(made, key=lambda item: item[0])])
 
     report = evaluate_folder(
         generate, encode_text, split, captions=captions, judge_steps=judge_steps, judge_cache=judge_cache,
