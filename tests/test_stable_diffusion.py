@@ -415,3 +415,19 @@ def test_a_single_file_that_does_not_fit_its_config_and_a_cut_lora_are_one_line(
     lora.write_bytes(lora.read_bytes()[:300])
     with pytest.raises(UnnoiseError, match="not a readable safetensors file"):
         pipe.add_lora(lora)
+
+
+def test_a_zero_terminal_snr_schedule_has_diffusers_finite_top_sigma_and_table():
+    """rescale_betas_zero_snr (Lin et al. 2024): the rescaled table, alpha_bar at the last step 2^-24, so
+    the top sigma is finite (about 4096), as diffusers makes it."""
+    from unnoise.diffusion.formulations import VPDiscrete
+    from unnoise.stable_diffusion import SchedulerConfig
+
+    ours = SchedulerConfig(rescale_betas_zero_snr=True, prediction_type="v_prediction").formulation()
+    ours = VPDiscrete(**{**ours.__dict__, "schedule_precision": "float32"})
+    theirs = diffusers.EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", rescale_betas_zero_snr=True
+    )
+    table = ((1 - theirs.alphas_cumprod) / theirs.alphas_cumprod).sqrt().double()
+    assert 4000 < ours.sigma_max < 4200 and abs(ours.sigma_max - float(table[-1])) < 1e-3
+    torch.testing.assert_close(ours.table, table, rtol=1e-5, atol=1e-6)
