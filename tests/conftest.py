@@ -37,3 +37,21 @@ def weights_of(release) -> Path:
     from unnoise.release import read_release_config, weights_path
 
     return weights_path(Path(release), read_release_config(Path(release)))
+
+
+def reports_alone_and_under_torchrun(args: list[str], tmp_path: Path) -> tuple[dict, dict]:
+    """The JSON report of `unnoise ARGS --report FILE` run alone, and under a two-process torchrun launch;
+    both at one thread per process (where each image is bit for bit the same)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    alone, shared = tmp_path / "alone.json", tmp_path / "shared.json"
+    single = [sys.executable, "-m", "unnoise", *args, "--report", str(alone)]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+              "unnoise", *args, "--report", str(shared)]  # fmt: skip
+    for command in (single, launch):
+        subprocess.run(command, check=True, env=env, capture_output=True, timeout=300)
+    return json.loads(alone.read_text()), json.loads(shared.read_text())

@@ -121,17 +121,9 @@ def test_a_torchrun_launch_shards_the_folder_generations_into_the_single_process
 ):  # fmt: skip
     """Issue 30 item 5: two processes draw every other image and gather them; the report is the single
     process's, number for number (both at one thread, where each image is bit for bit the same)."""
-    import os
-    import subprocess
-    import sys
+    from tests.conftest import reports_alone_and_under_torchrun
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(tmp_path / "cache")}
     args = ["eval", "folder", "--model", str(latent_model), "--data", str(folder), "--held-out", "0.3",
             "--captions", "6", "--steps", "2", "--judge-steps", "20", "--device", "cpu"]  # fmt: skip
-    alone, shared = tmp_path / "alone.json", tmp_path / "shared.json"
-    subprocess.run([sys.executable, "-m", "unnoise", *args, "--report", str(alone)], check=True, env=env,
-                   capture_output=True, timeout=300)  # fmt: skip
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-              "unnoise", *args, "--report", str(shared)]  # fmt: skip
-    subprocess.run(launch, check=True, env=env, capture_output=True, timeout=300)
-    assert json.loads(shared.read_text()) == json.loads(alone.read_text())
+    alone, shared = reports_alone_and_under_torchrun(args, tmp_path)
+    assert shared == alone

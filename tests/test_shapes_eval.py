@@ -268,18 +268,9 @@ def test_a_quick_look_takes_the_first_prompts_of_each_category(monkeypatch):
 def test_a_torchrun_launch_shards_shapes_eval_and_gathers_the_single_process_report(tmp_path):
     """Issue 30 item 5: two processes judge half the prompts each and rank 0 writes one report, equal to
     the single process's."""
-    import json
-    import os
-    import subprocess
-    import sys
+    from tests.conftest import reports_alone_and_under_torchrun
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = ["eval", "shapes", "--model", "shapes-32", "--prompts-per-category", "1", "--samples", "2",
             "--steps", "4", "--device", "cpu"]  # fmt: skip
-    alone, shared = tmp_path / "alone.json", tmp_path / "shared.json"
-    subprocess.run([sys.executable, "-m", "unnoise", *args, "--report", str(alone)], check=True, env=env,
-                   capture_output=True, timeout=300)  # fmt: skip
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-              "unnoise", *args, "--report", str(shared)]  # fmt: skip
-    subprocess.run(launch, check=True, env=env, capture_output=True, timeout=300)
-    assert json.loads(shared.read_text()) == json.loads(alone.read_text())
+    alone, shared = reports_alone_and_under_torchrun(args, tmp_path)
+    assert shared == alone

@@ -79,7 +79,7 @@ def read_lora(path: str | Path) -> list[LoraLayer]:
 
 def pair_layers(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> list[LoraLayer]:
     layers, used = [], set()
-    peft_alpha = peft_alphas(metadata)
+    peft_alpha = peft_alpha_of(metadata)
     for key in sorted(tensors):
         for down_name, up_name in PAIRS:
             if not key.endswith("." + down_name):
@@ -95,7 +95,8 @@ def pair_layers(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
             if alpha_key in tensors:
                 alpha = float(tensors[alpha_key])
             else:
-                alpha = peft_alpha.get(module, rank) if down_name == "lora_A.weight" else rank
+                peft = down_name == "lora_A.weight" and peft_alpha is not None
+                alpha = peft_alpha if peft else rank
             used |= {key, up_key, alpha_key}
             layers.append(LoraLayer(part, module, down, up, alpha / rank))
     unread = sorted(set(tensors) - used)
@@ -106,30 +107,18 @@ def pair_layers(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
     return layers
 
 
-def peft_alphas(metadata: dict[str, str]) -> dict[str, float]:
-    """PEFT's `lora_alpha` from a file's metadata (diffusers writes the adapter config there), per module
-    name suffix or one value for all: {} when absent."""
+def peft_alpha_of(metadata: dict[str, str]) -> float | None:
+    """PEFT's `lora_alpha` from a file's metadata (diffusers writes the adapter config there), or None."""
     for key in ("lora_alpha", "lora_adapter_metadata"):
-        if key not in metadata:
-            continue
         try:
             value = json.loads(metadata[key])
-        except ValueError:
+        except (KeyError, ValueError):
             continue
-        if isinstance(value, int | float):
-            return _AllModules(float(value))
-        if isinstance(value, dict) and "lora_alpha" in value:
-            return _AllModules(float(value["lora_alpha"]))
-    return {}
-
-
-class _AllModules(dict):
-    def __init__(self, value: float):
-        super().__init__()
-        self.value = value
-
-    def get(self, key, default=None):
-        return self.value
+        if isinstance(value, dict):
+            value = value.get("lora_alpha")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    return None
 
 
 def locate(stem: str) -> tuple[str, str]:
@@ -199,10 +188,10 @@ def attach(
         if module is None:
             missing.append(f"{layer.part}:{layer.module}")
             continue
-        shape = layer.delta().shape
-        if tuple(module.weight.shape[:2]) != tuple(shape[:2]):
+        shape = (layer.up.shape[0], layer.down.shape[1])  # (out, in) of up @ down
+        if tuple(module.weight.shape[:2]) != shape:
             raise UnnoiseError(
-                f"{source}: {layer.module} is {tuple(shape)} but the model's layer is"
+                f"{source}: {layer.module} is {shape} but the model's layer is"
                 f" {tuple(module.weight.shape)}: a LoRA for another model"
             )
         found.append((module, layer))
@@ -257,7 +246,8 @@ def lora_in_folder(folder: Path | None, name: str) -> Path:
     """The file `<lora:NAME>` means: NAME.safetensors directly inside `folder`, nowhere else."""
     if folder is None:
         raise UnnoiseError(
-            f"the prompt names a LoRA (<lora:{name}:...>) but no LoRA folder was given (--lora-dir)"
+            f"the prompt names a LoRA (<lora:{name}:...>) but no LoRA folder was given (`unnoise serve"
+            " --lora-dir DIR`; on the command line, --lora PATH[:SCALE])"
         )
     if not SAFE_NAME.fullmatch(name) or ".." in name:
         raise UnnoiseError(

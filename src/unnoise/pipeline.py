@@ -60,13 +60,7 @@ from .settings import (
     sampler_name,
 )
 from .single_file import is_single_file, load_single_file
-from .stable_diffusion import (
-    hub_folder,
-    is_diffusers_folder,
-    load_stable_diffusion,
-    looks_like_hub_id,
-    weights_file,
-)
+from .stable_diffusion import hub_folder, is_diffusers_folder, load_stable_diffusion, looks_like_hub_id
 from .text.encoders import CachedTextEncoder, TextEmbedding, load_text_encoder
 from .text.phrases import attribute_phrases
 
@@ -638,26 +632,22 @@ def load(
         if not looks_like_hub_id(str(name_or_path)):
             raise
         folder = hub_folder(str(name_or_path))  # "owner/name": diffusers downloads it (online only)
+    sd_options = {"clip_skip": clip_skip, "convention": convention, "precision": precision}
+    if not is_single_file(folder) and (prediction_type is not None or config_from is not None):
+        raise UnnoiseError(f"{folder}: prediction_type and config_from apply to single-file checkpoints only")
     if is_single_file(folder):
         sd = load_single_file(
-            folder, device, clip_skip=clip_skip, convention=convention, precision=precision,
-            prediction_type=prediction_type, config_from=config_from,
-        )  # fmt: skip
-        return Pipeline(
-            sd.denoiser, CachedTextEncoder(sd.text, max_entries=PROMPT_CACHE), sd.resolution, folder.stem,
-            cached_sha256(folder)[:10], stride=sd.stride, default_guidance=sd.default_guidance,
-            codec=sd.codec, convention=sd.convention,
-        )  # fmt: skip
-    if prediction_type is not None or config_from is not None:
-        raise UnnoiseError(f"{folder}: prediction_type and config_from apply to single-file checkpoints only")
-    if is_diffusers_folder(folder):
-        sd = load_stable_diffusion(
-            folder, device, clip_skip=clip_skip, convention=convention, precision=precision
+            folder, device, prediction_type=prediction_type, config_from=config_from, **sd_options
         )
+    elif is_diffusers_folder(folder):
+        sd = load_stable_diffusion(folder, device, **sd_options)
+    else:
+        sd = None
+    if sd is not None:
         return Pipeline(
-            sd.denoiser, CachedTextEncoder(sd.text, max_entries=PROMPT_CACHE), sd.resolution,
-            model_name(folder), cached_sha256(weights_file(folder))[:10], stride=sd.stride,
-            default_guidance=sd.default_guidance, codec=sd.codec, convention=sd.convention,
+            sd.denoiser, CachedTextEncoder(sd.text, max_entries=PROMPT_CACHE), sd.resolution, sd.name,
+            cached_sha256(sd.weights)[:10], stride=sd.stride, default_guidance=sd.default_guidance,
+            codec=sd.codec, convention=sd.convention,
         )  # fmt: skip
     if convention != "a1111" or clip_skip != 1 or precision != "float32":
         raise UnnoiseError(

@@ -186,14 +186,10 @@ def load_single_file(
 ):
     """A single-file checkpoint's parts (`StableDiffusionParts`), its config from `config_from` (a local
     diffusers folder) or the family's shipped one."""
-    from .diffusion.denoiser import Denoiser
     from .stable_diffusion import (
         PRECISIONS,
-        CLIPTextEncoder,
-        DiffusersUNet,
         SchedulerConfig,
-        StableDiffusionParts,
-        VAECodec,
+        assemble,
         read_json,
         require_diffusers,
     )  # fmt: skip
@@ -242,13 +238,7 @@ def load_single_file(
     else:
         text_state = convert.convert_open_clip_checkpoint(text_model, checkpoint, prefix=SD2_TEXT)
     text_model = assign(text_model, text_state, "text encoder", path)
-    network = DiffusersUNet(unet.to(dtype))
-    codec = VAECodec(vae.float(), name=f"{path.stem}:vae").to(device)
-    return StableDiffusionParts(
-        denoiser=Denoiser(network, scheduler.formulation()).to(device),
-        text=CLIPTextEncoder(tokenizer, text_model.to(device, dtype), name=path.stem, clip_skip=clip_skip),
-        codec=codec,
-        resolution=network.config.resolution * codec.factor,
-        stride=network.config.stride * codec.factor,
-        convention=scheduler.convention(convention),
-    )
+    return assemble(
+        path.stem, path, unet.to(dtype), vae.float(), text_model.to(dtype), tokenizer, scheduler, device,
+        clip_skip=clip_skip, convention=scheduler.convention(convention),
+    )  # fmt: skip

@@ -306,8 +306,10 @@ def load_part(where: Path, kind, **options):
 
 @dataclass
 class StableDiffusionParts:
-    """What a diffusers folder becomes: the pipeline (`pipeline.load`) is built from these."""
+    """What a diffusers folder or a single file becomes; `pipeline.load` builds the pipeline from these."""
 
+    name: str
+    weights: Path  # the file A1111's model hash is taken from
     denoiser: nn.Module  # Denoiser(DiffusersUNet, VPDiscrete)
     text: CLIPTextEncoder
     codec: VAECodec
@@ -315,6 +317,27 @@ class StableDiffusionParts:
     stride: int  # pixels
     convention: Convention
     default_guidance: float = SD_GUIDANCE
+
+
+def assemble(
+    name: str, weights: Path, unet, vae, text_model, tokenizer, scheduler: SchedulerConfig,
+    device: torch.device, *, clip_skip: int, convention: Convention,
+) -> StableDiffusionParts:  # fmt: skip
+    """The parts from diffusers' UNet and VAE and transformers' CLIP, loaded and in their precision."""
+    from .diffusion.denoiser import Denoiser
+
+    network = DiffusersUNet(unet.eval().requires_grad_(False))
+    codec = VAECodec(vae, name=f"{name}:vae").to(device)
+    return StableDiffusionParts(
+        name=name,
+        weights=weights,
+        denoiser=Denoiser(network, scheduler.formulation()).to(device),
+        text=CLIPTextEncoder(tokenizer, text_model.to(device), name=name, clip_skip=clip_skip),
+        codec=codec,
+        resolution=network.config.resolution * codec.factor,
+        stride=network.config.stride * codec.factor,
+        convention=convention,
+    )
 
 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -329,8 +352,6 @@ def load_stable_diffusion(
     precision: str = "float32",
 ) -> StableDiffusionParts:
     """A diffusers Stable Diffusion folder's parts, checked, on `device`."""
-    from .diffusion.denoiser import Denoiser
-
     folder = Path(folder)
     diffusers = require_diffusers()
     import transformers
@@ -358,13 +379,9 @@ def load_stable_diffusion(
     vae = load_part(folder / "vae", diffusers.AutoencoderKL, **common, torch_dtype=torch.float32)
     text_model = load_part(folder / "text_encoder", transformers.CLIPTextModel, **weights)
     tokenizer = load_part(folder / "tokenizer", transformers.CLIPTokenizer, local_files_only=True)
-    network = DiffusersUNet(unet.eval().requires_grad_(False))
-    codec = VAECodec(vae).to(device)
-    return StableDiffusionParts(
-        denoiser=Denoiser(network, scheduler.formulation()).to(device),
-        text=CLIPTextEncoder(tokenizer, text_model.to(device), name=folder.name, clip_skip=clip_skip),
-        codec=codec,
-        resolution=network.config.resolution * codec.factor,
-        stride=network.config.stride * codec.factor,
-        convention=sampling,
-    )
+    from .release import model_name
+
+    return assemble(
+        model_name(folder), weights_file(folder), unet, vae, text_model, tokenizer, scheduler, device,
+        clip_skip=clip_skip, convention=sampling,
+    )  # fmt: skip

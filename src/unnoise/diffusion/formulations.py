@@ -12,6 +12,7 @@ formulation and samplers never see the network: `Denoiser` joins the two.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -238,8 +239,8 @@ class VPDiscrete(Formulation):
     schedule_precision: SchedulePrecision = "float64"
     terminal_snr: Literal["as_trained", "zero"] = "as_trained"  # zero: rescaled (Lin et al. 2024)
 
-    @property
-    def table(self) -> torch.Tensor:  # (N,) sigma of each timestep, increasing in t, float64
+    @functools.cached_property
+    def table(self) -> torch.Tensor:  # (N,) sigma of each timestep, increasing in t, float64 (made once)
         dtype = torch.float32 if self.schedule_precision == "float32" else torch.float64
         betas = discrete_betas(self.beta_schedule, self.num_timesteps, self.beta_start, self.beta_end, dtype)
         if self.terminal_snr == "zero":

@@ -283,6 +283,8 @@ class TrainConfig(RunConfig):
             raise UnnoiseError(
                 f"--regularization-fraction must be in (0, 1), got {self.regularization_fraction}"
             )
+        if self.regularization not in ("", "shapes") and not Path(self.regularization).is_dir():
+            raise UnnoiseError(f"--regularization {self.regularization!r}: no such folder (or 'shapes')")
         if self.regularization and self.autoencoder:
             raise UnnoiseError("--regularization mixes pixel images: not yet for a latent model")
         if self.sample_prompts:
